@@ -1,0 +1,215 @@
+"""A model as a pure function of its parameters, and the rules every measurement obeys.
+
+Conventions (see DESIGN.md §1):
+
+* ``loss_fn(outputs, targets)`` is mean-reduced over the batch; the loss of one example is
+  ``loss_fn`` on a batch of one.
+* An *example* is one row of the leading batch dimension of ``inputs`` and ``targets``.
+* Parameters are a ``dict[str, Tensor]`` of the trainable (``requires_grad=True``)
+  parameters; tied parameters appear once, under their first name.
+* Nothing changes the caller's model: parameters, buffers, ``.grad``, ``training`` flags and
+  the global RNG state are as they were after every call (:func:`preserved_state`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Any, Any], Tensor]
+Batch = Tensor | tuple[Tensor, ...]
+
+_MEAN_DECOMPOSABLE_LOSSES = (
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCEWithLogitsLoss,
+    nn.BCELoss,
+    nn.CrossEntropyLoss,
+    nn.NLLLoss,
+    nn.GaussianNLLLoss,
+    nn.PoissonNLLLoss,
+)
+
+
+def trainable_params(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable parameters of ``model``, detached, by name; tied parameters once.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
+        ValueError: if no parameter has ``requires_grad=True``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError(
+            "the model has no trainable parameters (none with requires_grad=True): "
+            "there is no gradient to measure"
+        )
+    return params
+
+
+def frozen_state(model: nn.Module) -> dict[str, Tensor]:
+    """Frozen parameters and buffers, cloned so that no forward can update the caller's."""
+    state = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    state.update({n: b.clone() for n, b in model.named_buffers()})
+    return state
+
+
+def check_no_train_batchnorm(model: nn.Module) -> None:
+    """Refuse BatchNorm in train mode: it couples the examples of a batch.
+
+    Raises:
+        ValueError: naming the module and the fixes.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"BatchNorm module {name or type(module).__name__!r} is in train mode: it "
+                "normalises with batch statistics, so one example's gradient depends on the "
+                "others and per-example gradients are not defined. Fixes: call "
+                "model.eval() (or module.eval()) to use running statistics during the "
+                "measurement, or replace BatchNorm by GroupNorm/LayerNorm."
+            )
+
+
+def as_tuple(inputs: Batch) -> tuple[Tensor, ...]:
+    if isinstance(inputs, Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)) and inputs and all(isinstance(t, Tensor) for t in inputs):
+        return tuple(inputs)
+    raise TypeError(
+        "inputs must be a Tensor or a non-empty tuple of Tensors with a leading batch "
+        f"dimension, got {type(inputs).__name__}"
+    )
+
+
+def batch_size_of(inputs: Batch, targets: Batch, *, min_size: int = 1) -> int:
+    """Check that inputs and targets share a leading batch dimension and return it.
+
+    Raises:
+        TypeError: for non-tensor inputs or targets.
+        ValueError: for 0-d tensors, different batch sizes, or fewer than ``min_size`` examples.
+    """
+    tensors = as_tuple(inputs) + as_tuple(targets)
+    for t in tensors:
+        if t.dim() == 0:
+            raise ValueError(
+                "inputs and targets need a leading batch dimension; got a 0-d tensor "
+                "(use t.unsqueeze(0) for a batch of one)"
+            )
+    sizes = {t.shape[0] for t in tensors}
+    if len(sizes) > 1:
+        shapes = [tuple(t.shape) for t in tensors]
+        raise ValueError(
+            f"inputs and targets have different batch sizes (leading dimensions {shapes}): "
+            "every tensor must hold one row per example"
+        )
+    (size,) = sizes
+    if size == 0:
+        raise ValueError("empty batch: inputs and targets have 0 examples")
+    if size < min_size:
+        raise ValueError(
+            f"batch of {size} example{'s' if size > 1 else ''}: a variance needs at least "
+            f"{min_size}; pass a larger batch"
+        )
+    return size
+
+
+def check_device(model_params: dict[str, Tensor], inputs: Batch, targets: Batch) -> None:
+    device = next(iter(model_params.values())).device
+    for t in as_tuple(inputs) + as_tuple(targets):
+        if t.device != device:
+            raise ValueError(
+                f"the model is on {device} but an input or target is on {t.device}: "
+                f"move them with .to({str(device)!r})"
+            )
+
+
+def check_loss_value(loss: Tensor) -> None:
+    """A mean-reduced loss is a finite scalar.
+
+    Raises:
+        ValueError: if the loss is not a scalar tensor.
+        FloatingPointError: if it is NaN or infinite.
+    """
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"loss_fn must return a scalar (mean over the batch), got {shape}; use a "
+            "mean-reduced loss such as nn.CrossEntropyLoss() (reduction='mean')"
+        )
+    if not torch.isfinite(loss.detach()).item():
+        raise FloatingPointError(
+            f"the loss is {loss.item()}: check the inputs, the learning rate and the model "
+            "for overflow before measuring gradients"
+        )
+
+
+def check_loss_fn(loss_fn: LossFn) -> None:
+    """Refuse loss functions that are not mean-reduced, instead of silently rescaling."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    reduction = getattr(loss_fn, "reduction", "mean")
+    if reduction not in ("mean", "batchmean"):
+        raise ValueError(
+            f"loss_fn has reduction={reduction!r}; gradnoise expects a loss averaged over the "
+            "batch (reduction='mean'), so that one example's loss is loss_fn on a batch of one"
+        )
+
+
+def check_finite_grads(grads: dict[str, Tensor]) -> None:
+    """Raises FloatingPointError naming the first parameter with a NaN/inf gradient."""
+    for name, g in grads.items():
+        if not torch.isfinite(g).all():
+            raise FloatingPointError(
+                f"gradient of parameter {name!r} contains NaN or inf: the loss or the model "
+                "overflows on this batch"
+            )
+
+
+def is_known_mean_loss(loss_fn: LossFn, targets: Batch) -> bool:
+    """True if ``loss_fn`` is known to equal the mean of its per-example losses on ``targets``.
+
+    Class-weighted and ``ignore_index`` reductions average with weights that depend on the
+    whole batch, so they are not a plain mean of per-example losses.
+    """
+    if not isinstance(loss_fn, _MEAN_DECOMPOSABLE_LOSSES):
+        return False
+    if getattr(loss_fn, "reduction", "mean") != "mean":
+        return False
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
+        if loss_fn.weight is not None:
+            return False
+        t = as_tuple(targets)[0]
+        if not t.is_floating_point() and (t == loss_fn.ignore_index).any():
+            return False
+    if isinstance(loss_fn, (nn.BCELoss, nn.BCEWithLogitsLoss)) and loss_fn.weight is not None:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Restore torch's global RNG state (CPU and CUDA) and all ``training`` flags on exit."""
+    cpu_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        for m, mode in modes:
+            m.training = mode
+
+
+def unsqueeze_all(batch: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(t.unsqueeze(0) for t in batch)

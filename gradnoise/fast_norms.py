@@ -1,0 +1,459 @@
+"""Per-example gradient norms and variances from one forward and one backward pass.
+
+The engine behind ``gradient_stats(..., method="fast")``. It runs the model once (through
+``functional_call`` on detached parameters, so the caller's ``.grad`` and buffers are never
+touched) with forward hooks that record each layer's input and tensor hooks that record the
+gradient of each layer's output, then one ``torch.autograd.grad`` of the batch loss gives
+the mean gradient and the per-layer output gradients. Per-layer rules
+(:mod:`gradnoise._rules`) turn these into per-example squared norms and ``Σ_i g_i²``.
+
+Which path each parameter takes (visible in ``GradientStats.per_param[name].method``):
+
+* ``"fast"``: its module has a rule and is called once;
+* ``"fast-tied"``: several calls or modules share it; per-example gradients are
+  materialised per call and summed;
+* ``"vmap-module"``: no rule; ``vmap`` over examples of the vector-Jacobian product of the
+  smallest called module that owns it (captured inputs and output gradients);
+* ``"vmap"``: the module-level result did not reproduce the batch gradient (stochastic
+  layers, inputs without a leading batch dimension), or the smallest owner is the model
+  itself: per-example gradients of the whole model, for these parameters only.
+
+The fast path assumes the batch loss is the mean of per-example losses; this is known for
+the standard ``torch.nn`` losses and checked on the batch for any other callable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from gradnoise._functional import (
+    Batch,
+    LossFn,
+    as_tuple,
+    batch_size_of,
+    check_device,
+    check_finite_grads,
+    check_loss_fn,
+    check_loss_value,
+    check_no_train_batchnorm,
+    is_known_mean_loss,
+    preserved_state,
+    trainable_params,
+)
+from gradnoise._rules import rule_for
+from gradnoise.per_sample import vmap_grads_and_losses
+from gradnoise.stats import Moments, moments_from_grads
+
+__all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
+
+
+class NotMeanLossError(ValueError):
+    """The batch loss is not the mean of the per-example losses; use ``method="vmap"``."""
+
+
+@dataclass
+class _Call:
+    args: tuple
+    kwargs: dict
+    outputs: list[Tensor | None]  # flat tensor outputs
+    grads: list[Tensor | None]  # their gradients, filled during backward
+    versions: list[int] = field(default_factory=list)
+
+
+def _flatten(obj: Any) -> list[Tensor | None]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _flatten(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _flatten(o)]
+    return [None]
+
+
+def _unflatten_like(obj: Any, flat: Iterator) -> Any:
+    if isinstance(obj, Tensor):
+        return next(flat)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_unflatten_like(o, flat) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _unflatten_like(o, flat) for k, o in obj.items()}
+    next(flat)
+    return obj
+
+
+class _Recorder:
+    """Forward hooks that record calls of the given modules; removed on exit."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self.calls: dict[str, list[_Call]] = {name: [] for name in modules}
+        self.active = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_Recorder]:
+        handles = [
+            m.register_forward_hook(self._hook(name), with_kwargs=True)
+            for name, m in self.modules.items()
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not self.active:
+                return
+            outs = _flatten(output)
+            call = _Call(args, kwargs, outs, [None] * len(outs))
+            call.versions = [a._version for a in args if isinstance(a, Tensor)]
+            for j, t in enumerate(outs):
+                if t is not None and t.requires_grad:
+                    t.register_hook(self._store(call, j))
+            self.calls[name].append(call)
+
+        return hook
+
+    @staticmethod
+    def _store(call: _Call, j: int):
+        def store(g: Tensor) -> None:
+            call.grads[j] = g
+
+        return store
+
+
+def _batch_dim(module: nn.Module) -> int:
+    return 1 if getattr(module, "batch_first", True) is False else 0
+
+
+_UNBATCHED_MASKS = ("attn_mask", "src_mask", "tgt_mask", "memory_mask", "mask")
+
+
+def _module_grads(
+    module: nn.Module,
+    leaves: dict[str, Tensor],
+    wanted: list[str],
+    call: _Call,
+    batch: int,
+) -> dict[str, Tensor] | None:
+    """Per-example gradients of ``wanted`` (local names) of ``module`` from one recorded call.
+
+    ``vmap`` over examples of ``grad_θ ⟨module(x_i; θ), δ_i⟩``. Returns ``None`` when the call
+    cannot be split by example (a tensor without the batch dimension where one is needed).
+    """
+    bdim = _batch_dim(module)
+    is_rnn = isinstance(module, nn.RNNBase)
+
+    def dim_of(t: Tensor, position: int | str) -> int | None:
+        d = 1 if (is_rnn and position != 0) else bdim
+        if isinstance(position, str) and position in _UNBATCHED_MASKS and t.dim() == 2:
+            return None
+        return d if t.dim() > d and t.shape[d] == batch else None
+
+    entries = [(i, a) for i, a in enumerate(call.args)] + list(call.kwargs.items())
+    batched = [(pos, t.detach(), dim_of(t, pos)) for pos, t in entries if isinstance(t, Tensor)]
+    outs = [(t, g, dim_of(t, 0 if j == 0 else 1)) for j, (t, g) in enumerate(zip(call.outputs, call.grads))]
+    if any(g is not None and d is None for t, g, d in outs):
+        return None
+    deltas = [(g.detach() * batch, d) for t, g, d in outs if g is not None]
+    used = [j for j, (t, g, d) in enumerate(outs) if g is not None]
+    if not deltas:
+        return None
+    fixed = {k: v for k, v in leaves.items() if k not in wanted}
+    in_tensors = [t for _, t, d in batched if d is not None]
+    in_dims = [d for _, t, d in batched if d is not None]
+
+    def inner(p: dict[str, Tensor], xs: list[Tensor], ds: list[Tensor]) -> Tensor:
+        it = iter(xs)
+        vals = {}
+        for pos, t, d in batched:
+            vals[pos] = next(it).unsqueeze(d) if d is not None else t
+        args = tuple(vals.get(i, a) for i, a in enumerate(call.args))
+        kwargs = {k: vals.get(k, v) for k, v in call.kwargs.items()}
+        flat = _flatten(functional_call(module, {**fixed, **p}, args, kwargs))
+        total = 0.0
+        for j, dl, (_, dd) in zip(used, ds, deltas):
+            total = total + (flat[j] * dl.unsqueeze(dd)).sum()
+        return total
+
+    wanted_p = {k: leaves[k] for k in wanted}
+    fn = vmap(grad(inner), in_dims=(None, in_dims, [d for _, d in deltas]))
+    return fn(wanted_p, in_tensors, [dl for dl, _ in deltas])
+
+
+def fast_applies(model: nn.Module, loss_fn: LossFn, inputs: Batch, targets: Batch) -> bool:
+    """The ``method="auto"`` rule: use the fast engine unless the loss is known not to be a
+    plain mean of per-example losses (class weights, ``ignore_index`` in the targets, a
+    ``reduction`` other than ``"mean"``). Other callables are checked on the batch."""
+    if is_known_mean_loss(loss_fn, targets):
+        return True
+    return not isinstance(loss_fn, nn.Module) or not hasattr(loss_fn, "reduction")
+
+
+def _check_mean_loss(loss_fn: LossFn, outputs: Any, ys: tuple[Tensor, ...], loss: Tensor) -> Tensor:
+    """Per-example losses by ``vmap`` of ``loss_fn``; their mean must equal the batch loss."""
+    outs = outputs.detach() if isinstance(outputs, Tensor) else outputs
+    y = ys[0] if len(ys) == 1 else ys
+
+    def one(o, t):
+        o1 = o.unsqueeze(0) if isinstance(o, Tensor) else o
+        t1 = t.unsqueeze(0) if isinstance(t, Tensor) else tuple(x.unsqueeze(0) for x in t)
+        return loss_fn(o1, t1)
+
+    try:
+        losses = vmap(one)(outs, y)
+    except Exception as exc:  # vmap cannot run every callable; the caller falls back
+        raise NotMeanLossError(f"could not evaluate loss_fn per example under vmap ({exc})") from exc
+    tol = 1e-4 if loss.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    if not torch.allclose(losses.mean(), loss.detach(), rtol=tol, atol=tol * 1e-3):
+        raise NotMeanLossError(
+            f"loss_fn on the batch is {loss.item():.6g} but the mean of its per-example values "
+            f"is {losses.mean().item():.6g}: the fast engine needs a mean-reduced loss; use "
+            "method='vmap' (per-example losses evaluated one example at a time)"
+        )
+    return losses
+
+
+def _plan(model: nn.Module, params: dict[str, Tensor]):
+    """Map each trainable parameter to its owning (module name, local name) pairs."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for mname, module in model.named_modules():
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append((mname, pname))
+    by_name = dict(model.named_parameters())
+    return {n: owners[id(by_name[n])] for n in params}
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") if n else [] for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".") if name else []
+    return [".".join(parts[:k]) for k in range(len(parts), -1, -1)]
+
+
+def fast_moments(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Batch,
+    targets: Batch,
+    *,
+    variance: bool = True,
+    chunk_size: int | None = None,
+) -> Moments:
+    """:class:`~gradnoise.stats.Moments` of one batch from one forward and one backward pass.
+
+    Args:
+        model, loss_fn, inputs, targets: as in :func:`gradnoise.gradient_stats`.
+        variance: also compute ``Σ_i g_i²`` per element (one extra product per layer).
+        chunk_size: examples per chunk for parameters that fall back to ``vmap``.
+
+    Raises:
+        NotMeanLossError: the loss is not the mean of per-example losses.
+        ValueError, FloatingPointError: as :func:`gradnoise.gradient_stats`.
+    """
+    params = trainable_params(model)
+    check_loss_fn(loss_fn)
+    B = batch_size_of(inputs, targets)
+    check_device(params, inputs, targets)
+    check_no_train_batchnorm(model)
+    xs, ys = as_tuple(inputs), as_tuple(targets)
+
+    owners = _plan(model, params)
+    modules = dict(model.named_modules())
+    ruled = {m for os in owners.values() for m, _ in os if rule_for(modules[m]) is not None}
+    # Record rule modules, and every module containing a rule-less owner (candidate units).
+    recorded = set(ruled) | {""}
+    for os in owners.values():
+        for m, _ in os:
+            if m not in ruled:
+                recorded.update(_ancestors(m))
+    recorder = _Recorder({m: modules[m] for m in recorded})
+
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    state = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+    state.update({n: b.clone() for n, b in model.named_buffers()})
+
+    with preserved_state(model), torch.enable_grad():
+        with recorder.installed():
+            outputs = functional_call(model, {**leaves, **state}, xs)
+            recorder.active = False
+            loss = loss_fn(outputs, ys[0] if len(ys) == 1 else ys)
+            check_loss_value(loss)
+            if is_known_mean_loss(loss_fn, targets):
+                loss_sum = float(loss.detach().double()) * B
+            else:
+                loss_sum = float(_check_mean_loss(loss_fn, outputs, ys, loss).double().sum())
+            mean_grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        mean = {
+            n: torch.zeros_like(p) if g is None else g
+            for (n, p), g in zip(leaves.items(), mean_grads, strict=True)
+        }
+        check_finite_grads(mean)
+        return _assemble(
+            model, loss_fn, xs, ys, params, leaves, state, owners, modules, recorder, mean,
+            loss_sum, B, variance, chunk_size,
+        )
+
+
+def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, recorder, mean,
+              loss_sum, B, variance, chunk_size) -> Moments:  # fmt: skip
+    calls = recorder.calls
+    sq: dict[str, Tensor] = {}
+    sum_sq: dict[str, Tensor | None] = {}
+    methods: dict[str, str] = {}
+    materialised: dict[str, Tensor] = {}
+    units: dict[str, list[str]] = {}
+    rule_cache: dict[tuple[str, int], dict] = {}
+
+    def rule_out(mname: str, k: int, kind: str):
+        key = (mname, k, kind)
+        if key not in rule_cache:
+            module, call = modules[mname], calls[mname][k]
+            a = call.args[0]
+            if call.versions and a._version != call.versions[0]:
+                raise RuntimeError(
+                    f"the input of module {mname!r} was modified in place after the call; "
+                    "per-example gradients need it intact (use method='vmap')"
+                )
+            g = call.grads[0]
+            d = torch.zeros_like(call.outputs[0]) if g is None else g * B
+            rule = rule_for(module)
+            rule_cache[key] = (
+                rule.norms(module, a.detach(), d.detach(), variance)
+                if kind == "norms"
+                else rule.grads(module, a.detach(), d.detach())
+            )
+        return rule_cache[key]
+
+    for name, os in owners.items():
+        ruled = all(m in recorder.calls and rule_for(modules[m]) for m, _ in os)
+        n_calls = sum(len(calls.get(m, [])) for m, _ in os)
+        if ruled and n_calls == 1:
+            (m, local), = os
+            sq[name], sum_sq[name] = rule_out(m, 0, "norms")[local]
+            methods[name] = "fast"
+        elif ruled and n_calls > 1:
+            materialised[name] = sum(
+                rule_out(m, k, "grads")[local] for m, local in os for k in range(len(calls[m]))
+            )
+            methods[name] = "fast-tied"
+        else:
+            unit = next(a for a in _ancestors(_common_prefix([m for m, _ in os])) if calls.get(a))
+            units.setdefault(unit, []).append(name)
+
+    # Parameters without a rule: vmap over their smallest called owner, checked against the
+    # batch gradient; whole-model vmap where that check fails or the owner is the model.
+    whole_model: list[str] = list(units.pop("", []))
+    for unit, names in units.items():
+        module = modules[unit]
+        prefix = unit + "."
+        local_leaves = _local_tensors(module, leaves, state, model)
+        wanted = [n[len(prefix):] for n in names]  # noqa: E203
+        total: dict[str, Tensor] | None = {}
+        for call in calls[unit]:
+            g = _module_grads(module, local_leaves, wanted, call, B)
+            if g is None:
+                total = None
+                break
+            for k, v in g.items():
+                total[k] = total[k] + v if k in total else v
+        ok = total is not None and all(
+            _close(total[w].mean(0), mean[n]) for w, n in zip(wanted, names, strict=True)
+        )
+        if ok:
+            for w, n in zip(wanted, names, strict=True):
+                materialised[n] = total[w]
+                methods[n] = "vmap-module"
+        else:
+            whole_model.extend(names)
+
+    moments_parts = []
+    if materialised:
+        mats = {n: materialised[n] for n in materialised}
+        check_finite_grads(mats)
+        part = moments_from_grads(mats, torch.zeros(B), "fast", variance)
+        part.methods = {n: methods[n] for n in mats}
+        moments_parts.append(part)
+    if whole_model:
+        sub = {n: params[n] for n in whole_model}
+        rest = {**{n: p for n, p in params.items() if n not in sub}, **state}
+        step = chunk_size or B
+        part = None
+        for s in range(0, B, step):
+            g, losses = vmap_grads_and_losses(
+                model, loss_fn, sub, rest, tuple(t[s : s + step] for t in xs),
+                tuple(t[s : s + step] for t in ys),
+            )  # fmt: skip
+            check_finite_grads(g)
+            m = moments_from_grads(g, losses, "vmap", variance)
+            part = m if part is None else part.merge(m)
+        moments_parts.append(part)
+
+    # Rule parameters: mean from the batch gradient, centred sums by subtraction in float64.
+    out_mean, out_tm2, out_m2, out_sq = {}, {}, ({} if variance else None), {}
+    for name in params:
+        if name in sq:
+            mu = mean[name].double()
+            s = sq[name].double()
+            out_mean[name] = mu
+            out_tm2[name] = (s.sum() - B * mu.square().sum()).clamp_min(0)
+            if out_m2 is not None:
+                out_m2[name] = (sum_sq[name].double() - B * mu.square()).clamp_min(0)
+            out_sq[name] = s
+    for part in moments_parts:
+        out_mean.update(part.mean)
+        out_tm2.update(part.trace_m2)
+        if out_m2 is not None:
+            out_m2.update(part.m2)
+        out_sq.update(part.sq_norms)
+        methods.update(part.methods)
+    order = list(params)
+    return Moments(
+        count=B,
+        mean={n: out_mean[n] for n in order},
+        trace_m2={n: out_tm2[n] for n in order},
+        m2=None if out_m2 is None else {n: out_m2[n] for n in order},
+        sq_norms={n: out_sq[n] for n in order},
+        loss_sum=loss_sum,
+        methods={n: methods[n] for n in order},
+    )
+
+
+def _close(a: Tensor, b: Tensor) -> bool:
+    tol = 1e-3 if a.dtype != torch.float64 else 1e-8
+    scale = b.abs().max().clamp_min(torch.finfo(b.dtype).tiny)
+    return bool(((a - b).abs().max() <= tol * scale).item())
+
+
+def _local_tensors(module: nn.Module, leaves, state, model: nn.Module) -> dict[str, Tensor]:
+    """The leaves/state tensors of ``module`` under its local names (ties resolved by identity)."""
+    by_id = {}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(dict(model.named_buffers(remove_duplicate=False)))
+    for full, t in named.items():
+        if full in leaves:
+            by_id[id(t)] = leaves[full]
+        elif full in state:
+            by_id.setdefault(id(t), state[full])
+    out = {}
+    for local, t in module.named_parameters(remove_duplicate=False):
+        out[local] = by_id[id(t)]
+    for local, t in module.named_buffers(remove_duplicate=False):
+        out[local] = by_id.get(id(t), t)
+    return out

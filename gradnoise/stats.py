@@ -1,0 +1,410 @@
+"""Gradient statistics of one batch, and exact streaming over many batches.
+
+Notation (McCandlish et al. 2018, arXiv:1812.06162, App. A): per-example gradients ``g_i``,
+true gradient ``G = E[g_i]``, per-example covariance ``Σ``. From ``B`` examples with mean
+``ḡ`` and centred sum of squares ``M2 = Σ_i |g_i − ḡ|²``:
+
+.. math::
+
+    s^2 = \\frac{M_2}{B-1}, \\qquad
+    \\widehat{\\operatorname{tr}\\Sigma} = s^2 \\cdot \\frac{N-1}{N}, \\qquad
+    \\widehat{|G|^2} = |\\bar g|^2 - s^2\\left(\\frac1B - \\frac1N\\right),
+    \\qquad B_\\text{simple} = \\operatorname{tr}\\Sigma / |G|^2 .
+
+``N`` is the data-set size when the batch was drawn without replacement from ``N`` examples
+(``dataset_size``); for an infinite stream ``(N−1)/N = 1`` and ``1/N = 0``. ``Σ`` is the
+population covariance ``(1/N) Σ_n (g_n − G)(g_n − G)ᵀ`` so that
+``E|ḡ_B − G|² = tr(Σ)/B · (N − B)/(N − 1)``; both estimates are unbiased.
+
+GSNR (Liu et al. 2020, "Understanding Why Neural Networks Generalize Well Through GSNR of
+Parameters", Eq. 1) per element is ``ḡ_j² / σ̂_j²``; a layer's GSNR is its mean over the
+elements whose variance is non-zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of
+
+__all__ = [
+    "GradientStats",
+    "LayerStats",
+    "Moments",
+    "StatsAccumulator",
+    "gradient_stats",
+]
+
+Method = Literal["auto", "fast", "vmap"]
+ROOT = "(model)"
+
+
+@dataclass
+class Moments:
+    """Sufficient statistics of per-example gradients over ``count`` examples, in float64.
+
+    Attributes:
+        count: number of examples.
+        mean: per-parameter mean gradient ``ḡ``.
+        trace_m2: per-parameter ``Σ_i |g_i − ḡ|²`` (a 0-d tensor).
+        m2: per-parameter elementwise ``Σ_i (g_i − ḡ)²``, or ``None`` if not computed.
+        sq_norms: per-parameter ``|g_i|²`` of each example (``[count]``).
+        loss_sum: ``Σ_i loss_i``.
+        methods: which engine computed each parameter ("fast", "vmap-module", "vmap").
+    """
+
+    count: int
+    mean: dict[str, Tensor]
+    trace_m2: dict[str, Tensor]
+    m2: dict[str, Tensor] | None
+    sq_norms: dict[str, Tensor]
+    loss_sum: float
+    methods: dict[str, str]
+
+    def merge(self, other: Moments) -> Moments:
+        """Exact union of two disjoint sets of examples (Chan, Golub & LeVeque 1979)."""
+        if self.mean.keys() != other.mean.keys():
+            raise ValueError("cannot merge statistics of different parameter sets")
+        n_a, n_b = self.count, other.count
+        n = n_a + n_b
+        mean, trace_m2, m2 = {}, {}, {} if (self.m2 is not None and other.m2 is not None) else None
+        for k in self.mean:
+            delta = other.mean[k] - self.mean[k]
+            mean[k] = self.mean[k] + delta * (n_b / n)
+            trace_m2[k] = self.trace_m2[k] + other.trace_m2[k] + delta.square().sum() * (n_a * n_b / n)
+            if m2 is not None:
+                m2[k] = self.m2[k] + other.m2[k] + delta.square() * (n_a * n_b / n)
+        sq = {k: torch.cat([self.sq_norms[k], other.sq_norms[k]]) for k in self.sq_norms}
+        methods = {
+            k: v if v == other.methods.get(k) else f"{v}+{other.methods.get(k)}"
+            for k, v in self.methods.items()
+        }
+        return Moments(n, mean, trace_m2, m2, sq, self.loss_sum + other.loss_sum, methods)
+
+
+def moments_from_grads(grads: dict[str, Tensor], losses: Tensor, method: str, elementwise: bool) -> Moments:
+    """Moments from materialised per-example gradients ``{name: [B, ...]}`` (centred sums)."""
+    count = losses.shape[0]
+    mean, trace_m2, m2, sq = {}, {}, {} if elementwise else None, {}
+    for k, g in grads.items():
+        g64 = g.detach().to(torch.float64)
+        mu = g64.mean(0)
+        c2 = (g64 - mu).square().sum(0)
+        mean[k], trace_m2[k] = mu, c2.sum()
+        if m2 is not None:
+            m2[k] = c2
+        sq[k] = g64.flatten(1).square().sum(1)
+    methods = dict.fromkeys(grads, method)
+    return Moments(count, mean, trace_m2, m2, sq, float(losses.detach().double().sum()), methods)
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Noise statistics of one parameter or one module's parameters (plain numbers)."""
+
+    num_params: int
+    trace_cov: float
+    grad_norm_sq: float
+    b_simple: float
+    gsnr: float | None
+    method: str
+
+
+@dataclass(frozen=True)
+class GradientStats:
+    """Gradient statistics of a batch (or of the union of many batches).
+
+    Attributes:
+        batch_size: number of examples ``B`` the statistics are computed from.
+        dataset_size: ``N`` for the finite-population correction, or ``None`` (stream).
+        loss: mean loss over the ``B`` examples.
+        mean: mean gradient ``ḡ`` per parameter (the usual minibatch gradient).
+        variance: unbiased per-element variance of per-example gradients per parameter
+            (finite-population convention as ``trace_cov``), or ``None`` if not computed.
+        trace_cov: unbiased ``tr Σ``.
+        grad_norm_sq: unbiased ``|G|²``.
+        gsnr: mean per-element gradient signal-to-noise ratio, or ``None``.
+        b_simple: ``trace_cov / grad_norm_sq`` of this batch (a single-batch ratio: for a
+            noise scale, average numerator and denominator over batches, see
+            :func:`gradnoise.noise_scale`). ``inf`` when the ``|G|²`` estimate is ``≤ 0``.
+        per_param: the same statistics per parameter name.
+        per_layer: the same statistics per module (parameters grouped by owner).
+        sq_norms: ``|g_i|²`` of each example over all parameters, ``[B]`` float64.
+    """
+
+    batch_size: int
+    dataset_size: int | None
+    loss: float
+    mean: dict[str, Tensor] = field(repr=False)
+    variance: dict[str, Tensor] | None = field(repr=False)
+    trace_cov: float
+    grad_norm_sq: float
+    gsnr: float | None
+    b_simple: float
+    per_param: dict[str, LayerStats] = field(repr=False)
+    per_layer: dict[str, LayerStats] = field(repr=False)
+    sq_norms: Tensor = field(repr=False)
+
+    def to_dict(self) -> dict:
+        """Plain numbers only (JSON-serialisable): scalars, per-parameter and per-layer stats."""
+        out = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in ("mean", "variance", "per_param", "per_layer", "sq_norms")
+        }
+        out["per_param"] = {k: dataclasses.asdict(v) for k, v in self.per_param.items()}
+        out["per_layer"] = {k: dataclasses.asdict(v) for k, v in self.per_layer.items()}
+        return out
+
+    def __repr__(self) -> str:
+        n = "∞" if self.dataset_size is None else self.dataset_size
+        gsnr = "n/a" if self.gsnr is None else f"{self.gsnr:.4g}"
+        lines = [
+            f"GradientStats(B={self.batch_size}, N={n}, loss={self.loss:.4g}, "
+            f"trace_cov={self.trace_cov:.4g}, grad_norm_sq={self.grad_norm_sq:.4g}, "
+            f"b_simple={self.b_simple:.4g}, gsnr={gsnr})",
+            f"  {'layer':<28}{'params':>9}{'tr Σ':>12}{'|G|²':>12}{'B_simple':>11}  method",
+        ]
+        for name, s in self.per_layer.items():
+            lines.append(
+                f"  {name:<28}{s.num_params:>9}{s.trace_cov:>12.4g}{s.grad_norm_sq:>12.4g}"
+                f"{s.b_simple:>11.4g}  {s.method}"
+            )
+        return "\n".join(lines)
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else math.inf
+
+
+def _group(
+    m: Moments, names: list[str], dataset_size: int | None
+) -> tuple[LayerStats, float | None]:
+    n = m.count
+    s2 = sum(float(m.trace_m2[k]) for k in names) / (n - 1)
+    mean_sq = sum(float(m.mean[k].square().sum()) for k in names)
+    pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
+    inv_n = 0.0 if dataset_size is None else 1.0 / dataset_size
+    trace_cov = s2 * pop
+    grad_norm_sq = mean_sq - s2 * (1.0 / n - inv_n)
+    gsnr = None
+    if m.m2 is not None:
+        ratios = []
+        for k in names:
+            var = m.m2[k] / (n - 1) * pop
+            nz = var > 0
+            ratios.append((m.mean[k][nz].square() / var[nz]).flatten())
+        r = torch.cat(ratios)
+        gsnr = float(r.mean()) if r.numel() else math.nan
+    methods = sorted({m.methods[k] for k in names})
+    stats = LayerStats(
+        num_params=sum(m.mean[k].numel() for k in names),
+        trace_cov=trace_cov,
+        grad_norm_sq=grad_norm_sq,
+        b_simple=_ratio(trace_cov, grad_norm_sq),
+        gsnr=gsnr,
+        method="+".join(methods),
+    )
+    return stats, gsnr
+
+
+def stats_from_moments(
+    m: Moments, *, dataset_size: int | None = None, dtypes: dict[str, torch.dtype] | None = None
+) -> GradientStats:
+    """Finalise :class:`Moments` into :class:`GradientStats` (unbiased, see module docstring)."""
+    if m.count < 2:
+        raise ValueError(f"batch of {m.count} example: a variance needs at least 2")
+    check_dataset_size(m.count, dataset_size)
+    names = list(m.mean)
+    total, gsnr = _group(m, names, dataset_size)
+    per_param = {k: _group(m, [k], dataset_size)[0] for k in names}
+    owners: dict[str, list[str]] = {}
+    for k in names:
+        owners.setdefault(k.rpartition(".")[0] or ROOT, []).append(k)
+    per_layer = {mod: _group(m, ks, dataset_size)[0] for mod, ks in owners.items()}
+    dtypes = dtypes or {}
+    pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
+    cast = lambda k, t: t.to(dtypes.get(k, t.dtype))  # noqa: E731
+    variance = None if m.m2 is None else {k: cast(k, v / (m.count - 1) * pop) for k, v in m.m2.items()}
+    return GradientStats(
+        batch_size=m.count,
+        dataset_size=dataset_size,
+        loss=m.loss_sum / m.count,
+        mean={k: cast(k, v) for k, v in m.mean.items()},
+        variance=variance,
+        trace_cov=total.trace_cov,
+        grad_norm_sq=total.grad_norm_sq,
+        gsnr=gsnr,
+        b_simple=total.b_simple,
+        per_param=per_param,
+        per_layer=per_layer,
+        sq_norms=torch.stack(list(m.sq_norms.values())).sum(0),
+    )
+
+
+def check_dataset_size(batch_size: int, dataset_size: int | None) -> None:
+    if dataset_size is None:
+        return
+    if not isinstance(dataset_size, int) or dataset_size < 2:
+        raise ValueError(f"dataset_size must be an int ≥ 2 or None, got {dataset_size!r}")
+    if batch_size > dataset_size:
+        raise ValueError(
+            f"{batch_size} examples but dataset_size={dataset_size}: with the finite-population "
+            "correction the examples must be drawn without replacement from the data set; "
+            "pass the right dataset_size, or None for an infinite stream"
+        )
+
+
+def _backends() -> dict[str, Callable[..., Moments]]:
+    from gradnoise.fast_norms import fast_moments
+    from gradnoise.per_sample import vmap_moments
+
+    return {"vmap": vmap_moments, "fast": fast_moments}
+
+
+def compute_moments(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Batch,
+    targets: Batch,
+    *,
+    method: Method = "auto",
+    variance: bool = True,
+    chunk_size: int | None = None,
+) -> Moments:
+    """Moments of per-example gradients of one batch with the engine ``method`` picks.
+
+    ``"auto"`` picks ``"fast"`` (one forward and one backward with hooks, see
+    :mod:`gradnoise.fast_norms`) when the loss is known to be the mean of per-example
+    losses (or is verified to be on this batch), else ``"vmap"``.
+    """
+    backends = _backends()
+    if method != "auto" and method not in backends:
+        raise ValueError(f"unknown method {method!r}; choose one of 'auto', {', '.join(map(repr, backends))}")
+    if method == "auto":
+        from gradnoise.fast_norms import fast_applies
+
+        method = "fast" if fast_applies(model, loss_fn, inputs, targets) else "vmap"
+    return backends[method](model, loss_fn, inputs, targets, variance=variance, chunk_size=chunk_size)
+
+
+def gradient_stats(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Batch,
+    targets: Batch,
+    *,
+    method: Method = "auto",
+    dataset_size: int | None = None,
+    variance: bool = True,
+    chunk_size: int | None = None,
+) -> GradientStats:
+    """Mean, variance, ``tr Σ``, ``|G|²``, GSNR and ``B_simple`` of one batch's gradients.
+
+    Args:
+        model: the model, evaluated in its current mode; never modified.
+        loss_fn: mean-reduced ``loss_fn(outputs, targets)``.
+        inputs: Tensor or tuple of Tensors with a leading batch dimension ``B ≥ 2``.
+        targets: Tensor (or tuple) with the same leading dimension.
+        method: ``"fast"`` (hooks, one backward; :mod:`gradnoise.fast_norms`), ``"vmap"``
+            (materialised per-example gradients, :func:`gradnoise.per_sample_grads`), or
+            ``"auto"`` (``"fast"`` unless the loss is not a plain mean of per-example losses,
+            e.g. class-weighted cross-entropy or ``ignore_index`` targets).
+        dataset_size: ``N`` if the batch was drawn without replacement from ``N`` examples
+            (finite-population correction); ``None`` for an infinite stream.
+        variance: also compute the per-element variance and GSNR (one extra matrix product
+            per layer on the fast path).
+        chunk_size: for ``"vmap"``, examples per chunk; bounds memory to ``chunk × P``.
+
+    Returns:
+        :class:`GradientStats`.
+
+    Raises:
+        ValueError: batch of fewer than 2 examples, mismatched batch, non-scalar or
+            non-mean loss, BatchNorm in train mode, no trainable parameters, unknown method.
+        FloatingPointError: NaN or inf in the loss or gradients.
+
+    Example:
+        >>> import torch, gradnoise as gn
+        >>> model = torch.nn.Linear(4, 1)
+        >>> s = gn.gradient_stats(model, torch.nn.MSELoss(), torch.randn(32, 4), torch.randn(32, 1))
+        >>> s.batch_size, s.trace_cov > 0
+        (32, True)
+    """
+    batch_size_of(inputs, targets, min_size=2)
+    check_dataset_size(as_tuple(inputs)[0].shape[0], dataset_size)
+    m = compute_moments(
+        model, loss_fn, inputs, targets, method=method, variance=variance, chunk_size=chunk_size
+    )
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    return stats_from_moments(m, dataset_size=dataset_size, dtypes=dtypes)
+
+
+class StatsAccumulator:
+    """Streams many batches into exact data-set-level statistics (float64, Chan's merge).
+
+    The result equals :func:`gradient_stats` on the concatenation of all batches (up to
+    float64 rounding), without holding more than one batch of gradients.
+
+    Example:
+        >>> import torch, gradnoise as gn
+        >>> model, loss = torch.nn.Linear(4, 1), torch.nn.MSELoss()
+        >>> acc = gn.StatsAccumulator(model, loss)
+        >>> for _ in range(3):
+        ...     acc.update(torch.randn(16, 4), torch.randn(16, 1))
+        >>> acc.compute().batch_size
+        48
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        method: Method = "auto",
+        dataset_size: int | None = None,
+        variance: bool = True,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.model, self.loss_fn = model, loss_fn
+        self.method, self.dataset_size = method, dataset_size
+        self.variance, self.chunk_size = variance, chunk_size
+        self._moments: Moments | None = None
+
+    @property
+    def count(self) -> int:
+        return 0 if self._moments is None else self._moments.count
+
+    def update(self, inputs: Batch, targets: Batch) -> None:
+        """Add one batch (any size ≥ 1)."""
+        m = compute_moments(
+            self.model,
+            self.loss_fn,
+            inputs,
+            targets,
+            method=self.method,
+            variance=self.variance,
+            chunk_size=self.chunk_size,
+        )
+        self._moments = m if self._moments is None else self._moments.merge(m)
+
+    def compute(self) -> GradientStats:
+        """Statistics of all examples seen so far.
+
+        Raises:
+            ValueError: fewer than 2 examples seen.
+        """
+        if self._moments is None:
+            raise ValueError("no batch seen: call update(inputs, targets) first")
+        dtypes = {n: p.dtype for n, p in self.model.named_parameters()}
+        return stats_from_moments(self._moments, dataset_size=self.dataset_size, dtypes=dtypes)
+
+    def reset(self) -> None:
+        self._moments = None
