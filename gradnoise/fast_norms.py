@@ -48,7 +48,7 @@ from gradnoise._functional import (
     trainable_params,
 )
 from gradnoise._rules import rule_for
-from gradnoise.per_sample import vmap_grads_and_losses
+from gradnoise.per_sample import needs_loop, vmap_grads_and_losses
 from gradnoise.stats import Moments, moments_from_grads
 
 __all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
@@ -160,7 +160,10 @@ def _module_grads(
 
     entries = [(i, a) for i, a in enumerate(call.args)] + list(call.kwargs.items())
     batched = [(pos, t.detach(), dim_of(t, pos)) for pos, t in entries if isinstance(t, Tensor)]
-    outs = [(t, g, dim_of(t, 0 if j == 0 else 1)) for j, (t, g) in enumerate(zip(call.outputs, call.grads))]
+    outs = [
+        (t, g, None if t is None else dim_of(t, 0 if j == 0 else 1))
+        for j, (t, g) in enumerate(zip(call.outputs, call.grads, strict=True))
+    ]
     if any(g is not None and d is None for t, g, d in outs):
         return None
     deltas = [(g.detach() * batch, d) for t, g, d in outs if g is not None]
@@ -185,6 +188,10 @@ def _module_grads(
         return total
 
     wanted_p = {k: leaves[k] for k in wanted}
+    if needs_loop(module):
+        rows = [grad(inner)(wanted_p, [t.select(d, i) for t, d in zip(in_tensors, in_dims)],
+                            [dl.select(dd, i) for dl, dd in deltas]) for i in range(batch)]  # fmt: skip
+        return {k: torch.stack([r[k] for r in rows]) for k in wanted}
     fn = vmap(grad(inner), in_dims=(None, in_dims, [d for _, d in deltas]))
     return fn(wanted_p, in_tensors, [dl for dl, _ in deltas])
 
@@ -341,8 +348,15 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
             )
         return rule_cache[key]
 
+    def batched(mname: str) -> bool:  # a rule needs a leading batch dimension on input and output
+        return all(
+            isinstance(c.args[0], Tensor) and c.args[0].dim() > 0 and c.args[0].shape[0] == B
+            and c.outputs[0] is not None and c.outputs[0].shape[0] == B
+            for c in calls[mname]
+        )  # fmt: skip
+
     for name, os in owners.items():
-        ruled = all(m in recorder.calls and rule_for(modules[m]) for m, _ in os)
+        ruled = all(m in calls and rule_for(modules[m]) and batched(m) for m, _ in os)
         n_calls = sum(len(calls.get(m, [])) for m, _ in os)
         if ruled and n_calls == 1:
             (m, local), = os

@@ -53,7 +53,9 @@ def per_sample_grads(
     """Gradients of each example's loss, one row per example.
 
     Uses ``torch.func``: ``vmap(grad(loss of one example))`` over ``functional_call`` of the
-    model with detached parameters, so the caller's ``.grad`` is never written.
+    model with detached parameters, so the caller's ``.grad`` is never written. Models that
+    contain ``nn.RNNBase`` modules (LSTM, GRU, RNN) are computed by a loop over examples
+    instead, because ``vmap`` cannot batch torch's fused RNN kernels.
 
     Args:
         model: any ``nn.Module``; evaluated in its current mode (dropout active in train
@@ -106,7 +108,13 @@ def vmap_grads_and_losses(
     ys: tuple[Tensor, ...],
     chunk_size: int | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-example gradients and losses by ``vmap(grad_and_value(...))``; no checks, no RNG restore."""
+    """Per-example gradients and losses by ``vmap(grad_and_value(...))``; no checks, no RNG restore.
+
+    Models containing RNN modules use :func:`loop_grads_and_losses` instead (see
+    :func:`needs_loop`).
+    """
+    if needs_loop(model):
+        return loop_grads_and_losses(model, loss_fn, params, state, xs, ys)
     n_x = len(xs)
 
     def example_loss(p: dict[str, Tensor], *example: Tensor) -> Tensor:
@@ -133,10 +141,25 @@ def per_sample_grads_loop(
     """
     params = _validate(model, loss_fn, inputs, targets, None)
     state = frozen_state(model)
-    xs, ys = as_tuple(inputs), as_tuple(targets)
-    leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
-    rows: dict[str, list[Tensor]] = {n: [] for n in params}
     with preserved_state(model):
+        grads, _ = loop_grads_and_losses(model, loss_fn, params, state, as_tuple(inputs), as_tuple(targets))
+    check_finite_grads(grads)
+    return grads
+
+
+def loop_grads_and_losses(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: dict[str, Tensor],
+    state: dict[str, Tensor],
+    xs: tuple[Tensor, ...],
+    ys: tuple[Tensor, ...],
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-example gradients and losses by a loop of ``torch.autograd.grad`` (no checks)."""
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    rows: dict[str, list[Tensor]] = {n: [] for n in params}
+    losses = []
+    with torch.enable_grad():
         for i in range(xs[0].shape[0]):
             x = tuple(t[i : i + 1] for t in xs)
             y = tuple(t[i : i + 1] for t in ys)
@@ -146,9 +169,13 @@ def per_sample_grads_loop(
             gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             for (n, p), g in zip(leaves.items(), gs, strict=True):
                 rows[n].append(torch.zeros_like(p) if g is None else g)
-    grads = {n: torch.stack(r) for n, r in rows.items()}
-    check_finite_grads(grads)
-    return grads
+            losses.append(loss.detach())
+    return {n: torch.stack(r) for n, r in rows.items()}, torch.stack(losses)
+
+
+def needs_loop(module: nn.Module) -> bool:
+    """torch.func.vmap cannot batch torch's fused RNN kernels (they allocate unbatched state)."""
+    return any(isinstance(m, nn.RNNBase) for m in module.modules())
 
 
 def vmap_moments(

@@ -18,7 +18,9 @@ population covariance ``(1/N) Σ_n (g_n − G)(g_n − G)ᵀ`` so that
 
 GSNR (Liu et al. 2020, "Understanding Why Neural Networks Generalize Well Through GSNR of
 Parameters", Eq. 1) per element is ``ḡ_j² / σ̂_j²``; a layer's GSNR is its mean over the
-elements whose variance is non-zero.
+elements that are not noise-free (``σ̂_j² > 10⁻⁶ E[g_j²]``, i.e. above float32 rounding) and
+whose ``E[g_j²]`` exceeds ``10⁻¹²`` of the largest in its tensor (elements whose gradient is
+zero up to rounding, such as attention key biases, would otherwise give meaningless ratios).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ __all__ = [
 
 Method = Literal["auto", "fast", "vmap"]
 ROOT = "(model)"
+NOISE_FREE = 1e-6  # relative variance below which an element counts as noise-free (GSNR)
+NEGLIGIBLE = 1e-12  # E[g²] relative to the tensor's largest below which an element is ignored
 
 
 @dataclass
@@ -199,7 +203,10 @@ def _group(
         ratios = []
         for k in names:
             var = m.m2[k] / (n - 1) * pop
-            nz = var > 0
+            # Excluded: noise-free elements (variance below float32 rounding of E[g²]) and
+            # elements whose gradient is rounding noise (E[g²] negligible in the tensor).
+            second = m.m2[k] + n * m.mean[k].square()
+            nz = (m.m2[k] > NOISE_FREE * second) & (second > NEGLIGIBLE * second.max())
             ratios.append((m.mean[k][nz].square() / var[nz]).flatten())
         r = torch.cat(ratios)
         gsnr = float(r.mean()) if r.numel() else math.nan
@@ -288,11 +295,17 @@ def compute_moments(
     backends = _backends()
     if method != "auto" and method not in backends:
         raise ValueError(f"unknown method {method!r}; choose one of 'auto', {', '.join(map(repr, backends))}")
-    if method == "auto":
-        from gradnoise.fast_norms import fast_applies
+    kwargs = {"variance": variance, "chunk_size": chunk_size}
+    if method != "auto":
+        return backends[method](model, loss_fn, inputs, targets, **kwargs)
+    from gradnoise.fast_norms import NotMeanLossError, fast_applies
 
-        method = "fast" if fast_applies(model, loss_fn, inputs, targets) else "vmap"
-    return backends[method](model, loss_fn, inputs, targets, variance=variance, chunk_size=chunk_size)
+    if fast_applies(model, loss_fn, inputs, targets):
+        try:
+            return backends["fast"](model, loss_fn, inputs, targets, **kwargs)
+        except NotMeanLossError:
+            pass  # the loss is not a plain mean of per-example losses on this batch
+    return backends["vmap"](model, loss_fn, inputs, targets, **kwargs)
 
 
 def gradient_stats(

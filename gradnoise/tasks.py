@@ -228,7 +228,9 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(dim, classes)
 
     def forward(self, ids: Tensor) -> Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
+        # Position ids per example (not one shared [T] row), so that every layer sees a
+        # leading batch dimension and the fast per-example engine covers it.
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         h = self.blocks(self.embed(ids) + self.pos(pos))
         return self.head(self.norm(h).mean(1))
 

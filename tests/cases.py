@@ -1,0 +1,151 @@
+"""Shared test cases: one line per layer or model (factory, loss, data).
+
+Every case is a small model that treats examples independently, with a mean-reduced loss.
+``make(dtype)`` returns ``(model, loss_fn, inputs, targets)`` with a fixed seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gradnoise import tasks
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator, int], object]
+    targets: Callable[[torch.Generator, int], torch.Tensor]
+    loss: Callable[[], nn.Module] = nn.CrossEntropyLoss
+    batch: int = 6
+
+    def make(self, dtype: torch.dtype = torch.float64, batch: int | None = None):
+        torch.manual_seed(0)
+        model = self.model().to(dtype)
+        g = torch.Generator().manual_seed(1)
+        b = batch or self.batch
+        x = self.inputs(g, b)
+        cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+        x = tuple(cast(t) for t in x) if isinstance(x, tuple) else cast(x)
+        y = self.targets(g, b)
+        return model, self.loss(), x, cast(y)
+
+
+def randn(*shape):
+    return lambda g, b: torch.randn(b, *shape, generator=g)
+
+
+def labels(k, *shape):
+    return lambda g, b: torch.randint(0, k, (b, *shape), generator=g)
+
+
+def ids(vocab, seq):
+    return lambda g, b: torch.randint(0, vocab, (b, seq), generator=g)
+
+
+class SeqHead(nn.Module):
+    """Wraps a sequence module: ``[B, T, D]`` → module → mean over time → Linear."""
+
+    def __init__(self, body: nn.Module, dim: int, classes: int = 3, batch_first: bool = True):
+        super().__init__()
+        self.body, self.head, self.batch_first = body, nn.Linear(dim, classes), batch_first
+
+    def forward(self, x):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        if isinstance(self.body, nn.MultiheadAttention):
+            h = self.body(x, x, x, need_weights=False)[0]
+        else:
+            h = self.body(x)
+        h = h[0] if isinstance(h, tuple) else h
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+class TiedLM(nn.Module):
+    """Embedding whose weight is tied to the output projection; predicts the last token."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.mix = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, vocab, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mix(self.embed(x))).mean(1))
+
+
+class Scaled(nn.Module):
+    """A raw parameter used in the model's own forward (covered by whole-model vmap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(3) * 1.5)
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+    def forward(self, x1, x2):
+        return self.a(x1) + self.b(x2)
+
+
+class Reused(nn.Module):
+    """The same Linear applied twice (per-example gradient is a sum over calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.lin(torch.tanh(self.lin(x))))
+
+
+def frozen_mlp():
+    m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    m[0].weight.requires_grad_(False)
+    return m
+
+
+def rms_model():
+    return nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Linear(6, 3))
+
+
+CASES = [
+    Case("linear", lambda: nn.Linear(5, 3), randn(5), labels(3)),
+    Case("mlp", lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), randn(5), labels(3)),
+    Case("mse-mlp", lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)), randn(5), randn(2), nn.MSELoss),
+    Case("seq-linear", lambda: SeqHead(nn.Linear(4, 5), 5), randn(7, 4), labels(3)),
+    Case("seq-linear-gram", lambda: SeqHead(nn.Linear(16, 16), 16), randn(3, 16), labels(3)),
+    Case("conv1d", lambda: nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1, dilation=1), nn.Tanh(), nn.Conv1d(4, 6, 3, groups=2, dilation=2, padding="same"), nn.Flatten(), nn.Linear(30, 3)), randn(2, 9), labels(3)),
+    Case("conv2d", lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, stride=(1, 2)), nn.Tanh(), nn.Conv2d(4, 4, 2, groups=4, bias=False), nn.Flatten(), nn.Linear(4 * 4 * 2, 3)), randn(2, 5, 6), labels(3)),
+    Case("embedding", lambda: nn.Sequential(nn.Embedding(10, 4, padding_idx=0), nn.Flatten(), nn.Linear(20, 3)), ids(10, 5), labels(3)),
+    Case("layernorm", lambda: SeqHead(nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), 6), randn(5, 4), labels(3)),
+    Case("groupnorm", lambda: tasks.gn_cnn(channels=8, groups=2), randn(40), labels(10)),
+    Case("rmsnorm", rms_model, randn(5), labels(3)),
+    Case("mha", lambda: SeqHead(nn.MultiheadAttention(6, 2, batch_first=True), 6), randn(5, 6), labels(3)),
+    Case("mha-seq-first", lambda: SeqHead(nn.MultiheadAttention(6, 2), 6, batch_first=False), randn(5, 6), labels(3)),
+    Case("lstm", lambda: SeqHead(nn.LSTM(4, 5, batch_first=True), 5), randn(6, 4), labels(3)),
+    Case("gru", lambda: SeqHead(nn.GRU(4, 5, batch_first=True), 5), randn(6, 4), labels(3)),
+    Case("tied", TiedLM, ids(11, 5), labels(11)),
+    Case("frozen", frozen_mlp, randn(5), labels(3)),
+    Case("raw-parameter", Scaled, randn(4), labels(3)),
+    Case("two-inputs", TwoInputs, lambda g, b: (torch.randn(b, 4, generator=g), torch.randn(b, 2, generator=g)), labels(3)),
+    Case("reused-module", Reused, randn(4), labels(3)),
+    Case("transformer", lambda: tasks.tiny_transformer(vocab=8, dim=8, heads=2, max_len=6, classes=3), ids(8, 6), labels(3)),
+    Case("mnist1d-cnn", lambda: tasks.mnist1d_cnn(channels=6), randn(40), labels(10)),
+]
+CASES_BY_NAME = {c.name: c for c in CASES}

@@ -1,0 +1,120 @@
+"""The fast engine (hooks, one backward) against materialised per-example gradients."""
+
+import pytest
+import torch
+from torch import nn
+
+import gradnoise as gn
+from gradnoise.fast_norms import NotMeanLossError
+from tests.cases import CASES_BY_NAME
+
+# Expected path of every parameter of some cases: the engine must say what it did.
+EXPECTED_METHODS = {
+    "mlp": {"fast"},
+    "conv1d": {"fast"},
+    "embedding": {"fast"},
+    "groupnorm": {"fast"},
+    "tied": {"fast", "fast-tied"},
+    "reused-module": {"fast", "fast-tied"},
+    "raw-parameter": {"fast", "vmap"},
+    "mha": {"fast", "vmap-module"},
+    "lstm": {"fast", "vmap-module"},
+}
+
+
+def _compare(fast, ref, rtol):
+    def close(a, b, scale=0.0):
+        return abs(a - b) <= rtol * max(abs(a), abs(b), scale, 1e-30)
+
+    # |G|² = |ḡ|² − s²/B cancels: its error is relative to the terms, not to the difference.
+    def close_g2(a, b, _):
+        return close(a.grad_norm_sq, b.grad_norm_sq, a.trace_cov / a.batch_size)
+
+    assert fast.batch_size == ref.batch_size
+    assert close(fast.loss, ref.loss)
+    assert close(fast.trace_cov, ref.trace_cov)
+    assert close_g2(fast, ref, fast)
+    # GSNR_j = ḡ_j²/σ_j²: on the fast path σ_j² = (Σg² − Bḡ²)/(B−1) loses ~B·GSNR_j digits.
+    max_gsnr = max(
+        float((ref.mean[k].double().square() / ref.variance[k].double().clamp_min(1e-300)).max())
+        for k in ref.mean
+        if ref.variance[k].abs().max() > 0
+    )
+    assert abs(fast.gsnr - ref.gsnr) <= rtol * (1 + fast.batch_size * min(max_gsnr, 1e6)) * ref.gsnr
+    torch.testing.assert_close(fast.sq_norms, ref.sq_norms, rtol=rtol, atol=rtol * float(ref.sq_norms.max()))
+    for k in ref.mean:
+        scale = float(ref.variance[k].abs().max()) + 1e-30
+        assert (fast.variance[k] - ref.variance[k]).abs().max() <= rtol * scale, k
+        assert close(fast.per_param[k].trace_cov, ref.per_param[k].trace_cov), k
+    assert fast.per_layer.keys() == ref.per_layer.keys()
+    for k in ref.per_layer:
+        assert close(fast.per_layer[k].trace_cov, ref.per_layer[k].trace_cov), k
+        assert close(fast.per_layer[k].grad_norm_sq, ref.per_layer[k].grad_norm_sq, fast.per_layer[k].trace_cov / fast.batch_size), k
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_fast_equals_vmap(case, dtype, rtol):
+    model, loss, x, y = case.make(dtype, batch=8)
+    fast = gn.gradient_stats(model, loss, x, y, method="fast")
+    ref = gn.gradient_stats(model, loss, x, y, method="vmap")
+    _compare(fast, ref, rtol if dtype == torch.float64 else 1e-4 if case.name in ("lstm", "gru") else rtol)
+    if case.name in EXPECTED_METHODS:
+        assert {s.method for s in fast.per_param.values()} == EXPECTED_METHODS[case.name]
+
+
+def test_fast_without_variance_gives_same_noise_scale():
+    model, loss, x, y = CASES_BY_NAME["seq-linear-gram"].make(torch.float64, batch=8)
+    a = gn.gradient_stats(model, loss, x, y, method="fast", variance=False)
+    b = gn.gradient_stats(model, loss, x, y, method="vmap")
+    assert a.variance is None and a.gsnr is None
+    assert a.trace_cov == pytest.approx(b.trace_cov, rel=1e-10)
+    assert a.grad_norm_sq == pytest.approx(b.grad_norm_sq, rel=1e-10)
+
+
+def _hook_counts(model):
+    return [
+        (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for m in model.modules()
+    ]
+
+
+def test_hooks_removed_after_return_and_after_exception():
+    model, loss, x, y = CASES_BY_NAME["transformer"].make(torch.float64)
+    before = _hook_counts(model)
+    gn.gradient_stats(model, loss, x, y, method="fast")
+    assert _hook_counts(model) == before
+
+    def bad_loss(out, target):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        gn.gradient_stats(model, bad_loss, x, y, method="fast")
+    assert _hook_counts(model) == before
+
+
+def test_weighted_loss_auto_falls_back_and_fast_refuses():
+    model, _, x, y = CASES_BY_NAME["mlp"].make(torch.float64)
+    weighted = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 5.0], dtype=torch.float64))
+    auto = gn.gradient_stats(model, weighted, x, y)
+    ref = gn.gradient_stats(model, weighted, x, y, method="vmap")
+    assert {s.method for s in auto.per_param.values()} == {"vmap"}
+    assert auto.trace_cov == pytest.approx(ref.trace_cov, rel=1e-12)
+
+    def custom_weighted(out, target):  # a plain callable: checked on the batch
+        return weighted(out, target)
+
+    with pytest.raises(NotMeanLossError, match="method='vmap'"):
+        gn.gradient_stats(model, custom_weighted, x, y, method="fast")
+    auto = gn.gradient_stats(model, custom_weighted, x, y)
+    assert auto.trace_cov == pytest.approx(ref.trace_cov, rel=1e-12)
+
+
+def test_custom_mean_loss_uses_fast():
+    model, _, x, y = CASES_BY_NAME["mlp"].make(torch.float64)
+
+    def loss(out, target):
+        return torch.nn.functional.cross_entropy(out, target)
+
+    s = gn.gradient_stats(model, loss, x, y)
+    assert {v.method for v in s.per_param.values()} == {"fast"}
+    assert s.trace_cov == pytest.approx(gn.gradient_stats(model, loss, x, y, method="vmap").trace_cov, rel=1e-10)
