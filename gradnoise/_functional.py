@@ -79,6 +79,25 @@ def check_no_train_batchnorm(model: nn.Module) -> None:
             )
 
 
+def check_vmappable(model: nn.Module) -> None:
+    """Refuse modules that update buffers in place in train mode, which vmap cannot batch.
+
+    Raises:
+        ValueError: naming the module and the fix.
+    """
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.modules.instancenorm._InstanceNorm)
+            and module.training
+            and module.track_running_stats
+        ):
+            raise ValueError(
+                f"InstanceNorm module {name!r} updates running statistics in place in train "
+                "mode, which torch.func.vmap cannot batch: call module.eval() for the "
+                "measurement, or use gradient_stats(..., method='fast')"
+            )
+
+
 def as_tuple(inputs: Batch) -> tuple[Tensor, ...]:
     if isinstance(inputs, Tensor):
         return (inputs,)

@@ -22,6 +22,7 @@ from gradnoise._functional import (
     check_loss_fn,
     check_loss_value,
     check_no_train_batchnorm,
+    check_vmappable,
     frozen_state,
     preserved_state,
     trainable_params,
@@ -37,6 +38,8 @@ def _validate(model: nn.Module, loss_fn: LossFn, inputs: Batch, targets: Batch, 
     batch_size_of(inputs, targets)
     check_device(params, inputs, targets)
     check_no_train_batchnorm(model)
+    if not needs_loop(model):
+        check_vmappable(model)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return params

@@ -1,0 +1,134 @@
+"""Estimators on the analytic linear-regression task: unbiasedness, B_simple, finite population."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradnoise as gn
+from gradnoise.tasks import LinearRegression
+
+TASK = LinearRegression.make(dim=8, sigma=0.5, distance=1.0, seed=0)
+
+
+def _many_batches(method, batch, n_batches, seed=0):
+    model, loss = TASK.model(), TASK.loss_fn()
+    g = torch.Generator().manual_seed(seed)
+    x, y = TASK.sample(batch * n_batches, g)
+    out = [gn.gradient_stats(model, loss, xb, yb, method=method, variance=False)
+           for xb, yb in zip(x.split(batch), y.split(batch))]  # fmt: skip
+    return np.array([s.trace_cov for s in out]), np.array([s.grad_norm_sq for s in out])
+
+
+@pytest.mark.parametrize("method,n_batches", [("fast", 3000), ("vmap", 600)])
+def test_unbiased_on_linear_regression(method, n_batches):
+    tr, g2 = _many_batches(method, batch=32, n_batches=n_batches)
+    # Tolerance: 4 standard errors of the mean over independent batches.
+    assert abs(tr.mean() - TASK.trace_cov) < 4 * tr.std(ddof=1) / math.sqrt(len(tr))
+    assert abs(g2.mean() - TASK.grad_norm_sq) < 4 * g2.std(ddof=1) / math.sqrt(len(g2))
+
+
+def test_b_simple_ratio_of_averages_within_3_percent():
+    tr, g2 = _many_batches("fast", batch=32, n_batches=6000, seed=1)
+    b = tr.mean() / g2.mean()
+    # The 3 % target is only meaningful if the estimate's own error is well below it.
+    se = b * math.sqrt((tr.std() / tr.mean()) ** 2 + (g2.std() / g2.mean()) ** 2) / math.sqrt(len(tr))
+    assert se < 0.01 * TASK.b_simple
+    assert abs(b - TASK.b_simple) < 0.03 * TASK.b_simple
+
+
+def test_plug_in_norm_is_biased():
+    """|ḡ|² overestimates |G|² by tr Σ / B: the correction in grad_norm_sq is needed."""
+    model, loss = TASK.model(), TASK.loss_fn()
+    x, y = TASK.sample(32 * 2000, torch.Generator().manual_seed(2))
+    plug = np.array([
+        sum(float(v.double().square().sum()) for v in gn.gradient_stats(model, loss, xb, yb, variance=False).mean.values())
+        for xb, yb in zip(x.split(32), y.split(32))
+    ])  # fmt: skip
+    se = plug.std(ddof=1) / math.sqrt(len(plug))
+    assert abs(plug.mean() - (TASK.grad_norm_sq + TASK.trace_cov / 32)) < 4 * se
+    assert plug.mean() - TASK.grad_norm_sq > 10 * se
+
+
+def test_finite_population_correction():
+    """Batches drawn without replacement from N examples: unbiased only with dataset_size=N."""
+    N, B, trials = 24, 6, 4000
+    model, loss = TASK.model(), TASK.loss_fn()
+    x, y = TASK.sample(N, torch.Generator().manual_seed(3))
+    g = gn.per_sample_grads(model, loss, x, y)["weight"].flatten(1)  # [N, d]
+    G = g.mean(0)
+    true_tr = float((g - G).square().sum(1).mean())  # population covariance (1/N)
+    true_g2 = float(G.square().sum())
+    gen = torch.Generator().manual_seed(4)
+    tr, g2, g2_stream = [], [], []
+    for _ in range(trials):
+        idx = torch.randperm(N, generator=gen)[:B]
+        s = gn.gradient_stats(model, loss, x[idx], y[idx], dataset_size=N, variance=False)
+        tr.append(s.trace_cov)
+        g2.append(s.grad_norm_sq)
+        g2_stream.append(gn.gradient_stats(model, loss, x[idx], y[idx], variance=False).grad_norm_sq)
+    tr, g2, g2_stream = map(np.array, (tr, g2, g2_stream))
+    se = lambda a: a.std(ddof=1) / math.sqrt(trials)  # noqa: E731
+    assert abs(tr.mean() - true_tr) < 4 * se(tr)
+    assert abs(g2.mean() - true_g2) < 4 * se(g2)
+    assert abs(g2_stream.mean() - true_g2) > 4 * se(g2_stream)  # without the correction: biased
+
+
+def test_full_batch_with_dataset_size_is_exact():
+    model, loss = TASK.model(), TASK.loss_fn()
+    x, y = TASK.sample(20, torch.Generator().manual_seed(5))
+    s = gn.gradient_stats(model, loss, x, y, dataset_size=20)
+    g = gn.per_sample_grads(model, loss, x, y)["weight"].flatten(1)
+    assert s.grad_norm_sq == pytest.approx(float(g.mean(0).square().sum()), rel=1e-12)
+    assert s.trace_cov == pytest.approx(float((g - g.mean(0)).square().sum(1).mean()), rel=1e-12)
+
+
+def test_variance_and_gsnr_match_definitions(case):
+    model, loss, x, y = case.make(torch.float64, batch=7)
+    s = gn.gradient_stats(model, loss, x, y, method="vmap")
+    g = gn.per_sample_grads(model, loss, x, y)
+    for k, v in g.items():
+        torch.testing.assert_close(s.variance[k], v.var(0, correction=1), rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(s.mean[k], v.mean(0), rtol=1e-9, atol=1e-14)
+    sq = sum(v.flatten(1).square().sum(1) for v in g.values())
+    torch.testing.assert_close(s.sq_norms, sq)
+    assert s.trace_cov == pytest.approx(sum(float(v.sum()) for v in s.variance.values()), rel=1e-9)
+
+
+def test_accumulator_equals_concatenated_batch():
+    model, loss = TASK.model(), TASK.loss_fn()
+    x, y = TASK.sample(50, torch.Generator().manual_seed(6))
+    acc = gn.StatsAccumulator(model, loss, dataset_size=50)
+    for xb, yb in zip(x.split([1, 13, 20, 16]), y.split([1, 13, 20, 16])):
+        acc.update(xb, yb)
+    got, ref = acc.compute(), gn.gradient_stats(model, loss, x, y, dataset_size=50)
+    assert got.batch_size == 50
+    for field in ("loss", "trace_cov", "grad_norm_sq", "gsnr"):
+        assert getattr(got, field) == pytest.approx(getattr(ref, field), rel=1e-10)
+    torch.testing.assert_close(got.variance["weight"], ref.variance["weight"], rtol=1e-10, atol=0)
+    torch.testing.assert_close(got.sq_norms, ref.sq_norms)
+    acc.reset()
+    with pytest.raises(ValueError, match="no batch seen"):
+        acc.compute()
+
+
+def test_to_dict_is_json_and_repr_is_readable():
+    model, loss, x, y = __import__("tests.cases", fromlist=["x"]).CASES_BY_NAME["mlp"].make()
+    s = gn.gradient_stats(model, loss, x, y)
+    d = json.loads(json.dumps(s.to_dict()))
+    assert d["batch_size"] == 6 and set(d["per_layer"]) == {"0", "2"}
+    assert d["per_param"]["0.weight"]["method"] == "fast"
+    text = repr(s)
+    assert "B_simple" in text and "GradientStats(B=6" in text and "\n" in text
+
+
+def test_closed_forms_agree_with_large_sample():
+    """The task's closed forms themselves, against 200k samples in float64."""
+    model, loss = TASK.model(), TASK.loss_fn()
+    x, y = TASK.sample(200_000, torch.Generator().manual_seed(7))
+    g = gn.gradient_stats(model, loss, x, y, variance=False)
+    assert g.loss == pytest.approx(TASK.loss, rel=0.01)
+    np.testing.assert_allclose(g.mean["weight"].numpy().ravel(), TASK.gradient, atol=0.02)
+    assert g.trace_cov == pytest.approx(TASK.trace_cov, rel=0.02)
