@@ -17,7 +17,9 @@ population covariance ``(1/N) Σ_n (g_n − G)(g_n − G)ᵀ`` so that
 ``E|ḡ_B − G|² = tr(Σ)/B · (N − B)/(N − 1)``; both estimates are unbiased.
 
 GSNR (Liu et al. 2020, "Understanding Why Neural Networks Generalize Well Through GSNR of
-Parameters", Eq. 1) per element is ``ḡ_j² / σ̂_j²``; a layer's GSNR is its mean over the
+Parameters", Eq. 1) per element is ``G_j² / σ_j²``, estimated with the unbiased signal
+``ḡ_j² − s_j²(1/B − 1/N)`` (the plug-in ``ḡ_j²`` is biased upward by ``σ_j²/B``, which would
+make GSNR fall as ``1/B``); a layer's GSNR is its mean over the
 elements that are not noise-free (``σ̂_j² > 10⁻⁶ E[g_j²]``, i.e. above float32 rounding) and
 whose ``E[g_j²]`` exceeds ``10⁻¹²`` of the largest in its tensor (elements whose gradient is
 zero up to rounding, such as attention key biases, would otherwise give meaningless ratios).
@@ -207,7 +209,8 @@ def _group(
             # elements whose gradient is rounding noise (E[g²] negligible in the tensor).
             second = m.m2[k] + n * m.mean[k].square()
             nz = (m.m2[k] > NOISE_FREE * second) & (second > NEGLIGIBLE * second.max())
-            ratios.append((m.mean[k][nz].square() / var[nz]).flatten())
+            signal = m.mean[k][nz].square() - m.m2[k][nz] / (n - 1) * (1.0 / n - inv_n)
+            ratios.append((signal / var[nz]).flatten())
         r = torch.cat(ratios)
         gsnr = float(r.mean()) if r.numel() else math.nan
     methods = sorted({m.methods[k] for k in names})

@@ -92,6 +92,12 @@ def test_variance_and_gsnr_match_definitions(case):
     for k, v in g.items():
         torch.testing.assert_close(s.variance[k], v.var(0, correction=1), rtol=1e-9, atol=1e-14)
         torch.testing.assert_close(s.mean[k], v.mean(0), rtol=1e-9, atol=1e-14)
+    signal = torch.cat([(v.mean(0).square() - v.var(0) / 7).flatten() for v in g.values()])
+    noise = torch.cat([v.var(0).flatten() for v in g.values()])
+    second = torch.cat([(v.var(0) * 6 + 7 * v.mean(0).square()).flatten() for v in g.values()])
+    keep = noise * 6 > 1e-6 * second
+    if keep.any() and case.name not in ("mha", "mha-seq-first", "transformer", "embedding", "tied"):
+        assert s.gsnr == pytest.approx(float((signal[keep] / noise[keep]).mean()), rel=1e-8)
     sq = sum(v.flatten(1).square().sum(1) for v in g.values())
     torch.testing.assert_close(s.sq_norms, sq)
     assert s.trace_cov == pytest.approx(sum(float(v.sum()) for v in s.variance.values()), rel=1e-9)

@@ -1,0 +1,52 @@
+"""The gradnoise command: a smoke run on the built-in task and on a user entry point."""
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from gradnoise.cli import main
+
+
+def test_measure_builtin_task(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    rc = main(["measure", "--task", "linreg", "--train-steps", "20", "--batch-sizes", "8,64", "--batches", "3", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "B_simple" in text and "wrote" in text
+    data = json.loads(out.read_text())
+    assert [r["batch_size"] for r in data["rows"]] == [8, 64]
+    assert data["rows"][0]["noise"] > data["rows"][1]["noise"]  # 1/B
+
+
+def test_measure_user_entry_point(tmp_path, monkeypatch):
+    mod = types.ModuleType("my_models")
+
+    def factory():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), nn.CrossEntropyLoss(), (torch.randn(100, 3), torch.randint(0, 2, (100,)))
+
+    mod.factory = factory
+    monkeypatch.setitem(sys.modules, "my_models", mod)
+    out = tmp_path / "m.json"
+    assert main(["measure", "--model", "my_models:factory", "--train-steps", "5", "--batch-sizes", "10,50", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["description"] == "my_models:factory" and set(data["per_layer"]) == {"0", "2"}
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["measure", "--model", "nocolon"], "package.module:factory"),
+        (["measure", "--task", "linreg", "--batch-sizes", "8,99999"], "between 2 and the training-set size"),
+        (["measure", "--batch-sizes", "8,x"], "invalid parse_sizes value"),
+    ],
+)
+def test_measure_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--train-steps", "0"])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
