@@ -13,12 +13,14 @@ Rochette et al. 2019 for convolutions; Li et al. 2022 for the sequence "ghost no
 For a Linear layer on 2-D input ``g_i = δ_i a_iᵀ``, so ``|g_i|² = |a_i|²|δ_i|²`` and
 ``Σ_i g_i² = (δ²)ᵀ(a²)``. On sequences ``[B, T, ·]``, ``g_i = Σ_t δ_{it} a_{it}ᵀ`` and
 ``|g_i|² = ⟨A_i A_iᵀ, D_i D_iᵀ⟩_F`` (Gram form, cost ``T²(I+O)``) or the per-example product
-(cost ``T·I·O``), whichever is cheaper. Convolutions are sequence Linear layers on unfolded
-inputs, per group.
+(cost ``T·I·O``), whichever is cheaper. Convolutions are sequence Linear layers on their
+input patches (a strided view, no im2col copy), per group; their per-example gradients are
+materialised in chunks no larger than the layer's input (or the Gram form is used).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MAX_CHUNK_ELEMENTS = 2**24  # elements of a materialised chunk of per-example gradients
+MIN_CHUNK_ELEMENTS = 2**16  # smallest budget for a chunk of per-example temporaries
 
 Norms = dict[str, tuple[Tensor, Tensor | None]]  # name -> (sq_norms [B], sum_sq or None)
 Grads = dict[str, Tensor]  # name -> [B, *shape]
@@ -47,8 +49,7 @@ def _small(grads_fn: Callable[[nn.Module, Tensor, Tensor], Grads]):
     def norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool) -> Norms:
         out = {}
         for name, g in grads_fn(module, a, d).items():
-            sq = g.square()
-            out[name] = (sq.flatten(1).sum(1), sq.sum(0) if elementwise else None)
+            out[name] = (_sq_norms(g), g.square().sum(0) if elementwise else None)
         return out
 
     return norms
@@ -57,10 +58,21 @@ def _small(grads_fn: Callable[[nn.Module, Tensor, Tensor], Grads]):
 # ---------------------------------------------------------------- sequence / grouped linear
 
 
-def _chunks(batch: int, per_example: int):
-    step = max(1, MAX_CHUNK_ELEMENTS // max(1, per_example))
+def _chunks(batch: int, per_example: int, budget: int):
+    """Slices of the batch whose temporaries hold at most ``budget`` elements (≥ 1 example)."""
+    step = max(1, budget // max(1, per_example))
     for start in range(0, batch, step):
         yield slice(start, start + step)
+
+
+def _budget(a: Tensor) -> int:
+    """Temporaries are bounded by the layer's input size (a fraction of the step's peak)."""
+    return max(a.numel(), MIN_CHUNK_ELEMENTS)
+
+
+def _sq_norms(g: Tensor) -> Tensor:
+    """``|g_i|²`` of ``[B, ...]`` rows in one pass (no squared temporary)."""
+    return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
 
 
 def _grouped_grads(a: Tensor, d: Tensor) -> Tensor:
@@ -68,24 +80,30 @@ def _grouped_grads(a: Tensor, d: Tensor) -> Tensor:
     return torch.einsum("bgto,bgti->bgoi", d, a)
 
 
-def _grouped_norms(a: Tensor, d: Tensor, elementwise: bool) -> tuple[Tensor, Tensor | None]:
-    """Per-example squared norms (and ``Σ_i g_i²``, shape ``[G, O, I]``) of ``Σ_t d_t a_tᵀ``."""
+def _grouped_norms(
+    a: Tensor, d: Tensor, elementwise: bool, budget: int
+) -> tuple[Tensor, Tensor | None]:
+    """Per-example squared norms (and ``Σ_i g_i²``, shape ``[G, O, I]``) of ``Σ_t d_t a_tᵀ``.
+
+    Without ``Σ_i g_i²``, the Gram form ``⟨A Aᵀ, D Dᵀ⟩`` is used when it needs fewer
+    multiplications (``T²(I+O) < T·I·O``); otherwise the per-example products are
+    materialised in chunks of at most ``budget`` elements.
+    """
     B, G, T, I = a.shape
     O = d.shape[-1]
-    if not elementwise and T * (I + O) < I * O:  # Gram form is cheaper
-        sq = torch.zeros(B, dtype=a.dtype, device=a.device)
-        for s in _chunks(B, G * T * T):
+    sq = torch.empty(B, dtype=a.dtype, device=a.device)
+    if not elementwise and T * (I + O) < I * O:
+        for s in _chunks(B, G * T * (T + I + O), budget):
             ga = a[s] @ a[s].transpose(-1, -2)
             gd = d[s] @ d[s].transpose(-1, -2)
-            sq[s] = (ga * gd).sum((1, 2, 3))
+            sq[s] = (ga * gd).flatten(1).sum(1)
         return sq, None
-    sq = torch.empty(B, dtype=a.dtype, device=a.device)
     total = torch.zeros(G, O, I, dtype=a.dtype, device=a.device) if elementwise else None
-    for s in _chunks(B, G * O * I):
-        g2 = _grouped_grads(a[s], d[s]).square()
-        sq[s] = g2.sum((1, 2, 3))
+    for s in _chunks(B, G * O * I, budget):
+        g = _grouped_grads(a[s], d[s])
+        sq[s] = _sq_norms(g)
         if total is not None:
-            total += g2.sum(0)
+            total += torch.linalg.vector_norm(g, dim=0).square()
     return sq, total
 
 
@@ -95,14 +113,15 @@ def _grouped_norms(a: Tensor, d: Tensor, elementwise: bool) -> tuple[Tensor, Ten
 def _linear_norms(module: nn.Linear, a: Tensor, d: Tensor, elementwise: bool) -> Norms:
     out: Norms = {}
     if a.dim() == 2:
-        a2, d2 = a.square(), d.square()
-        out["weight"] = (a2.sum(1) * d2.sum(1), d2.t() @ a2 if elementwise else None)
+        d_sq = _sq_norms(d)
+        total = d.square().t() @ a.square() if elementwise else None
+        out["weight"] = (_sq_norms(a).mul_(d_sq), total)
         if module.bias is not None:
-            out["bias"] = (d2.sum(1), d2.sum(0) if elementwise else None)
+            out["bias"] = (d_sq, d.square().sum(0) if elementwise else None)
         return out
     B = a.shape[0]
     a3, d3 = a.reshape(B, 1, -1, a.shape[-1]), d.reshape(B, 1, -1, d.shape[-1])
-    sq, total = _grouped_norms(a3, d3, elementwise)
+    sq, total = _grouped_norms(a3, d3, elementwise, _budget(a))
     out["weight"] = (sq, None if total is None else total[0])
     if module.bias is not None:
         gb = d3.sum(2)[:, 0]
@@ -126,31 +145,86 @@ def _conv_accepts(module: nn.Module) -> bool:
     return module.padding_mode == "zeros"
 
 
-def _conv_unfold(module: nn.Module, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Unfold a Conv1d/Conv2d input to ``[B, G, L, C_in/G·k]`` and ``δ`` to ``[B, G, L, C_out/G]``."""
-    one_d = isinstance(module, nn.Conv1d)
-    x = a.unsqueeze(2) if one_d else a
-    k = (1, *module.kernel_size) if one_d else module.kernel_size
-    dil = (1, *module.dilation) if one_d else module.dilation
-    stride = (1, *module.stride) if one_d else module.stride
-    if isinstance(module.padding, str):
-        pad = (0, 0)
-        if module.padding == "same":
-            total = [dl * (kk - 1) for dl, kk in zip(dil, k, strict=True)]
-            x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
-    else:
-        pad = (0, *module.padding) if one_d else module.padding
-    cols = F.unfold(x, k, dilation=dil, padding=pad, stride=stride)  # [B, C·k, L]
+def _conv_patches(module: nn.Module, a: Tensor) -> Tensor:
+    """Input patches as a strided view ``[B, G, C_in/G, *L, *k]`` (no im2col copy)."""
+    nd = a.dim() - 2
+    k, dil, stride = module.kernel_size, module.dilation, module.stride
+    pads = _conv_padding(module)
+    if any(p for lr in pads for p in lr):
+        a = F.pad(a, [p for lr in reversed(pads) for p in lr])
+    for dim in range(nd):
+        span = dil[dim] * (k[dim] - 1) + 1
+        a = a.unfold(2 + dim, span, stride[dim])
+    if any(d > 1 for d in dil):
+        a = a[(Ellipsis, *(slice(None, None, d) for d in dil))]
+    B, C, G = a.shape[0], a.shape[1], module.groups
+    return a.reshape(B, G, C // G, *a.shape[2:]) if G > 1 else a.unsqueeze(1)
+
+
+_SPATIAL = "hw"
+_KERNEL = "ij"
+
+
+def _conv1d_single_channel_grads(module: nn.Conv1d, a: Tensor, d: Tensor) -> Tensor:
+    """Per-example gradients of a one-input-channel Conv1d as one grouped convolution.
+
+    Rochette et al. 2019: ``g_i[o, 0, j] = Σ_l δ_i[o, l] a_i[l·s + j·dil]`` is a cross-
+    correlation of the input with the output gradient (dilated by the stride); with the batch
+    as groups it is one ``conv1d`` call instead of ``B`` tiny matrix products.
+    """
+    (pad,) = _conv_padding(module)
+    a = F.pad(a, pad) if any(pad) else a
+    B, O, L = d.shape
+    out = F.conv1d(a.transpose(0, 1), d.reshape(B * O, 1, L), dilation=module.stride[0], groups=B)
+    k, dil = module.kernel_size[0], module.dilation[0]
+    return out[..., : dil * (k - 1) + 1 : dil].reshape(B, O, 1, k)
+
+
+def _conv_padding(module: nn.Module) -> list[tuple[int, int]]:
+    """(left, right) zero padding per spatial dimension."""
+    k, dil = module.kernel_size, module.dilation
+    if module.padding == "same":
+        return [(dl * (kk - 1) // 2, dl * (kk - 1) - dl * (kk - 1) // 2) for dl, kk in zip(dil, k, strict=True)]
+    if module.padding == "valid":
+        return [(0, 0)] * len(k)
+    return [(p, p) for p in module.padding]
+
+
+def _conv_grads_grouped(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
+    """Per-example weight gradients ``[B, C_out, C_in/G, *k]`` by one einsum over patches."""
+    if isinstance(module, nn.Conv1d) and module.in_channels == 1 and module.groups == 1:
+        return _conv1d_single_channel_grads(module, a, d)
+    nd = a.dim() - 2
+    patches = _conv_patches(module, a)
     B, G = a.shape[0], module.groups
-    cols = cols.reshape(B, G, -1, cols.shape[-1]).transpose(-1, -2)
-    dd = d.reshape(B, G, d.shape[1] // G, -1).transpose(-1, -2)
-    return cols, dd
+    dd = d.reshape(B, G, d.shape[1] // G, *d.shape[2:])
+    sp, kk = _SPATIAL[:nd], _KERNEL[:nd]
+    g = torch.einsum(f"bgo{sp},bgc{sp}{kk}->bgoc{kk}", dd, patches)
+    return g.reshape(B, *module.weight.shape)
 
 
 def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool) -> Norms:
-    cols, dd = _conv_unfold(module, a, d)
-    sq, total = _grouped_norms(cols, dd, elementwise)
-    out: Norms = {"weight": (sq, None if total is None else total.reshape(module.weight.shape))}
+    B, budget = a.shape[0], _budget(a)
+    single = isinstance(module, nn.Conv1d) and module.in_channels == 1 and module.groups == 1
+    if single or elementwise:
+        sq = torch.empty(B, dtype=a.dtype, device=a.device)
+        total = torch.zeros_like(module.weight, dtype=a.dtype) if elementwise else None
+        for s in _chunks(B, module.weight.numel(), budget):
+            g = _conv_grads_grouped(module, a[s], d[s])
+            sq[s] = _sq_norms(g)
+            if total is not None:
+                total += torch.linalg.vector_norm(g, dim=0).square()
+    else:  # Gram or materialised, whichever is cheaper, on patch matrices built per chunk
+        G, nd = module.groups, a.dim() - 2
+        T, I, Og = math.prod(d.shape[2:]), module.weight[0].numel(), d.shape[1] // G
+        patches = _conv_patches(module, a)  # [B, G, C', *L, *k] view
+        perm = (0, 1, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
+        sq, total = torch.empty(B, dtype=a.dtype, device=a.device), None
+        for s in _chunks(B, G * T * (T + I + Og), budget):
+            pm = patches[s].permute(perm).reshape(-1, G, T, I)
+            dm = d[s].reshape(-1, G, Og, T).transpose(-1, -2)
+            sq[s] = _grouped_norms(pm, dm, False, budget)[0]
+    out: Norms = {"weight": (sq, total)}
     if module.bias is not None:
         gb = d.flatten(2).sum(2)
         out["bias"] = (gb.square().sum(1), gb.square().sum(0) if elementwise else None)
@@ -158,9 +232,7 @@ def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool) -> N
 
 
 def _conv_grads(module: nn.Module, a: Tensor, d: Tensor) -> Grads:
-    cols, dd = _conv_unfold(module, a, d)
-    g = _grouped_grads(cols, dd)
-    out = {"weight": g.reshape(a.shape[0], *module.weight.shape)}
+    out = {"weight": _conv_grads_grouped(module, a, d)}
     if module.bias is not None:
         out["bias"] = d.flatten(2).sum(2)
     return out

@@ -39,7 +39,6 @@ from gradnoise._functional import (
     as_tuple,
     batch_size_of,
     check_device,
-    check_finite_grads,
     check_loss_fn,
     check_loss_value,
     check_no_train_batchnorm,
@@ -60,10 +59,11 @@ class NotMeanLossError(ValueError):
 
 @dataclass
 class _Call:
-    args: tuple
+    module: str
+    args: tuple | None
     kwargs: dict
-    outputs: list[Tensor | None]  # flat tensor outputs
-    grads: list[Tensor | None]  # their gradients, filled during backward
+    shapes: list[torch.Size | None]  # shapes of the flat tensor outputs (tensors are not kept)
+    grads: list[Tensor | None]  # their gradients, kept only for modules covered by vmap
     versions: list[int] = field(default_factory=list)
 
 
@@ -77,29 +77,29 @@ def _flatten(obj: Any) -> list[Tensor | None]:
     return [None]
 
 
-def _unflatten_like(obj: Any, flat: Iterator) -> Any:
-    if isinstance(obj, Tensor):
-        return next(flat)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_unflatten_like(o, flat) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _unflatten_like(o, flat) for k, o in obj.items()}
-    next(flat)
-    return obj
-
-
 class _Recorder:
-    """Forward hooks that record calls of the given modules; removed on exit."""
+    """Hooks that record module calls in the forward pass and act on output gradients in the
+    backward pass; removed on exit (also on exceptions).
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
+    After the forward pass, :meth:`set_actions` says what to do when the gradient of a
+    call's output arrives: ``"norms"`` (apply the layer rule now, while the layer's input and
+    output gradient are alive, and drop both), ``"grads"`` (materialise per-example
+    gradients and sum over calls) or ``"store"`` (keep the gradient for ``vmap`` of the
+    module). Computing during the backward pass keeps peak memory near a plain step.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], batch: int, variance: bool) -> None:
+        self.modules, self.batch, self.variance = modules, batch, variance
         self.calls: dict[str, list[_Call]] = {name: [] for name in modules}
+        self.actions: dict[str, set[str]] = {}
+        self.norms: dict[str, dict] = {}
+        self.grads: dict[str, dict[str, Tensor]] = {}
         self.active = True
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_Recorder]:
         handles = [
-            m.register_forward_hook(self._hook(name), with_kwargs=True)
+            m.register_forward_hook(self._forward_hook(name), with_kwargs=True)
             for name, m in self.modules.items()
         ]
         try:
@@ -108,26 +108,61 @@ class _Recorder:
             for h in handles:
                 h.remove()
 
-    def _hook(self, name: str):
+    def set_actions(self, actions: dict[str, set[str]]) -> None:
+        self.actions = actions
+        for name, calls in self.calls.items():  # release what no action needs
+            if not actions.get(name):
+                for c in calls:
+                    c.args, c.kwargs = None, {}
+
+    def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not self.active:
                 return
-            outs = _flatten(output)
-            call = _Call(args, kwargs, outs, [None] * len(outs))
-            call.versions = [a._version for a in args if isinstance(a, Tensor)]
+            outs = [output] if isinstance(output, Tensor) else _flatten(output)
+            shapes = [None if t is None else t.shape for t in outs]
+            call = _Call(name, args, kwargs, shapes, [None] * len(outs))
+            if args and isinstance(args[0], Tensor):
+                call.versions = [args[0]._version]
             for j, t in enumerate(outs):
                 if t is not None and t.requires_grad:
-                    t.register_hook(self._store(call, j))
+                    t.register_hook(self._grad_hook(call, j))
             self.calls[name].append(call)
 
         return hook
 
-    @staticmethod
-    def _store(call: _Call, j: int):
-        def store(g: Tensor) -> None:
-            call.grads[j] = g
+    def _grad_hook(self, call: _Call, j: int):
+        def on_grad(g: Tensor) -> None:
+            actions = self.actions.get(call.module, ())
+            if "store" in actions:
+                call.grads[j] = g
+            if j == 0 and ("norms" in actions or "grads" in actions):
+                self._apply_rule(call, g)
 
-        return store
+        return on_grad
+
+    def _apply_rule(self, call: _Call, g: Tensor) -> None:
+        module = self.modules[call.module]
+        a = call.args[0]
+        if call.versions and a._version != call.versions[0]:
+            raise RuntimeError(
+                f"the input of module {call.module!r} was modified in place after the call; "
+                "per-example gradients need it intact (use method='vmap')"
+            )
+        # The rule gets ∂L/∂out = δ/B (no scaled copy); results are rescaled by B² or B.
+        rule, d, B = rule_for(module), g.detach(), self.batch
+        if "norms" in self.actions[call.module]:
+            self.norms[call.module] = {
+                local: (sq.mul_(B * B), None if s2 is None else s2.mul_(B * B))
+                for local, (sq, s2) in rule.norms(module, a.detach(), d, self.variance).items()
+            }
+        else:
+            acc = self.grads.setdefault(call.module, {})
+            for local, v in rule.grads(module, a.detach(), d).items():
+                v = v.mul_(B)
+                acc[local] = acc[local] + v if local in acc else v
+        if "store" not in self.actions[call.module]:
+            call.args, call.kwargs = None, {}  # free the activation early
 
 
 def _batch_dim(module: nn.Module) -> int:
@@ -152,17 +187,17 @@ def _module_grads(
     bdim = _batch_dim(module)
     is_rnn = isinstance(module, nn.RNNBase)
 
-    def dim_of(t: Tensor, position: int | str) -> int | None:
+    def dim_of(shape: torch.Size, position: int | str) -> int | None:
         d = 1 if (is_rnn and position != 0) else bdim
-        if isinstance(position, str) and position in _UNBATCHED_MASKS and t.dim() == 2:
+        if isinstance(position, str) and position in _UNBATCHED_MASKS and len(shape) == 2:
             return None
-        return d if t.dim() > d and t.shape[d] == batch else None
+        return d if len(shape) > d and shape[d] == batch else None
 
     entries = [(i, a) for i, a in enumerate(call.args)] + list(call.kwargs.items())
-    batched = [(pos, t.detach(), dim_of(t, pos)) for pos, t in entries if isinstance(t, Tensor)]
+    batched = [(pos, t.detach(), dim_of(t.shape, pos)) for pos, t in entries if isinstance(t, Tensor)]
     outs = [
         (t, g, None if t is None else dim_of(t, 0 if j == 0 else 1))
-        for j, (t, g) in enumerate(zip(call.outputs, call.grads, strict=True))
+        for j, (t, g) in enumerate(zip(call.shapes, call.grads, strict=True))
     ]
     if any(g is not None and d is None for t, g, d in outs):
         return None
@@ -183,13 +218,13 @@ def _module_grads(
         kwargs = {k: vals.get(k, v) for k, v in call.kwargs.items()}
         flat = _flatten(functional_call(module, {**fixed, **p}, args, kwargs))
         total = 0.0
-        for j, dl, (_, dd) in zip(used, ds, deltas):
+        for j, dl, (_, dd) in zip(used, ds, deltas, strict=True):
             total = total + (flat[j] * dl.unsqueeze(dd)).sum()
         return total
 
     wanted_p = {k: leaves[k] for k in wanted}
     if needs_loop(module):
-        rows = [grad(inner)(wanted_p, [t.select(d, i) for t, d in zip(in_tensors, in_dims)],
+        rows = [grad(inner)(wanted_p, [t.select(d, i) for t, d in zip(in_tensors, in_dims, strict=True)],
                             [dl.select(dd, i) for dl, dd in deltas]) for i in range(batch)]  # fmt: skip
         return {k: torch.stack([r[k] for r in rows]) for k in wanted}
     fn = vmap(grad(inner), in_dims=(None, in_dims, [d for _, d in deltas]))
@@ -229,7 +264,7 @@ def _check_mean_loss(loss_fn: LossFn, outputs: Any, ys: tuple[Tensor, ...], loss
     return losses
 
 
-def _plan(model: nn.Module, params: dict[str, Tensor]):
+def _owners(model: nn.Module, params: dict[str, Tensor]):
     """Map each trainable parameter to its owning (module name, local name) pairs."""
     owners: dict[int, list[tuple[str, str]]] = {}
     for mname, module in model.named_modules():
@@ -242,7 +277,7 @@ def _plan(model: nn.Module, params: dict[str, Tensor]):
 def _common_prefix(names: list[str]) -> str:
     parts = [n.split(".") if n else [] for n in names]
     common = []
-    for level in zip(*parts):
+    for level in zip(*parts, strict=False):  # stops at the shortest name
         if len(set(level)) > 1:
             break
         common.append(level[0])
@@ -281,7 +316,7 @@ def fast_moments(
     check_no_train_batchnorm(model)
     xs, ys = as_tuple(inputs), as_tuple(targets)
 
-    owners = _plan(model, params)
+    owners = _owners(model, params)
     modules = dict(model.named_modules())
     ruled = {m for os in owners.values() for m, _ in os if rule_for(modules[m]) is not None}
     # Record rule modules, and every module containing a rule-less owner (candidate units).
@@ -290,7 +325,7 @@ def fast_moments(
         for m, _ in os:
             if m not in ruled:
                 recorded.update(_ancestors(m))
-    recorder = _Recorder({m: modules[m] for m in recorded})
+    recorder = _Recorder({m: modules[m] for m in recorded}, B, variance)
 
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     state = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
@@ -300,79 +335,88 @@ def fast_moments(
         with recorder.installed():
             outputs = functional_call(model, {**leaves, **state}, xs)
             recorder.active = False
+            paths, units = _decide(owners, modules, recorder.calls, B)
+            recorder.set_actions(_actions(owners, paths, units))
             loss = loss_fn(outputs, ys[0] if len(ys) == 1 else ys)
             check_loss_value(loss)
             if is_known_mean_loss(loss_fn, targets):
                 loss_sum = float(loss.detach().double()) * B
             else:
                 loss_sum = float(_check_mean_loss(loss_fn, outputs, ys, loss).double().sum())
+            del outputs
             mean_grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         mean = {
             n: torch.zeros_like(p) if g is None else g
             for (n, p), g in zip(leaves.items(), mean_grads, strict=True)
         }
-        check_finite_grads(mean)
         return _assemble(
             model, loss_fn, xs, ys, params, leaves, state, owners, modules, recorder, mean,
-            loss_sum, B, variance, chunk_size,
-        )
+            loss_sum, B, variance, chunk_size, paths, units,
+        )  # fmt: skip
 
 
-def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, recorder, mean,
-              loss_sum, B, variance, chunk_size) -> Moments:  # fmt: skip
-    calls = recorder.calls
-    sq: dict[str, Tensor] = {}
-    sum_sq: dict[str, Tensor | None] = {}
-    methods: dict[str, str] = {}
-    materialised: dict[str, Tensor] = {}
-    units: dict[str, list[str]] = {}
-    rule_cache: dict[tuple[str, int], dict] = {}
-
-    def rule_out(mname: str, k: int, kind: str):
-        key = (mname, k, kind)
-        if key not in rule_cache:
-            module, call = modules[mname], calls[mname][k]
-            a = call.args[0]
-            if call.versions and a._version != call.versions[0]:
-                raise RuntimeError(
-                    f"the input of module {mname!r} was modified in place after the call; "
-                    "per-example gradients need it intact (use method='vmap')"
-                )
-            g = call.grads[0]
-            d = torch.zeros_like(call.outputs[0]) if g is None else g * B
-            rule = rule_for(module)
-            rule_cache[key] = (
-                rule.norms(module, a.detach(), d.detach(), variance)
-                if kind == "norms"
-                else rule.grads(module, a.detach(), d.detach())
-            )
-        return rule_cache[key]
+def _decide(owners, modules, calls, B: int):
+    """Each parameter's path ("fast", "fast-tied" or a unit module for vmap), after forward."""
 
     def batched(mname: str) -> bool:  # a rule needs a leading batch dimension on input and output
         return all(
             isinstance(c.args[0], Tensor) and c.args[0].dim() > 0 and c.args[0].shape[0] == B
-            and c.outputs[0] is not None and c.outputs[0].shape[0] == B
+            and c.shapes[0] is not None and len(c.shapes[0]) > 0 and c.shapes[0][0] == B
             for c in calls[mname]
         )  # fmt: skip
 
+    paths: dict[str, str] = {}
+    units: dict[str, list[str]] = {}
     for name, os in owners.items():
         ruled = all(m in calls and rule_for(modules[m]) and batched(m) for m, _ in os)
         n_calls = sum(len(calls.get(m, [])) for m, _ in os)
         if ruled and n_calls == 1:
-            (m, local), = os
-            sq[name], sum_sq[name] = rule_out(m, 0, "norms")[local]
-            methods[name] = "fast"
+            paths[name] = "fast"
         elif ruled and n_calls > 1:
-            materialised[name] = sum(
-                rule_out(m, k, "grads")[local] for m, local in os for k in range(len(calls[m]))
-            )
-            methods[name] = "fast-tied"
+            paths[name] = "fast-tied"
         else:
             unit = next(a for a in _ancestors(_common_prefix([m for m, _ in os])) if calls.get(a))
             units.setdefault(unit, []).append(name)
+    return paths, units
+
+
+def _actions(owners, paths: dict[str, str], units: dict[str, list[str]]) -> dict[str, set[str]]:
+    actions: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        for m, _ in owners[name]:
+            actions.setdefault(m, set()).add("norms" if path == "fast" else "grads")
+    for m in actions:  # a module with any tied parameter materialises all of them
+        if "grads" in actions[m]:
+            actions[m].discard("norms")
+    for unit in units:
+        if unit:
+            actions.setdefault(unit, set()).add("store")
+    return actions
+
+
+def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, recorder, mean,
+              loss_sum, B, variance, chunk_size, paths, units) -> Moments:  # fmt: skip
+    sq: dict[str, Tensor] = {}
+    sum_sq: dict[str, Tensor | None] = {}
+    methods: dict[str, str] = dict(paths)
+    materialised: dict[str, Tensor] = {}
+    for name, path in paths.items():
+        if path == "fast" and (m_local := owners[name][0])[0] in recorder.norms:
+            sq[name], sum_sq[name] = recorder.norms[m_local[0]][m_local[1]]
+        elif path == "fast" and owners[name][0][0] in recorder.grads:  # module has tied params
+            m, local = owners[name][0]
+            materialised[name] = recorder.grads[m][local]
+        elif path == "fast-tied":
+            parts = [recorder.grads[m][local] for m, local in owners[name] if m in recorder.grads]
+            materialised[name] = sum(parts) if parts else torch.zeros(B, *params[name].shape, dtype=params[name].dtype, device=params[name].device)
+        else:  # output never reached by the backward pass: zero gradient
+            p = params[name]
+            sq[name] = torch.zeros(B, dtype=p.dtype, device=p.device)
+            sum_sq[name] = torch.zeros_like(p) if variance else None
 
     # Parameters without a rule: vmap over their smallest called owner, checked against the
     # batch gradient; whole-model vmap where that check fails or the owner is the model.
+    calls = recorder.calls
     whole_model: list[str] = list(units.pop("", []))
     for unit, names in units.items():
         module = modules[unit]
@@ -397,13 +441,11 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         else:
             whole_model.extend(names)
 
-    moments_parts = []
+    parts = []
     if materialised:
-        mats = {n: materialised[n] for n in materialised}
-        check_finite_grads(mats)
-        part = moments_from_grads(mats, torch.zeros(B), "fast", variance)
-        part.methods = {n: methods[n] for n in mats}
-        moments_parts.append(part)
+        part = moments_from_grads(materialised, torch.zeros(B), "fast", variance)
+        part.methods = {n: methods[n] for n in materialised}
+        parts.append(part)
     if whole_model:
         sub = {n: params[n] for n in whole_model}
         rest = {**{n: p for n, p in params.items() if n not in sub}, **state}
@@ -414,23 +456,20 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
                 model, loss_fn, sub, rest, tuple(t[s : s + step] for t in xs),
                 tuple(t[s : s + step] for t in ys),
             )  # fmt: skip
-            check_finite_grads(g)
             m = moments_from_grads(g, losses, "vmap", variance)
             part = m if part is None else part.merge(m)
-        moments_parts.append(part)
+        parts.append(part)
 
-    # Rule parameters: mean from the batch gradient, centred sums by subtraction in float64.
+    # Rule parameters: mean from the batch gradient, centred sums by subtraction.
     out_mean, out_tm2, out_m2, out_sq = {}, {}, ({} if variance else None), {}
-    for name in params:
-        if name in sq:
-            mu = mean[name].double()
-            s = sq[name].double()
-            out_mean[name] = mu
-            out_tm2[name] = (s.sum() - B * mu.square().sum()).clamp_min(0)
-            if out_m2 is not None:
-                out_m2[name] = (sum_sq[name].double() - B * mu.square()).clamp_min(0)
-            out_sq[name] = s
-    for part in moments_parts:
+    for name, s in sq.items():
+        mu, s = mean[name], s.double()
+        flat = mu.flatten()
+        out_mean[name], out_sq[name] = mu, s
+        out_tm2[name] = (s.sum() - B * flat.dot(flat).double()).clamp_min(0)
+        if out_m2 is not None:
+            out_m2[name] = torch.addcmul(sum_sq[name], mu, mu, value=-B).clamp_min_(0)
+    for part in parts:
         out_mean.update(part.mean)
         out_tm2.update(part.trace_m2)
         if out_m2 is not None:
@@ -438,6 +477,14 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         out_sq.update(part.sq_norms)
         methods.update(part.methods)
     order = list(params)
+    # Any NaN/inf in a per-example gradient shows in its squared norm, and one in the mean
+    # gradient in |ḡ|² (cheaper than isfinite over every parameter).
+    for name in order:
+        if not (torch.isfinite(out_tm2[name]) and torch.isfinite(out_sq[name].sum())):
+            raise FloatingPointError(
+                f"gradient of parameter {name!r} contains NaN or inf: the loss or the model "
+                "overflows on this batch"
+            )
     return Moments(
         count=B,
         mean={n: out_mean[n] for n in order},

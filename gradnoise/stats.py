@@ -21,8 +21,9 @@ Parameters", Eq. 1) per element is ``G_j² / σ_j²``, estimated with the unbias
 ``ḡ_j² − s_j²(1/B − 1/N)`` (the plug-in ``ḡ_j²`` is biased upward by ``σ_j²/B``, which would
 make GSNR fall as ``1/B``); a layer's GSNR is its mean over the
 elements that are not noise-free (``σ̂_j² > 10⁻⁶ E[g_j²]``, i.e. above float32 rounding) and
-whose ``E[g_j²]`` exceeds ``10⁻¹²`` of the largest in its tensor (elements whose gradient is
-zero up to rounding, such as attention key biases, would otherwise give meaningless ratios).
+whose centred sum of squares exceeds ``10⁻¹²`` of the largest in its tensor (elements whose
+gradient is zero up to rounding, such as attention key biases, would otherwise give
+meaningless ratios).
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ NEGLIGIBLE = 1e-12  # E[g²] relative to the tensor's largest below which an ele
 
 @dataclass
 class Moments:
-    """Sufficient statistics of per-example gradients over ``count`` examples, in float64.
+    """Sufficient statistics of per-example gradients over ``count`` examples.
+
+    Tensors are in the parameters' dtype for one batch (centred on the vmap path; on the
+    fast path ``Σg² − Bḡ²`` from sums that the per-layer rules produce in that dtype);
+    scalar reductions accumulate in float64, and :meth:`merge` promotes to float64 so that
+    streaming over many batches is exact.
 
     Attributes:
         count: number of examples.
@@ -82,12 +88,14 @@ class Moments:
         n = n_a + n_b
         mean, trace_m2, m2 = {}, {}, {} if (self.m2 is not None and other.m2 is not None) else None
         for k in self.mean:
-            delta = other.mean[k] - self.mean[k]
-            mean[k] = self.mean[k] + delta * (n_b / n)
-            trace_m2[k] = self.trace_m2[k] + other.trace_m2[k] + delta.square().sum() * (n_a * n_b / n)
+            delta = other.mean[k].double() - self.mean[k].double()
+            mean[k] = self.mean[k].double() + delta * (n_b / n)
+            trace_m2[k] = (
+                self.trace_m2[k].double() + other.trace_m2[k].double() + delta.square().sum() * (n_a * n_b / n)
+            )
             if m2 is not None:
-                m2[k] = self.m2[k] + other.m2[k] + delta.square() * (n_a * n_b / n)
-        sq = {k: torch.cat([self.sq_norms[k], other.sq_norms[k]]) for k in self.sq_norms}
+                m2[k] = self.m2[k].double() + other.m2[k].double() + delta.square() * (n_a * n_b / n)
+        sq = {k: torch.cat([self.sq_norms[k].double(), other.sq_norms[k].double()]) for k in self.sq_norms}
         methods = {
             k: v if v == other.methods.get(k) else f"{v}+{other.methods.get(k)}"
             for k, v in self.methods.items()
@@ -100,13 +108,13 @@ def moments_from_grads(grads: dict[str, Tensor], losses: Tensor, method: str, el
     count = losses.shape[0]
     mean, trace_m2, m2, sq = {}, {}, {} if elementwise else None, {}
     for k, g in grads.items():
-        g64 = g.detach().to(torch.float64)
-        mu = g64.mean(0)
-        c2 = (g64 - mu).square().sum(0)
-        mean[k], trace_m2[k] = mu, c2.sum()
+        g = g.detach()
+        mu = g.mean(0)
+        c2 = (g - mu).square().sum(0)
+        mean[k], trace_m2[k] = mu, c2.sum(dtype=torch.float64)
         if m2 is not None:
             m2[k] = c2
-        sq[k] = g64.flatten(1).square().sum(1)
+        sq[k] = g.flatten(1).square().sum(1, dtype=torch.float64)
     methods = dict.fromkeys(grads, method)
     return Moments(count, mean, trace_m2, m2, sq, float(losses.detach().double().sum()), methods)
 
@@ -190,39 +198,72 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else math.inf
 
 
-def _group(
-    m: Moments, names: list[str], dataset_size: int | None
-) -> tuple[LayerStats, float | None]:
+@dataclass(frozen=True)
+class _Sums:
+    """Per-parameter scalars from which any group's statistics follow by addition."""
+
+    numel: int
+    trace_m2: float
+    mean_sq: float
+    gsnr_sum: float
+    gsnr_count: int
+    method: str
+
+
+def _param_sums(m: Moments, k: str, dataset_size: int | None) -> _Sums:
     n = m.count
-    s2 = sum(float(m.trace_m2[k]) for k in names) / (n - 1)
-    mean_sq = sum(float(m.mean[k].square().sum()) for k in names)
+    mean = m.mean[k]
+    flat = mean.flatten()
+    gsnr_sum, gsnr_count = 0.0, 0
+    if m.m2 is not None:
+        gsnr_sum, gsnr_count = _gsnr_sums(mean, m.m2[k], n, dataset_size)
+    return _Sums(
+        numel=mean.numel(),
+        trace_m2=float(m.trace_m2[k]),
+        mean_sq=float(flat.dot(flat)),
+        gsnr_sum=gsnr_sum,
+        gsnr_count=gsnr_count,
+        method=m.methods[k],
+    )
+
+
+def _gsnr_sums(mean: Tensor, m2: Tensor, n: int, dataset_size: int | None) -> tuple[float, int]:
+    """``Σ_j GSNR_j`` over the kept elements of one tensor, and their number.
+
+    With ``q_j = ḡ_j² / M2_j``: ``GSNR_j = ((n−1) q_j − (1/n − 1/N)) / pop``. Kept: not
+    noise-free (``M2_j > 10⁻⁶ (M2_j + n ḡ_j²)``, i.e. ``q_j < (1 − 10⁻⁶)/(10⁻⁶ n)``) and not
+    rounding noise (``M2_j > 10⁻¹² max M2``). Masks are float (faster than bool on CPU).
+    """
+    pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
+    inv_n = 0.0 if dataset_size is None else 1.0 / dataset_size
+    limit = (1 - NOISE_FREE) / (NOISE_FREE * n)
+    tiny = torch.finfo(m2.dtype).tiny
+    q = (mean * mean).div_(m2.clamp_min(tiny)).clamp_(max=limit)
+    keep = torch.lt(q, limit, out=torch.empty_like(q))
+    keep.mul_(torch.gt(m2, NEGLIGIBLE * float(m2.max()), out=torch.empty_like(q)))
+    count = int(keep.sum())
+    q_sum = float(q.mul_(keep).sum(dtype=torch.float64))
+    return ((n - 1) * q_sum - count * (1.0 / n - inv_n)) / pop, count
+
+
+def _group(sums: list[_Sums], n: int, dataset_size: int | None, has_gsnr: bool) -> LayerStats:
+    s2 = sum(s.trace_m2 for s in sums) / (n - 1)
     pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
     inv_n = 0.0 if dataset_size is None else 1.0 / dataset_size
     trace_cov = s2 * pop
-    grad_norm_sq = mean_sq - s2 * (1.0 / n - inv_n)
+    grad_norm_sq = sum(s.mean_sq for s in sums) - s2 * (1.0 / n - inv_n)
     gsnr = None
-    if m.m2 is not None:
-        ratios = []
-        for k in names:
-            var = m.m2[k] / (n - 1) * pop
-            # Excluded: noise-free elements (variance below float32 rounding of E[g²]) and
-            # elements whose gradient is rounding noise (E[g²] negligible in the tensor).
-            second = m.m2[k] + n * m.mean[k].square()
-            nz = (m.m2[k] > NOISE_FREE * second) & (second > NEGLIGIBLE * second.max())
-            signal = m.mean[k][nz].square() - m.m2[k][nz] / (n - 1) * (1.0 / n - inv_n)
-            ratios.append((signal / var[nz]).flatten())
-        r = torch.cat(ratios)
-        gsnr = float(r.mean()) if r.numel() else math.nan
-    methods = sorted({m.methods[k] for k in names})
-    stats = LayerStats(
-        num_params=sum(m.mean[k].numel() for k in names),
+    if has_gsnr:
+        count = sum(s.gsnr_count for s in sums)
+        gsnr = sum(s.gsnr_sum for s in sums) / count if count else math.nan
+    return LayerStats(
+        num_params=sum(s.numel for s in sums),
         trace_cov=trace_cov,
         grad_norm_sq=grad_norm_sq,
         b_simple=_ratio(trace_cov, grad_norm_sq),
         gsnr=gsnr,
-        method="+".join(methods),
+        method="+".join(sorted({s.method for s in sums})),
     )
-    return stats, gsnr
 
 
 def stats_from_moments(
@@ -232,17 +273,19 @@ def stats_from_moments(
     if m.count < 2:
         raise ValueError(f"batch of {m.count} example: a variance needs at least 2")
     check_dataset_size(m.count, dataset_size)
-    names = list(m.mean)
-    total, gsnr = _group(m, names, dataset_size)
-    per_param = {k: _group(m, [k], dataset_size)[0] for k in names}
-    owners: dict[str, list[str]] = {}
-    for k in names:
-        owners.setdefault(k.rpartition(".")[0] or ROOT, []).append(k)
-    per_layer = {mod: _group(m, ks, dataset_size)[0] for mod, ks in owners.items()}
+    has_gsnr = m.m2 is not None
+    sums = {k: _param_sums(m, k, dataset_size) for k in m.mean}
+    total = _group(list(sums.values()), m.count, dataset_size, has_gsnr)
+    per_param = {k: _group([v], m.count, dataset_size, has_gsnr) for k, v in sums.items()}
+    owners: dict[str, list[_Sums]] = {}
+    for k, v in sums.items():
+        owners.setdefault(k.rpartition(".")[0] or ROOT, []).append(v)
+    per_layer = {mod: _group(vs, m.count, dataset_size, has_gsnr) for mod, vs in owners.items()}
     dtypes = dtypes or {}
     pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
     cast = lambda k, t: t.to(dtypes.get(k, t.dtype))  # noqa: E731
-    variance = None if m.m2 is None else {k: cast(k, v / (m.count - 1) * pop) for k, v in m.m2.items()}
+    scale = pop / (m.count - 1)
+    variance = None if m.m2 is None else {k: cast(k, v * scale) for k, v in m.m2.items()}
     return GradientStats(
         batch_size=m.count,
         dataset_size=dataset_size,
@@ -251,7 +294,7 @@ def stats_from_moments(
         variance=variance,
         trace_cov=total.trace_cov,
         grad_norm_sq=total.grad_norm_sq,
-        gsnr=gsnr,
+        gsnr=total.gsnr,
         b_simple=total.b_simple,
         per_param=per_param,
         per_layer=per_layer,

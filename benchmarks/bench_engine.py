@@ -1,0 +1,183 @@
+"""Per-example gradients and gradient statistics against a plain forward + backward.
+
+    python benchmarks/bench_engine.py [--device cuda] [--models mlp,cnn,transformer]
+        [--sizes 128,512,2048] [--threads 2] [--anchors] [--budget 2.0] [--out FILE]
+
+Rows per model and batch size: the floor (plain forward + backward, ``loss.backward()``),
+gradnoise's noise-scale statistics (``gradient_stats(method="fast", variance=False)``:
+tr Σ, |G|², B_simple), the same with the per-element variance, ``method="vmap"``,
+``per_sample_grads`` (vmap), a Python loop of ``autograd.grad`` (smallest batch only), and,
+with ``--anchors`` where installed, BackPACK (BatchL2Grad, Variance) and Opacus
+(GradSampleModule, per-sample gradients then their norms). Each row: median time, ratio to
+the floor measured in the same process, and the peak-memory ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gradnoise as gn
+from gradnoise.tasks import mnist1d_cnn, mnist1d_mlp, tiny_transformer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import interleaved_medians, peak_bytes, track_rss  # noqa: E402
+
+
+def make(name: str, batch: int, device: torch.device):
+    torch.manual_seed(0)
+    if name == "transformer":
+        model = tiny_transformer(vocab=16, dim=64, heads=4, num_layers=2, max_len=64, classes=4).eval()
+        x = torch.randint(0, 16, (batch, 64))
+        y = torch.randint(0, 4, (batch,))
+    else:
+        model = (mnist1d_mlp() if name == "mlp" else mnist1d_cnn())
+        x = torch.randn(batch, 40)
+        y = torch.randint(0, 10, (batch,))
+    return model.to(device), nn.CrossEntropyLoss(), x.to(device), y.to(device)
+
+
+def anchors(model, loss_fn, x, y):
+    """Callables for the anchor libraries that are installed (never dependencies)."""
+    out = {}
+    try:
+        from backpack import backpack, extend
+        from backpack.extensions import BatchL2Grad, Variance
+
+        bmodel, bloss = extend(model_copy(model)), extend(nn.CrossEntropyLoss())  # extend() adds hooks
+
+        def bp(ext):
+            def run():
+                bmodel.zero_grad(set_to_none=True)
+                with backpack(ext()):
+                    bloss(bmodel(x), y).backward()
+            return run
+
+        out["BackPACK BatchL2Grad"] = bp(BatchL2Grad)
+        out["BackPACK Variance"] = bp(Variance)
+    except Exception as exc:  # not installed or the model is unsupported
+        print(f"# BackPACK skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+    try:
+        from opacus import GradSampleModule
+
+        omodel = GradSampleModule(model_copy(model))
+
+        def opacus_norms():
+            omodel.zero_grad(set_to_none=True)
+            loss_fn(omodel(x), y).backward()
+            return torch.stack([p.grad_sample.flatten(1).square().sum(1) for p in omodel.parameters()]).sum(0)
+
+        out["Opacus GradSampleModule"] = opacus_norms
+    except Exception as exc:
+        print(f"# Opacus skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return out
+
+
+def model_copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def calls_for(name, batch, sizes, model, loss_fn, x, y, args):
+    calls = {
+        "gradnoise fast: noise scale": lambda: gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=False),
+        "gradnoise fast: + variance": lambda: gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=True).variance,
+    }
+    if not args.no_vmap:
+        calls["gradnoise vmap: stats"] = lambda: gn.gradient_stats(model, loss_fn, x, y, method="vmap")
+        calls["per_sample_grads (vmap)"] = lambda: gn.per_sample_grads(model, loss_fn, x, y)
+        if batch == min(sizes):
+            calls["Python loop of autograd.grad"] = lambda: gn.per_sample_grads_loop(model, loss_fn, x, y)
+    if args.anchors:
+        calls.update(anchors(model, loss_fn, x, y))
+    return calls
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--models", default="mlp,cnn,transformer")
+    p.add_argument("--sizes", default="128,512,2048")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget", type=float, default=2.0, help="seconds per row")
+    p.add_argument("--anchors", action="store_true", help="time BackPACK and Opacus where installed")
+    p.add_argument("--no-vmap", action="store_true", help="skip the (slow) vmap rows")
+    p.add_argument("--out", type=Path, default=None, help="also write the rows as JSON")
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # "model:batch", child process
+    return p.parse_args(argv)
+
+
+def memory_child(args) -> None:
+    """Peak memory of the floor and each call, in this fresh process; prints JSON."""
+    track_rss()
+    name, batch = args.memory_of.split(":")
+    batch = int(batch)
+    sizes = [64] if name == "transformer" else [int(s) for s in args.sizes.split(",")]
+    device = torch.device(args.device)
+    model, loss_fn, x, y = make(name, batch, device)
+
+    def floor():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+
+    calls = calls_for(name, batch, sizes, model, loss_fn, x, y, args)
+    floor(), [c() for c in calls.values()]  # warm up: one-time allocations are not peaks
+    model.zero_grad(set_to_none=True)
+    out = {"floor": max(peak_bytes(floor, device), 1)}
+    model.zero_grad(set_to_none=True)
+    for label, call in calls.items():
+        out[label] = peak_bytes(call, device)
+    print(json.dumps(out))
+
+
+def memory_of(name, batch, argv) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--memory-of", f"{name}:{batch}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        return memory_child(args)
+    device = torch.device(args.device)
+    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, device {device}")
+    print("| model | B | method | median ms | × floor | peak mem × floor |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for name in args.models.split(","):
+        sizes = [64] if name == "transformer" else [int(s) for s in args.sizes.split(",")]
+        for batch in sizes:
+            model, loss_fn, x, y = make(name, batch, device)
+
+            def floor():
+                model.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
+
+            mem = memory_of(name, batch, argv)
+            for label, call in calls_for(name, batch, sizes, model, loss_fn, x, y, args).items():
+                t_floor, t_call, reps = interleaved_medians(floor, call, device, budget_s=args.budget)
+                row = {
+                    "model": name, "batch": batch, "method": label, "ms": 1e3 * t_call,
+                    "floor_ms": 1e3 * t_floor, "ratio": t_call / t_floor,
+                    "mem_ratio": mem[label] / mem["floor"], "floor_mem_mb": mem["floor"] / 2**20, "reps": reps,
+                }  # fmt: skip
+                rows.append(row)
+                print(f"| {name} | {batch} | {label} | {row['ms']:.2f} | {row['ratio']:.2f} | {row['mem_ratio']:.2f} |", flush=True)
+            print(f"| {name} | {batch} | *floor: forward+backward* | {rows[-1]['floor_ms']:.2f} | 1.00 | 1.00 ({mem['floor'] / 2**20:.1f} MiB) |", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
