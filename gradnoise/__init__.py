@@ -5,16 +5,60 @@ batch; an example is one row of the leading batch dimension; measurements never 
 caller's model, ``.grad``, buffers, ``training`` flags or RNG state.
 """
 
+from gradnoise import plots, tasks
+from gradnoise.batch_size import (
+    BatchSizeSuggestion,
+    BNoise,
+    CriticalBatchFit,
+    SweepResult,
+    b_noise,
+    critical_batch_sweep,
+    fit_critical_batch,
+    per_example_memory,
+    suggest_batch_size,
+)
+from gradnoise.hessian import HessianOperator, hessian_operator
+from gradnoise.noise_scale import (
+    NoiseLaw,
+    NoiseScale,
+    NoiseScaleEMA,
+    noise_law,
+    noise_scale,
+    ratio_interval,
+    two_batch,
+    two_batch_stats,
+)
 from gradnoise.per_sample import per_sample_grads, per_sample_grads_loop
 from gradnoise.stats import GradientStats, LayerStats, StatsAccumulator, gradient_stats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BNoise",
+    "BatchSizeSuggestion",
+    "CriticalBatchFit",
     "GradientStats",
+    "HessianOperator",
     "LayerStats",
+    "NoiseLaw",
+    "NoiseScale",
+    "NoiseScaleEMA",
     "StatsAccumulator",
+    "SweepResult",
+    "b_noise",
+    "critical_batch_sweep",
+    "fit_critical_batch",
     "gradient_stats",
+    "hessian_operator",
+    "noise_law",
+    "noise_scale",
+    "per_example_memory",
     "per_sample_grads",
     "per_sample_grads_loop",
+    "plots",
+    "ratio_interval",
+    "suggest_batch_size",
+    "tasks",
+    "two_batch",
+    "two_batch_stats",
 ]

@@ -232,3 +232,27 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
 
 def unsqueeze_all(batch: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(t.unsqueeze(0) for t in batch)
+
+
+def mean_gradient(model: nn.Module, loss_fn: LossFn, batches) -> dict[str, Tensor]:
+    """Gradient of the mean loss over ``batches`` (pairs of tuples), weighted by batch size.
+
+    Uses ``torch.autograd.grad`` on detached parameters: the caller's ``.grad`` is untouched.
+    """
+    from torch.func import functional_call
+
+    params = trainable_params(model)
+    state = frozen_state(model)
+    total = sum(x[0].shape[0] for x, _ in batches)
+    out = {n: torch.zeros_like(p) for n, p in params.items()}
+    with preserved_state(model), torch.enable_grad():
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        for xs, ys in batches:
+            loss = loss_fn(functional_call(model, {**leaves, **state}, xs), ys[0] if len(ys) == 1 else ys)
+            check_loss_value(loss)
+            gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            w = xs[0].shape[0] / total
+            for (n, _), g in zip(leaves.items(), gs, strict=True):
+                if g is not None:
+                    out[n] += w * g
+    return out

@@ -109,12 +109,12 @@ def moments_from_grads(grads: dict[str, Tensor], losses: Tensor, method: str, el
     mean, trace_m2, m2, sq = {}, {}, {} if elementwise else None, {}
     for k, g in grads.items():
         g = g.detach()
-        mu = g.mean(0)
-        c2 = (g - mu).square().sum(0)
+        var, mu = torch.var_mean(g, dim=0, correction=0)  # one pass, no centred copy
+        c2 = var.mul_(count)
         mean[k], trace_m2[k] = mu, c2.sum(dtype=torch.float64)
         if m2 is not None:
             m2[k] = c2
-        sq[k] = g.flatten(1).square().sum(1, dtype=torch.float64)
+        sq[k] = torch.linalg.vector_norm(g.flatten(1), dim=1).double().square_()
     methods = dict.fromkeys(grads, method)
     return Moments(count, mean, trace_m2, m2, sq, float(losses.detach().double().sum()), methods)
 

@@ -1,0 +1,244 @@
+"""Hessian-vector products of the mean loss over a stated set of examples, and the
+curvature estimators built on them: eigenvalues (power iteration, Lanczos) and the trace
+(Hutchinson, Hutch++).
+
+The Hessian is that of ``L(θ) = Σ_b (n_b / N) loss_fn(model(x_b), y_b)``: the mean loss over
+all ``N`` examples of the given batches (each batch weighted by its size). The model is
+evaluated in its current mode through ``functional_call`` on detached parameters, so its
+parameters, buffers, ``.grad`` and mode are never changed. A stochastic forward pass
+(dropout in train mode) has no single Hessian and is refused, as is BatchNorm in train mode.
+
+Vectors are flat (``[P]``, parameters in ``named_parameters`` order, trainable only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp
+
+from gradnoise._functional import (
+    LossFn,
+    as_tuple,
+    batch_size_of,
+    check_device,
+    check_loss_fn,
+    check_loss_value,
+    check_no_train_batchnorm,
+    frozen_state,
+    mean_gradient,
+    preserved_state,
+    trainable_params,
+)
+
+__all__ = ["HessianOperator", "hessian_operator", "as_batches"]
+
+HVPMethod = Literal["double-backward", "forward-over-reverse"]
+
+
+def as_batches(batches) -> list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
+    """Normalise ``(inputs, targets)`` or an iterable of such pairs to a list of tuples.
+
+    Raises:
+        ValueError: if there is no batch.
+    """
+    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], (Tensor, tuple)) and isinstance(batches[1], Tensor):
+        batches = [batches]
+    out = []
+    for b in batches if isinstance(batches, Iterable) else []:
+        x, y = b
+        batch_size_of(x, y)
+        out.append((as_tuple(x), as_tuple(y)))
+    if not out:
+        raise ValueError("no batches: pass (inputs, targets) or an iterable of such pairs")
+    return out
+
+
+def _check_deterministic(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        p = getattr(m, "p", None) if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "dropout", 0.0)
+        if m.training and isinstance(p, float) and p > 0 and isinstance(m, (nn.modules.dropout._DropoutNd, nn.MultiheadAttention, nn.RNNBase)):
+            raise ValueError(
+                f"module {name!r} applies dropout in train mode, so the loss is random and has "
+                "no single Hessian: call model.eval() for curvature measurements"
+            )
+
+
+@dataclass
+class HessianOperator:
+    """The Hessian of the mean loss over fixed batches, as a linear operator on flat vectors.
+
+    Attributes:
+        names: parameter names, in the order of the flat vector.
+        shapes: their shapes.
+        num_examples: ``N``, the examples the loss is averaged over.
+        method: ``"double-backward"`` (default; reuses each batch's first-order graph) or
+            ``"forward-over-reverse"`` (``torch.func.jvp`` of ``grad``; no graph kept).
+        num_hvps: Hessian-vector products computed so far.
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    batches: list
+    params: dict[str, Tensor]
+    state: dict[str, Tensor]
+    method: HVPMethod = "double-backward"
+    num_hvps: int = 0
+    _graphs: list | None = field(default=None, repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.params)
+
+    @property
+    def num_examples(self) -> int:
+        return sum(x[0].shape[0] for x, _ in self.batches)
+
+    @property
+    def dim(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def flatten(self, tensors: dict[str, Tensor] | list[Tensor]) -> Tensor:
+        vals = tensors.values() if isinstance(tensors, dict) else tensors
+        return torch.cat([t.reshape(-1) for t in vals])
+
+    def unflatten(self, v: Tensor) -> dict[str, Tensor]:
+        out, i = {}, 0
+        for n, p in self.params.items():
+            out[n] = v[i : i + p.numel()].view_as(p)
+            i += p.numel()
+        return out
+
+    def _loss(self, p: dict[str, Tensor], x, y) -> Tensor:
+        out = functional_call(self.model, {**p, **self.state}, x)
+        return self.loss_fn(out, y[0] if len(y) == 1 else y)
+
+    def loss(self, params: dict[str, Tensor] | None = None) -> float:
+        """Mean loss over the batches, at ``params`` (default: the model's)."""
+        p = self.params if params is None else params
+        total = 0.0
+        with torch.no_grad(), preserved_state(self.model):
+            for x, y in self.batches:
+                total += float(self._loss(p, x, y)) * x[0].shape[0]
+        return total / self.num_examples
+
+    def gradient(self) -> Tensor:
+        """Flat gradient of the mean loss."""
+        return self.flatten(mean_gradient(self.model, self.loss_fn, self.batches))
+
+    def matmat(self, V: Tensor, *, chunk: int = 64) -> Tensor:
+        """``H V`` for ``V`` of shape ``[P, k]``: blocks of vectors in one batched backward
+        (``is_grads_batched``) with double backward, column by column otherwise."""
+        V = V.to(dtype=self.dtype, device=self.device)
+        if self.method != "double-backward":
+            return torch.stack([self.matvec(c) for c in V.T], dim=1)
+        self._build_graphs()
+        cols = []
+        for start in range(0, V.shape[1], chunk):
+            block = V[:, start : start + chunk].T.contiguous()  # [c, P]
+            out = torch.zeros_like(block)
+            for leaves, gs, w in self._graphs:
+                vs = [t.reshape(block.shape[0], *p.shape) for t, p in zip(self._split(block), leaves.values(), strict=True)]
+                hv = torch.autograd.grad(gs, list(leaves.values()), grad_outputs=vs, retain_graph=True, allow_unused=True, is_grads_batched=True)
+                out += w * torch.cat([(torch.zeros_like(v) if h is None else h).reshape(block.shape[0], -1) for v, h in zip(vs, hv, strict=True)], dim=1)
+            cols.append(out.T)
+            self.num_hvps += block.shape[0]
+        return torch.cat(cols, dim=1)
+
+    def _split(self, block: Tensor) -> list[Tensor]:
+        return list(block.split([p.numel() for p in self.params.values()], dim=1))
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for a flat vector ``v`` (or ``V`` of shape ``[P, k]``, see :meth:`matmat`)."""
+        if v.dim() == 2:
+            return self.matmat(v)
+        v = v.to(dtype=self.dtype, device=self.device)
+        self.num_hvps += 1
+        if self.method == "forward-over-reverse":
+            return self._hvp_fwd(v)
+        return self._hvp_double(v)
+
+    def _hvp_double(self, v: Tensor) -> Tensor:
+        self._build_graphs()
+        out = torch.zeros_like(v)
+        vs = list(self.unflatten(v).values())
+        for leaves, gs, w in self._graphs:
+            hv = torch.autograd.grad(gs, list(leaves.values()), grad_outputs=vs, retain_graph=True, allow_unused=True)
+            out += w * self.flatten([torch.zeros_like(p) if h is None else h for p, h in zip(leaves.values(), hv, strict=True)])
+        return out
+
+    def _build_graphs(self) -> None:
+        if self._graphs is None:
+            self._graphs = []
+            with preserved_state(self.model), torch.enable_grad():
+                leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
+                for x, y in self.batches:
+                    loss = self._loss(leaves, x, y)
+                    check_loss_value(loss)
+                    gs = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+                    self._graphs.append((leaves, gs, x[0].shape[0] / self.num_examples))
+
+    def _hvp_fwd(self, v: Tensor) -> Tensor:
+        out = torch.zeros_like(v)
+        tangent = self.unflatten(v)
+        with preserved_state(self.model):
+            for x, y in self.batches:
+                w = x[0].shape[0] / self.num_examples
+                _, hv = jvp(grad(lambda p: self._loss(p, x, y)), (self.params,), (tangent,))
+                out += w * self.flatten(hv)
+        return out
+
+    def release(self) -> None:
+        """Free the cached first-order graphs."""
+        self._graphs = None
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` in float64 numpy (for ``eigsh``)."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.device)
+            return self.matvec(t).detach().to("cpu", torch.float64).numpy()
+
+        return LinearOperator((self.dim, self.dim), matvec=mv, dtype=np.float64)
+
+
+def hessian_operator(
+    model: nn.Module, loss_fn: LossFn, batches, *, method: HVPMethod = "double-backward"
+) -> HessianOperator:
+    """The Hessian of the mean loss over ``batches`` as a :class:`HessianOperator`.
+
+    Args:
+        model: evaluated in its current mode (BatchNorm and dropout must be in eval mode).
+        loss_fn: mean-reduced loss.
+        batches: ``(inputs, targets)`` or an iterable of such pairs; the loss is the mean
+            over all their examples (batches weighted by their sizes).
+        method: ``"double-backward"`` (default: on CPU measured faster and lighter) or
+            ``"forward-over-reverse"``.
+
+    Raises:
+        ValueError: BatchNorm or dropout in train mode, no batches, unknown method.
+    """
+    if method not in ("double-backward", "forward-over-reverse"):
+        raise ValueError(f"unknown HVP method {method!r}; choose 'double-backward' or 'forward-over-reverse'")
+    params = trainable_params(model)
+    check_loss_fn(loss_fn)
+    check_no_train_batchnorm(model)
+    _check_deterministic(model)
+    bs = as_batches(batches)
+    for x, y in bs:
+        check_device(params, x, y)
+    return HessianOperator(model, loss_fn, bs, params, frozen_state(model), method)

@@ -1,0 +1,82 @@
+"""Seaborn figures from gradnoise results, in one shared style.
+
+Every function takes a result object (or arrays), draws on ``ax`` (a new figure if ``None``)
+and returns the figure; nothing is computed here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["set_style", "plot_noise_law", "plot_critical_batch", "save"]
+
+PALETTE = "colorblind"
+
+
+def set_style() -> None:
+    """The shared paper style: seaborn ``ticks``, colour-blind palette, readable sizes."""
+    import seaborn as sns
+
+    sns.set_theme(context="paper", style="ticks", palette=PALETTE, font_scale=1.25)
+
+
+def _axes(ax, size=(5.0, 3.8)):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    set_style()
+    if ax is None:
+        fig, ax = plt.subplots(figsize=size, constrained_layout=True)
+    return ax.figure, ax
+
+
+def save(fig, path_stem) -> list[str]:
+    """Write ``<stem>.pdf`` and ``<stem>.png`` (200 dpi); returns the paths."""
+    paths = [f"{path_stem}.pdf", f"{path_stem}.png"]
+    fig.savefig(paths[0])
+    fig.savefig(paths[1], dpi=200)
+    return paths
+
+
+def plot_noise_law(law, ax=None):
+    """``E|ĝ_B − G|²`` against ``B`` (log-log): measurements ± 2 SE, the fitted power law,
+    and the theory ``tr Σ/B · (N−B)/(N−1)`` with and without the finite-population factor."""
+    fig, ax = _axes(ax)
+    b = np.asarray(law.batch_sizes, dtype=float)
+    e, se = np.asarray(law.errors), np.asarray(law.errors_se)
+    grid = np.geomspace(b.min(), b.max(), 200)
+    N = law.dataset_size
+    ax.plot(grid, law.trace_cov / grid, color="0.6", ls=":", lw=1.5, label=r"$\mathrm{tr}\,\Sigma / B$ (infinite data)")
+    fpc = law.trace_cov / grid * np.clip((N - grid) / (N - 1), 1e-12, None)
+    ax.plot(grid, fpc, color="0.3", ls="--", lw=1.5, label=r"$\mathrm{tr}\,\Sigma / B \cdot (N-B)/(N-1)$")
+    fit = law.trace_cov_fit * grid**law.exponent * np.clip((N - grid) / (N - 1), 1e-12, None)
+    lo, hi = law.exponent_interval
+    ax.plot(grid, fit, color="C0", lw=2, label=f"fit: exponent {law.exponent:.3f} [{lo:.3f}, {hi:.3f}]")
+    pos = e > 0
+    ax.errorbar(b[pos], e[pos], yerr=2 * se[pos], fmt="o", color="C1", ms=5, capsize=2, label=f"measured ({law.repeats} batches each)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size $B$")
+    ax.set_ylabel(r"$\mathbb{E}\,|\hat g_B - G|^2$")
+    ax.set_title(f"gradient noise vs batch size (N = {N})")
+    ax.legend(frameon=False, fontsize="small")
+    return fig
+
+
+def plot_critical_batch(fit, batch_sizes, steps, ax=None):
+    """Steps to target against ``B`` with the fitted ``S = S_min + E_min/B`` and ``B_crit``."""
+    fig, ax = _axes(ax)
+    b = np.asarray(batch_sizes, dtype=float)
+    grid = np.geomspace(b.min(), b.max(), 200)
+    ax.plot(b, steps, "o", color="C1", ms=6, label="measured")
+    ax.plot(grid, fit.s_min + fit.e_min / grid, color="C0", lw=2, label=r"$S_{\min} + E_{\min}/B$")
+    ax.axvline(fit.b_crit, color="0.3", ls="--", lw=1.2, label=f"$B_{{crit}}$ = {fit.b_crit:.0f}")
+    ax.axhline(fit.s_min, color="0.6", ls=":", lw=1.2, label=f"$S_{{min}}$ = {fit.s_min:.0f}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size $B$")
+    ax.set_ylabel("steps to target")
+    ax.legend(frameon=False, fontsize="small")
+    return fig
