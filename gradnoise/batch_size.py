@@ -329,17 +329,28 @@ def critical_batch_sweep(
 # ---------------------------------------------------------------- memory and suggestion
 
 
-def _status_bytes(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            m = re.search(rf"{field_name}:\s+(\d+)", fh.read())
-        return int(m.group(1)) * 1024 if m else None
-    except OSError:
-        return None
+def _saved_bytes(model, loss_fn, x, y) -> int:
+    """Bytes of the distinct tensors autograd saves for the backward pass of one forward: the
+    activation memory of a training step."""
+    from gradnoise._functional import preserved_state
+
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        key = (t.data_ptr(), t.numel())  # a view counts its own size, not its base's
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return t
+
+    with preserved_state(model), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_fn(model(x), y)
+    return total
 
 
-def _peak_training_step(model, loss_fn, x, y, device) -> int | None:
-    """Extra peak memory of one forward+backward (CUDA allocator, or Linux peak RSS)."""
+def _peak_cuda_step(model, loss_fn, x, y, device) -> int:
     import copy
 
     m = copy.deepcopy(model)
@@ -350,40 +361,35 @@ def _peak_training_step(model, loss_fn, x, y, device) -> int | None:
 
     step()  # warm-up
     m.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return None
-    before = _status_bytes("VmRSS")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     step()
-    peak = _status_bytes("VmHWM")
-    return None if before is None or peak is None else max(peak - before, 0)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
-def per_example_memory(model, loss_fn, inputs, targets, *, sizes=(64, 256)) -> tuple[float, float] | None:
+def per_example_memory(model, loss_fn, inputs, targets, *, sizes=(64, 256)) -> tuple[float, float]:
     """``(fixed_bytes, bytes_per_example)`` of a training step, from two batch sizes.
 
-    On CUDA from the allocator's peak; on Linux CPUs from the peak resident set size (an
-    estimate: the allocator may reuse freed memory). ``None`` where it cannot be measured.
+    On CUDA: the caching allocator's peak of a forward + backward (measured). On CPU: the
+    activation memory saved for the backward pass (``saved_tensors_hooks``), doubled for the
+    gradients that flow through the backward pass at its peak — an estimate, since CPU
+    allocators give no reliable peak.
     """
     xs = as_tuple(inputs)
     device = xs[0].device
-    peaks = []
+    points = []
     for b in sizes:
         b = min(b, xs[0].shape[0])
         x = xs[0][:b] if len(xs) == 1 else tuple(t[:b] for t in xs)
-        peaks.append((b, _peak_training_step(model, loss_fn, x, targets[:b], device)))
-    if any(p is None for _, p in peaks) or peaks[0][0] == peaks[1][0]:
-        return None
-    (b0, p0), (b1, p1) = peaks
+        if device.type == "cuda":
+            points.append((b, _peak_cuda_step(model, loss_fn, x, targets[:b], device)))
+        else:
+            points.append((b, 2 * _saved_bytes(model, loss_fn, x, targets[:b])))
+    (b0, p0), (b1, p1) = points
+    if b0 == b1:
+        raise ValueError(f"need two different batch sizes to separate per-example memory, got {b0}")
     per = max((p1 - p0) / (b1 - b0), 1.0)
     return max(p0 - per * b0, 0.0), per
 
@@ -472,7 +478,7 @@ def suggest_batch_size(
     target = ns.b_noise if (hessian and ns.b_noise is not None and math.isfinite(ns.b_noise)) else ns.b_simple
     x0, y0 = bs[0]
     device = as_tuple(x0)[0].device
-    mem = per_example_memory(model, loss_fn, x0, y0, sizes=(max(2, len(y0) // 4), len(y0)))
+    mem = per_example_memory(model, loss_fn, x0, y0, sizes=(max(1, len(y0) // 4), len(y0)))
     budget = memory_budget if memory_budget is not None else _available_bytes(device)
     max_b = None
     if mem is not None and budget is not None:
@@ -490,7 +496,8 @@ def suggest_batch_size(
         "  below it the number of steps falls almost as 1/B; above it extra examples per step buy little.",
     ]
     if max_b is not None:
-        lines.append(f"  memory: ~{mem[1] / 1024:.1f} KiB per example, so at most B ≈ {max_b} fits.")
+        where = "CUDA allocator peak" if device.type == "cuda" else "activations saved for backward ×2, estimated"
+        lines.append(f"  memory: ~{mem[1] / 1024:.1f} KiB per example ({where}), so at most B ≈ {max_b:,} fits in {budget / 2**30:.1f} GiB.")
     lines.append(f"  suggested B = {suggested} (largest power of two ≤ the estimate{' and the memory limit' if max_b else ''}).")
     if lr_eps is not None:
         lines.append(f"  ε_opt({suggested}) = {lr_eps:.4g} (plain-SGD step size on the local quadratic model; a ceiling, not a tuned rate).")

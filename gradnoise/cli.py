@@ -35,6 +35,7 @@ def _measure_parser(sub) -> None:
     p.add_argument("--method", default=d.method, choices=["auto", "fast", "vmap"], help="per-example engine (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--no-suggest", dest="suggest", action="store_false", help="skip B_noise and the batch-size suggestion")
     p.add_argument("--out", type=Path, default=Path("gradnoise_measure.json"), help="JSON output (default: %(default)s)")
 
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradnoise measure: {result.description} ({result.num_params:,} parameters, N={result.dataset_size})")
         print(f"trained {config.train_steps} SGD steps at B={config.train_batch}, lr={config.lr}: loss {result.train_loss:.4f}\n")
         print(result.table())
+        if result.suggestion:
+            print("\nWhat batch size? " + result.suggestion["reasoning"])
         args.out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"\nwrote {args.out}")
     return 0

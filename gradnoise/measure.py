@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from gradnoise.batch_size import suggest_batch_size
 from gradnoise.stats import gradient_stats
 from gradnoise.tasks import get_task
 
@@ -38,6 +39,7 @@ class MeasureConfig:
     method: str = "auto"
     seed: int = 0
     device: str = "cpu"
+    suggest: bool = True  # B_noise (Hessian-vector products) and a batch-size suggestion
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class MeasureResult:
     train_loss: float
     rows: tuple[MeasureRow, ...]
     per_layer: dict[str, dict] = field(default_factory=dict)  # at the largest batch size
+    suggestion: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -193,6 +196,15 @@ def measure(config: MeasureConfig) -> MeasureResult:
             "b_simple": tr / g2 if g2 > 0 else float("inf"),
             "method": per_batch[0].per_layer[name].method,
         }
+    suggestion = None
+    if config.suggest:
+        b = min(256, n // 8)
+        perm = torch.randperm(n, generator=g).to(device)
+        batches = [(x[i], y[i]) for i in perm[: 8 * b].split(b)]
+        suggestion = suggest_batch_size(
+            model, loss_fn, batches, base_lr=config.lr, base_batch=config.train_batch,
+            hessian_examples=32, seed=config.seed,
+        ).to_dict()  # fmt: skip
     return MeasureResult(
         config=config,
         description=description,
@@ -201,6 +213,7 @@ def measure(config: MeasureConfig) -> MeasureResult:
         train_loss=train_loss,
         rows=tuple(rows),
         per_layer=per_layer,
+        suggestion=suggestion,
     )
 
 

@@ -164,3 +164,38 @@ def test_fit_critical_batch_recovers_parameters():
 def test_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_suggest_batch_size_on_analytic_task():
+    s = gn.suggest_batch_size(TASK.model(), TASK.loss_fn(), batches(40, 256, seed=19), base_lr=0.1, base_batch=32, hessian_examples=2000)
+    # B_noise ≈ 10.6: the largest power of two below it is 8 (memory is no limit here).
+    assert s.suggested == 8
+    assert s.b_noise_interval[0] < TASK.b_noise < s.b_noise_interval[1]
+    assert s.lr_linear == pytest.approx(0.1 * 8 / 32)
+    assert "B_noise" in s.reasoning and "suggested B = 8" in s.reasoning
+    assert s.max_batch_memory is None or s.max_batch_memory > 8
+
+
+def test_suggest_respects_memory_budget():
+    model, loss = gn.tasks.mnist1d_mlp(), torch.nn.CrossEntropyLoss()
+    x, y = torch.randn(512, 40), torch.randint(0, 10, (512,))
+    fixed, per = gn.per_example_memory(model, loss, x, y, sizes=(64, 256))
+    # Saved for backward per example: the input (40), the two ReLU outputs (512 each, also
+    # the inputs of the next Linear) and the logits (10), in float32, doubled.
+    assert per == pytest.approx(2 * 4 * (40 + 512 + 512 + 10), rel=0.02)
+    budget = int(fixed + 100 * per)
+    s = gn.suggest_batch_size(model, loss, [(x[:256], y[:256]), (x[256:], y[256:])], hessian=False, memory_budget=budget)
+    assert s.max_batch_memory == 100 and s.suggested <= 64
+
+
+def test_critical_batch_sweep_on_analytic_task():
+    x, y = TASK.sample(4096, torch.Generator().manual_seed(21))
+    sweep = gn.critical_batch_sweep(
+        lambda: torch.nn.Linear(8, 1, bias=False).double(), TASK.loss_fn(), (x, y), [2, 4, 16, 64, 256],
+        target_loss=TASK.sigma**2 * 1.5, lrs=[0.05, 0.2, 0.5], max_steps=3000, eval_every=5, progress=False,
+    )  # fmt: skip
+    steps = [r.steps for r in sweep.best]
+    assert all(s is not None for s in steps)
+    assert steps[0] > steps[-1]  # larger batches need fewer steps
+    fit = sweep.fit()
+    assert fit.s_min > 0 and fit.e_min > 0 and fit.b_crit > 0

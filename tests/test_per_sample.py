@@ -44,7 +44,7 @@ def test_mean_of_per_example_is_batch_gradient(case):
     out = model(*x) if isinstance(x, tuple) else model(x)
     params = dict(model.named_parameters())
     batch = torch.autograd.grad(loss(out, y), [params[k] for k in g])
-    for (k, v), b in zip(g.items(), batch):
+    for v, b in zip(g.values(), batch, strict=True):
         torch.testing.assert_close(v.mean(0), b, rtol=1e-10, atol=1e-12)
 
 

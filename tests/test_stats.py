@@ -18,7 +18,7 @@ def _many_batches(method, batch, n_batches, seed=0):
     g = torch.Generator().manual_seed(seed)
     x, y = TASK.sample(batch * n_batches, g)
     out = [gn.gradient_stats(model, loss, xb, yb, method=method, variance=False)
-           for xb, yb in zip(x.split(batch), y.split(batch))]  # fmt: skip
+           for xb, yb in zip(x.split(batch), y.split(batch), strict=True)]  # fmt: skip
     return np.array([s.trace_cov for s in out]), np.array([s.grad_norm_sq for s in out])
 
 
@@ -45,7 +45,7 @@ def test_plug_in_norm_is_biased():
     x, y = TASK.sample(32 * 2000, torch.Generator().manual_seed(2))
     plug = np.array([
         sum(float(v.double().square().sum()) for v in gn.gradient_stats(model, loss, xb, yb, variance=False).mean.values())
-        for xb, yb in zip(x.split(32), y.split(32))
+        for xb, yb in zip(x.split(32), y.split(32), strict=True)
     ])  # fmt: skip
     se = plug.std(ddof=1) / math.sqrt(len(plug))
     assert abs(plug.mean() - (TASK.grad_norm_sq + TASK.trace_cov / 32)) < 4 * se
@@ -107,7 +107,7 @@ def test_accumulator_equals_concatenated_batch():
     model, loss = TASK.model(), TASK.loss_fn()
     x, y = TASK.sample(50, torch.Generator().manual_seed(6))
     acc = gn.StatsAccumulator(model, loss, dataset_size=50)
-    for xb, yb in zip(x.split([1, 13, 20, 16]), y.split([1, 13, 20, 16])):
+    for xb, yb in zip(x.split([1, 13, 20, 16]), y.split([1, 13, 20, 16]), strict=True):
         acc.update(xb, yb)
     got, ref = acc.compute(), gn.gradient_stats(model, loss, x, y, dataset_size=50)
     assert got.batch_size == 50
