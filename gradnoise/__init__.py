@@ -17,7 +17,14 @@ from gradnoise.batch_size import (
     per_example_memory,
     suggest_batch_size,
 )
-from gradnoise.hessian import HessianOperator, hessian_operator
+from gradnoise.hessian import (
+    HessianEigen,
+    HessianOperator,
+    TraceEstimate,
+    hessian_eigenvalues,
+    hessian_operator,
+    hessian_trace,
+)
 from gradnoise.noise_scale import (
     NoiseLaw,
     NoiseScale,
@@ -29,6 +36,14 @@ from gradnoise.noise_scale import (
     two_batch_stats,
 )
 from gradnoise.per_sample import per_sample_grads, per_sample_grads_loop
+from gradnoise.sharpness import (
+    EpsilonSharpness,
+    Landscape,
+    epsilon_sharpness,
+    filter_normalized_direction,
+    loss_along_line,
+    random_slice,
+)
 from gradnoise.stats import GradientStats, LayerStats, StatsAccumulator, gradient_stats
 
 __version__ = "0.1.0"
@@ -37,8 +52,12 @@ __all__ = [
     "BNoise",
     "BatchSizeSuggestion",
     "CriticalBatchFit",
+    "EpsilonSharpness",
     "GradientStats",
+    "HessianEigen",
     "HessianOperator",
+    "Landscape",
+    "TraceEstimate",
     "LayerStats",
     "NoiseLaw",
     "NoiseScale",
@@ -46,6 +65,12 @@ __all__ = [
     "StatsAccumulator",
     "SweepResult",
     "b_noise",
+    "epsilon_sharpness",
+    "filter_normalized_direction",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "loss_along_line",
+    "random_slice",
     "critical_batch_sweep",
     "fit_critical_batch",
     "gradient_stats",

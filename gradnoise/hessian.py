@@ -13,6 +13,7 @@ Vectors are flat (``[P]``, parameters in ``named_parameters`` order, trainable o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -36,9 +37,25 @@ from gradnoise._functional import (
     trainable_params,
 )
 
-__all__ = ["HessianOperator", "hessian_operator", "as_batches"]
+__all__ = [
+    "HessianEigen",
+    "HessianOperator",
+    "TraceEstimate",
+    "as_batches",
+    "hessian_eigenvalues",
+    "hessian_operator",
+    "hessian_trace",
+]
 
 HVPMethod = Literal["double-backward", "forward-over-reverse"]
+
+
+def twice_differentiable():
+    """Scaled dot-product attention through its math backend: the fused CPU/CUDA kernels
+    have no second (or forward-mode) derivative, so curvature needs this one."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def as_batches(batches) -> list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
@@ -183,7 +200,7 @@ class HessianOperator:
     def _build_graphs(self) -> None:
         if self._graphs is None:
             self._graphs = []
-            with preserved_state(self.model), torch.enable_grad():
+            with preserved_state(self.model), torch.enable_grad(), twice_differentiable():
                 leaves = {n: p.detach().requires_grad_(True) for n, p in self.params.items()}
                 for x, y in self.batches:
                     loss = self._loss(leaves, x, y)
@@ -194,7 +211,7 @@ class HessianOperator:
     def _hvp_fwd(self, v: Tensor) -> Tensor:
         out = torch.zeros_like(v)
         tangent = self.unflatten(v)
-        with preserved_state(self.model):
+        with preserved_state(self.model), twice_differentiable():
             for x, y in self.batches:
                 w = x[0].shape[0] / self.num_examples
                 _, hv = jvp(grad(lambda p: self._loss(p, x, y)), (self.params,), (tangent,))
@@ -242,3 +259,224 @@ def hessian_operator(
     for x, y in bs:
         check_device(params, x, y)
     return HessianOperator(model, loss_fn, bs, params, frozen_state(model), method)
+
+
+# ---------------------------------------------------------------- eigenvalues
+
+Which = Literal["LA", "LM", "SA"]
+
+
+@dataclass(frozen=True)
+class HessianEigen:
+    """Eigenpairs of the Hessian of the mean loss over the stated examples.
+
+    Attributes:
+        eigenvalues: ``k`` values, sorted as ``which`` asks (largest algebraic "LA",
+            largest magnitude "LM", smallest algebraic "SA") — first is the extreme one.
+        eigenvectors: ``[P, k]`` unit vectors (flat, parameter order of ``names``).
+        num_hvps: Hessian-vector products used (including the residual checks).
+        residuals: ``‖Hv − λv‖ / |λ|`` of each pair, computed with an extra HVP each.
+        converged: every residual ``≤ tol``.
+        which, method, num_examples, names.
+    """
+
+    eigenvalues: tuple[float, ...]
+    eigenvectors: Tensor = field(repr=False)
+    num_hvps: int
+    residuals: tuple[float, ...]
+    converged: bool
+    which: str
+    method: str
+    num_examples: int
+    names: tuple[str, ...] = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "eigenvalues": list(self.eigenvalues), "num_hvps": self.num_hvps,
+            "residuals": list(self.residuals), "converged": self.converged, "which": self.which,
+            "method": self.method, "num_examples": self.num_examples,
+        }  # fmt: skip
+
+
+def _residuals(op: HessianOperator, vals, vecs) -> tuple[float, ...]:
+    hv = op.matmat(vecs)
+    out = []
+    for j, lam in enumerate(vals):
+        r = float(torch.linalg.vector_norm(hv[:, j] - lam * vecs[:, j]))
+        out.append(r / max(abs(lam), torch.finfo(vecs.dtype).tiny))
+    return tuple(out)
+
+
+def _power(op: HessianOperator, v0: Tensor, *, shift: float, tol: float, max_iter: int, basis: Tensor | None):
+    """Power iteration on ``H + shift·I`` (deflated against ``basis``); stops when the
+    residual ``‖Hv − λv‖ ≤ tol·|λ|`` (λ the Rayleigh quotient of H), not on a relative change."""
+    v = v0 / torch.linalg.vector_norm(v0)
+    lam = 0.0
+    for _ in range(max_iter):
+        if basis is not None:
+            v = v - basis @ (basis.T @ v)
+            v = v / torch.linalg.vector_norm(v)
+        hv = op.matvec(v)
+        lam = float(v @ hv)
+        resid = float(torch.linalg.vector_norm(hv - lam * v))
+        if resid <= tol * max(abs(lam), torch.finfo(v.dtype).tiny):
+            return lam, v, True
+        w = hv + shift * v
+        norm = torch.linalg.vector_norm(w)
+        if norm == 0:
+            return lam, v, True
+        v = w / norm
+    return lam, v, False
+
+
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches,
+    *,
+    k: int = 1,
+    which: Which = "LA",
+    method: Literal["lanczos", "power"] = "lanczos",
+    tol: float = 1e-3,
+    max_iter: int = 1000,
+    v0: Tensor | None = None,
+    seed: int = 0,
+    hvp: HVPMethod = "double-backward",
+) -> HessianEigen:
+    """Top-``k`` Hessian eigenvalues of the mean loss over ``batches``.
+
+    Args:
+        k: number of eigenpairs.
+        which: ``"LA"`` largest algebraic (the sharpness ``λ_max``), ``"LM"`` largest
+            magnitude (what plain power iteration converges to), ``"SA"`` smallest algebraic.
+            On an indefinite Hessian "LA" and "LM" differ; both methods honour ``which``.
+        method: ``"lanczos"`` (``scipy.sparse.linalg.eigsh`` on a ``LinearOperator``) or
+            ``"power"`` (power iteration with shifts for "LA"/"SA" and deflation for ``k>1``).
+        tol: relative residual ``‖Hv − λv‖/|λ|`` to reach (power iteration stops on it;
+            for Lanczos it is passed to eigsh and the residual is reported).
+        v0: warm-start vector (flat, ``[P]``), e.g. the previous eigenvector; else random
+            from ``seed``.
+
+    Returns:
+        :class:`HessianEigen`.
+
+    Raises:
+        ValueError: bad ``k``, ``which`` or ``method``; and as :func:`hessian_operator`.
+    """
+    if which not in ("LA", "LM", "SA"):
+        raise ValueError(f"unknown which={which!r}; choose 'LA', 'LM' or 'SA'")
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"unknown method {method!r}; choose 'lanczos' or 'power'")
+    op = hessian_operator(model, loss_fn, batches, method=hvp)
+    if not 1 <= k < op.dim:
+        raise ValueError(f"k must be in [1, {op.dim - 1}] for {op.dim} parameters, got {k}")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    start = (v0.detach().reshape(-1).to(op.dtype) if v0 is not None else torch.randn(op.dim, generator=g, dtype=op.dtype)).to(op.device)
+    if method == "lanczos":
+        vals, vecs = _lanczos(op, k, which, tol, max_iter, start)
+    else:
+        vals, vecs = _power_k(op, k, which, tol, max_iter, start)
+    op.release()
+    residuals = _residuals(op, vals, vecs)
+    return HessianEigen(
+        eigenvalues=tuple(vals), eigenvectors=vecs, num_hvps=op.num_hvps, residuals=residuals,
+        converged=all(r <= tol for r in residuals), which=which, method=method,
+        num_examples=op.num_examples, names=tuple(op.names),
+    )  # fmt: skip
+
+
+def _order(vals: np.ndarray, which: str) -> np.ndarray:
+    key = {"LA": -vals, "SA": vals, "LM": -np.abs(vals)}[which]
+    return np.argsort(key, kind="stable")
+
+
+def _lanczos(op, k, which, tol, max_iter, start):
+    from scipy.sparse.linalg import eigsh
+
+    vals, vecs = eigsh(
+        op.to_scipy(), k=k, which=which, tol=tol * 1e-2, maxiter=max_iter,
+        v0=start.detach().to("cpu", torch.float64).numpy(),
+    )  # fmt: skip
+    idx = _order(vals, which)
+    return [float(vals[i]) for i in idx], torch.as_tensor(vecs[:, idx], dtype=op.dtype, device=op.device)
+
+
+def _power_k(op, k, which, tol, max_iter, start):
+    vals, vecs = [], []
+    basis = None
+    for j in range(k):
+        v0 = start if j == 0 else torch.roll(start, j)
+        # Largest magnitude first; shift to reach the algebraic ends (Rayleigh-quotient shift).
+        lam, v, ok = _power(op, v0, shift=0.0, tol=tol, max_iter=max_iter, basis=basis)
+        # On H + |λ_LM| I (LA) or H − λ_LM I (SA) the dominant eigenvalue is the algebraic
+        # end asked for; restart from v0 (the LM eigenvector has eigenvalue 0 there).
+        if (which == "LA" and lam < 0) or (which == "SA" and lam > 0):
+            lam, v, ok = _power(op, v0, shift=-lam, tol=tol, max_iter=max_iter, basis=basis)
+        vals.append(lam)
+        vecs.append(v)
+        basis = torch.stack(vecs, dim=1)
+    return vals, basis
+
+
+# ---------------------------------------------------------------- trace
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """A stochastic estimate of ``tr H``, its standard error and cost."""
+
+    trace: float
+    stderr: float
+    num_hvps: int
+    method: str
+    num_examples: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches,
+    *,
+    method: Literal["hutchinson", "hutch++"] = "hutchinson",
+    num_hvps: int = 99,
+    seed: int = 0,
+) -> TraceEstimate:
+    """``tr H`` by Hutchinson (Rademacher probes, 1990) or Hutch++ (Meyer et al. 2021).
+
+    Hutch++ spends a third of the budget on a sketch ``Q = qr(H S)`` whose trace is exact,
+    a third on ``HQ``, and a third on Hutchinson for the deflated rest
+    ``(I − QQᵀ)H(I − QQᵀ)``: lower variance when the spectrum decays. The standard error
+    is that of the Hutchinson part (the sketch part is exact given ``Q``).
+
+    Raises:
+        ValueError: fewer than 2 probes (3 for Hutch++), unknown method.
+    """
+    op = hessian_operator(model, loss_fn, batches)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rademacher(m):
+        return (torch.randint(0, 2, (op.dim, m), generator=g) * 2 - 1).to(op.dtype).to(op.device)
+
+    if method == "hutchinson":
+        if num_hvps < 2:
+            raise ValueError(f"Hutchinson needs at least 2 probes for a standard error, got {num_hvps}")
+        Z = rademacher(num_hvps)
+        q = (Z * op.matmat(Z)).sum(0).double()
+        est, se = float(q.mean()), float(q.std() / np.sqrt(num_hvps))
+    elif method == "hutch++":
+        m = num_hvps // 3
+        if m < 2:
+            raise ValueError(f"Hutch++ needs at least 6 matrix-vector products, got {num_hvps}")
+        Q, _ = torch.linalg.qr(op.matmat(rademacher(m)))
+        sketch = float((Q * op.matmat(Q)).sum())
+        G = rademacher(num_hvps - 2 * m)
+        G = G - Q @ (Q.T @ G)
+        q = (G * op.matmat(G)).sum(0).double()
+        est, se = sketch + float(q.mean()), float(q.std() / np.sqrt(q.numel()))
+    else:
+        raise ValueError(f"unknown method {method!r}; choose 'hutchinson' or 'hutch++'")
+    op.release()
+    return TraceEstimate(est, se, op.num_hvps, method, op.num_examples)

@@ -50,6 +50,22 @@ CALLS = {
     "gradient_stats_fast": lambda m, l, x, y: gn.gradient_stats(m, l, x, y, method="fast"),
     "gradient_stats_vmap": lambda m, l, x, y: gn.gradient_stats(m, l, x, y, method="vmap", chunk_size=4),
     "accumulator": lambda m, l, x, y: (a := gn.StatsAccumulator(m, l), a.update(x, y), a.compute()),
+    "noise_scale": lambda m, l, x, y: gn.noise_scale(m, l, [(x[:5], y[:5]), (x[5:], y[5:])]),
+    "two_batch": lambda m, l, x, y: gn.two_batch_stats(m, l, x, y, micro_batches=2),
+    "noise_law": lambda m, l, x, y: gn.noise_law(m, l, x, y, [2, 5], repeats=3),
+}
+
+# Curvature needs a deterministic loss: dropout off (eval) but everything else as above.
+CURVATURE = {
+    "hessian_eigenvalues_lanczos": lambda m, l, x, y: gn.hessian_eigenvalues(m, l, (x, y), k=2),
+    "hessian_eigenvalues_power": lambda m, l, x, y: gn.hessian_eigenvalues(m, l, (x, y), method="power", max_iter=20),
+    "hessian_trace": lambda m, l, x, y: gn.hessian_trace(m, l, (x, y), method="hutch++", num_hvps=9),
+    "epsilon_sharpness": lambda m, l, x, y: gn.epsilon_sharpness(m, l, (x, y), max_iter=2),
+    "random_slice": lambda m, l, x, y: gn.random_slice(m, l, (x, y), steps=3),
+    "b_noise": lambda m, l, x, y: gn.b_noise(m, l, (x, y), examples=4),
+    "hvp_forward_over_reverse": lambda m, l, x, y: gn.hessian_operator(m, l, (x, y), method="forward-over-reverse").matvec(
+        torch.ones(sum(p.numel() for p in m.parameters() if p.requires_grad))
+    ),
 }
 
 
@@ -87,3 +103,16 @@ def test_training_trajectory_is_bitwise_identical():
     plain, measured = run(False), run(True)
     for k in plain:
         assert torch.equal(plain[k], measured[k]), k
+
+
+@pytest.mark.parametrize("call", CURVATURE.values(), ids=CURVATURE.keys())
+def test_curvature_calls_leave_model_untouched(call):
+    torch.manual_seed(0)
+    model = Model()
+    model.eval()
+    model.bn.running_mean.uniform_()
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    before = _snapshot(model)
+    call(model, nn.CrossEntropyLoss(), x, y)
+    _assert_same(before, _snapshot(model))

@@ -1,0 +1,191 @@
+"""Hessian-vector products, eigenvalues, trace, ε-sharpness and landscapes against exact
+float64 references (torch.func.hessian + eigvalsh, closed forms)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, hessian
+
+import gradnoise as gn
+from tests.cases import CASES_BY_NAME
+
+
+class Quadratic(nn.Module):
+    """``L(θ) = ½ Σ_j h_j (θ_j − c_j)²`` through a model whose output is θ (any h, any sign)."""
+
+    def __init__(self, h, c, theta):
+        super().__init__()
+        self.theta = nn.Parameter(torch.as_tensor(theta, dtype=torch.float64))
+        self.register_buffer("h", torch.as_tensor(h, dtype=torch.float64))
+        self.register_buffer("c", torch.as_tensor(c, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.theta.expand(x.shape[0], -1)
+
+
+def quad_loss(model):
+    def loss(out, y):
+        return (0.5 * model.h * (out - model.c) ** 2).sum(1).mean()
+
+    return loss
+
+
+def exact_hessian(model, loss_fn, x, y, reverse_only=False):
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    names = list(params)
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+    shapes = [p.shape for p in params.values()]
+
+    def f(v):
+        out, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            k = math.prod(s)
+            out[n] = v[i : i + k].view(s)
+            i += k
+        return loss_fn(functional_call(model, out, (x,) if not isinstance(x, tuple) else x), y)
+
+    # torch.func.hessian is forward-over-reverse; CPU flash attention has no forward-mode
+    # derivative, and jacrev(jacrev) through attention came out asymmetric here, so attention
+    # models use a loop of double backward (torch.autograd.grad) instead.
+    if reverse_only:  # brute force: one double-backward column per parameter
+        with gn.hessian.twice_differentiable():
+            leaf = flat.clone().requires_grad_(True)
+            g = torch.autograd.grad(f(leaf), leaf, create_graph=True)[0]
+            H = torch.stack([torch.autograd.grad(g[j], leaf, retain_graph=True)[0] for j in range(len(flat))])
+    else:
+        H = hessian(f)(flat)
+    torch.testing.assert_close(H, H.T, rtol=1e-9, atol=1e-12)  # a Hessian is symmetric
+    return H
+
+
+EIG_CASES = ["mlp", "mnist1d-cnn", "transformer"]
+
+
+@pytest.mark.parametrize("name", EIG_CASES)
+def test_lanczos_top3_matches_eigvalsh(name):
+    model, loss, x, y = CASES_BY_NAME[name].make(torch.float64, batch=6)
+    # Train mode (no dropout here): in eval mode nn.TransformerEncoderLayer may take its fused
+    # inference path under torch.func transforms, which gives a wrong (asymmetric) reference.
+    model.train(name == "transformer")
+    H = exact_hessian(model, loss, x, y, reverse_only=name == "transformer")
+    exact = torch.linalg.eigvalsh(H).flip(0)[:3]
+    eig = gn.hessian_eigenvalues(model, loss, (x, y), k=3, which="LA", tol=1e-8)
+    np.testing.assert_allclose(eig.eigenvalues, exact.numpy(), rtol=1e-6)
+    assert eig.converged and max(eig.residuals) < 1e-6
+
+
+@pytest.mark.parametrize("name", EIG_CASES)
+def test_power_iteration_to_its_tolerance(name):
+    model, loss, x, y = CASES_BY_NAME[name].make(torch.float64, batch=6)
+    model.train(name == "transformer")  # see test_lanczos_top3_matches_eigvalsh
+    evals = torch.linalg.eigvalsh(exact_hessian(model, loss, x, y, reverse_only=name == "transformer"))
+    eig = gn.hessian_eigenvalues(model, loss, (x, y), k=1, which="LA", method="power", tol=1e-4, max_iter=5000)
+    assert eig.converged and eig.residuals[0] <= 1e-4
+    # A residual r bounds the eigenvalue error by r·|λ| (Bauer–Fike for symmetric H).
+    assert abs(eig.eigenvalues[0] - float(evals[-1])) <= 1e-4 * abs(eig.eigenvalues[0]) + 1e-12
+
+
+def test_indefinite_la_and_lm_differ_both_right():
+    model = Quadratic(h=[-3.0, 1.0, 2.0, 0.5], c=[0.0] * 4, theta=[0.3, -0.2, 0.1, 0.4])
+    x, y, loss = torch.zeros(2, 1), torch.zeros(2), quad_loss(model)
+    for method in ("lanczos", "power"):
+        la = gn.hessian_eigenvalues(model, loss, (x, y), which="LA", method=method, tol=1e-8)
+        lm = gn.hessian_eigenvalues(model, loss, (x, y), which="LM", method=method, tol=1e-8)
+        sa = gn.hessian_eigenvalues(model, loss, (x, y), which="SA", method=method, tol=1e-8)
+        assert la.eigenvalues[0] == pytest.approx(2.0, rel=1e-6)
+        assert lm.eigenvalues[0] == pytest.approx(-3.0, rel=1e-6)
+        assert sa.eigenvalues[0] == pytest.approx(-3.0, rel=1e-6)
+    top2 = gn.hessian_eigenvalues(model, loss, (x, y), k=2, which="LA", method="power", tol=1e-8)
+    assert top2.eigenvalues == pytest.approx((2.0, 1.0), rel=1e-6)
+
+
+def test_hvp_methods_agree_with_exact_hessian():
+    model, loss, x, y = CASES_BY_NAME["conv1d"].make(torch.float64, batch=5)
+    H = exact_hessian(model, loss, x, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    batches = [(x[:2], y[:2]), (x[2:], y[2:])]  # weighted by size: the mean over all 5
+    for method in ("double-backward", "forward-over-reverse"):
+        op = gn.hessian_operator(model, loss, batches, method=method)
+        torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(op.matmat(torch.stack([v, 2 * v], 1))[:, 1], 2 * H @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_hutchinson_within_stderr_and_hutchpp_lower_variance():
+    model, loss, x, y = CASES_BY_NAME["mlp"].make(torch.float64, batch=6)
+    exact = float(torch.trace(exact_hessian(model, loss, x, y)))
+    est = gn.hessian_trace(model, loss, (x, y), num_hvps=300, seed=0)
+    assert abs(est.trace - exact) < 4 * est.stderr
+    hutch = [gn.hessian_trace(model, loss, (x, y), num_hvps=30, seed=s).trace for s in range(40)]
+    hpp = [gn.hessian_trace(model, loss, (x, y), method="hutch++", num_hvps=30, seed=s).trace for s in range(40)]
+    assert np.var(hpp) < np.var(hutch)
+    assert abs(np.mean(hpp) - exact) < 4 * np.std(hpp) / math.sqrt(40) + 1e-9
+
+
+def test_epsilon_sharpness_on_a_quadratic():
+    h, c, theta = np.array([2.0, 1.0, 0.5]), np.array([1.0, -1.0, 0.0]), np.array([0.5, 0.2, -0.3])
+    model = Quadratic(h, c, theta)
+    x, y, loss = torch.zeros(4, 1), torch.zeros(4), quad_loss(model)
+    eps = 1e-2
+    # Convex and separable: each coordinate goes to the bound in the direction of its gradient.
+    r = eps * (np.abs(theta) + 1)
+    best = theta + r * np.sign(h * (theta - c))
+    L = lambda t: float(0.5 * np.sum(h * (t - c) ** 2))  # noqa: E731
+    expected = (L(best) - L(theta)) / (1 + L(theta)) * 100
+    got = gn.epsilon_sharpness(model, loss, (x, y), epsilon=eps)
+    assert got.sharpness == pytest.approx(expected, rel=1e-6)
+    assert got.loss == pytest.approx(L(theta))
+    sub = gn.epsilon_sharpness(model, loss, (x, y), epsilon=eps, subspace_dim=2, seed=1)
+    again = gn.epsilon_sharpness(model, loss, (x, y), epsilon=eps, subspace_dim=2, seed=1)
+    assert sub.sharpness == again.sharpness and 0 <= sub.sharpness <= got.sharpness * 5
+
+
+def test_relu_rescaling_changes_sharpness_not_loss():
+    """Dinh et al. 2017: (W1, W2) → (αW1, W2/α) is the same function with another λ_max."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False)).double()
+    x, y, loss = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,)), nn.CrossEntropyLoss()
+    scaled = nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False)).double()
+    with torch.no_grad():
+        scaled[0].weight.copy_(model[0].weight * 5.0)
+        scaled[2].weight.copy_(model[2].weight / 5.0)
+    a = gn.hessian_eigenvalues(model, loss, (x, y), tol=1e-8)
+    b = gn.hessian_eigenvalues(scaled, loss, (x, y), tol=1e-8)
+    assert float(loss(model(x), y)) == pytest.approx(float(loss(scaled(x), y)), rel=1e-12)
+    assert abs(b.eigenvalues[0] / a.eigenvalues[0] - 1) > 0.5  # same function, other sharpness
+
+
+def test_landscapes():
+    model, loss, x, y = CASES_BY_NAME["mlp"].make(torch.float64, batch=8)
+    other = CASES_BY_NAME["mlp"].model().double()
+    line = gn.loss_along_line(model, loss, (x, y), model, other, alphas=[0.0, 0.5, 1.0])
+    assert line.losses[0] == pytest.approx(float(loss(model(x), y)))
+    assert line.losses[2] == pytest.approx(float(loss(other(x), y)))
+    s1 = gn.random_slice(model, loss, (x, y), steps=5)
+    assert s1.losses.shape == (5,) and s1.losses[2] == pytest.approx(line.losses[0])
+    s2 = gn.random_slice(model, loss, (x, y), dims=2, steps=3, metric=lambda o, t: (o.argmax(1) == t).double().mean())
+    assert s2.losses.shape == (3, 3) and s2.metric.shape == (3, 3)
+    d = gn.filter_normalized_direction(model)
+    torch.testing.assert_close(d["0.weight"].norm(dim=1), model[0].weight.detach().norm(dim=1))
+    assert d["0.bias"].abs().sum() == 0
+
+
+def test_curvature_refuses_dropout_and_batchnorm_in_train_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2))
+    x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
+    with pytest.raises(ValueError, match="dropout in train mode.*model.eval"):
+        gn.hessian_eigenvalues(model, nn.CrossEntropyLoss(), (x, y))
+    with pytest.raises(ValueError, match="unknown which"):
+        gn.hessian_eigenvalues(model.eval(), nn.CrossEntropyLoss(), (x, y), which="BE")
+    with pytest.raises(ValueError, match="unknown HVP method"):
+        gn.hessian_operator(model, nn.CrossEntropyLoss(), (x, y), method="finite-differences")
+
+
+def test_transformer_eval_mode_curvature_equals_train_mode_without_dropout():
+    model, loss, x, y = CASES_BY_NAME["transformer"].make(torch.float64, batch=6)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    hv_train = gn.hessian_operator(model.train(), loss, (x, y)).matvec(v)
+    hv_eval = gn.hessian_operator(model.eval(), loss, (x, y)).matvec(v)
+    torch.testing.assert_close(hv_eval, hv_train, rtol=1e-10, atol=1e-12)
