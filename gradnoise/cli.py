@@ -1,6 +1,7 @@
 """The ``gradnoise`` command: a thin shell over the library.
 
-    gradnoise measure [--task mnist1d-mlp | --model package.module:factory] [--out FILE]
+    gradnoise measure   [--task mnist1d-mlp | --model package.module:factory] [--out FILE]
+    gradnoise sharpness [--task mnist1d-mlp | --model package.module:factory] [--out FILE]
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from gradnoise.measure import MeasureConfig, measure, parse_sizes
+from gradnoise.measure import MeasureConfig, SharpnessConfig, measure, measure_sharpness, parse_sizes
 from gradnoise.tasks import TASKS
 
 
@@ -39,11 +40,35 @@ def _measure_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("gradnoise_measure.json"), help="JSON output (default: %(default)s)")
 
 
+def _sharpness_parser(sub) -> None:
+    d = SharpnessConfig()
+    p = sub.add_parser(
+        "sharpness",
+        help="train a task briefly and measure the curvature of its loss",
+        description="Train briefly, then the Hessian's top-k eigenvalues (Lanczos), its trace "
+        "(Hutch++) and the ε-sharpness of Keskar et al. (2017) over the first N training "
+        "examples, in eval mode; print them and write JSON.",
+    )
+    p.add_argument("--task", default=d.task, choices=sorted(TASKS), help="built-in task (default: %(default)s)")
+    p.add_argument("--model", default=None, help="your own model: package.module:factory returning (model, loss_fn, (x, y))")
+    p.add_argument("--train-steps", type=int, default=d.train_steps)
+    p.add_argument("--train-batch", type=int, default=d.train_batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--examples", type=int, default=d.examples, help="examples the loss is averaged over (default: %(default)s)")
+    p.add_argument("--k", type=int, default=d.k, help="eigenvalues (default: %(default)s)")
+    p.add_argument("--epsilon", type=float, default=d.epsilon, help="ε of the ε-sharpness box (default: %(default)s)")
+    p.add_argument("--trace-hvps", type=int, default=d.trace_hvps)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--out", type=Path, default=Path("gradnoise_sharpness.json"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradnoise", description="Measure gradient noise and curvature.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _measure_parser(sub)
+    _sharpness_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
 
@@ -60,6 +85,23 @@ def main(argv: list[str] | None = None) -> int:
         if result.suggestion:
             print("\nWhat batch size? " + result.suggestion["reasoning"])
         args.out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+    elif args.command == "sharpness":
+        fields = {f.name for f in dataclasses.fields(SharpnessConfig)}
+        config = SharpnessConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        try:
+            r = measure_sharpness(config)
+        except ValueError as exc:
+            parser.error(str(exc))
+        e, t, s = r["eigenvalues"], r["trace"], r["epsilon_sharpness"]
+        print(f"gradnoise sharpness: {r['description']} ({r['num_params']:,} parameters), loss over the first {r['examples']} training examples")
+        print(f"trained {config.train_steps} SGD steps at B={config.train_batch}, lr={config.lr}: loss {r['train_loss']:.4f}\n")
+        vals = ", ".join(f"{v:.4g}" for v in e["eigenvalues"])
+        print(f"  top-{config.k} Hessian eigenvalues (Lanczos): {vals}   [{e['num_hvps']} HVPs, {r['eigen_seconds']:.2f} s, max residual {max(e['residuals']):.1e}]")
+        print(f"  2/lr for SGD at lr={config.lr}: {r['two_over_lr']:.4g}  (λ_max above it: unstable for full-batch GD)")
+        print(f"  trace (Hutch++, {t['num_hvps']} HVPs): {t['trace']:.4g} ± {t['stderr']:.2g}")
+        print(f"  ε-sharpness (ε={s['epsilon']}, full space, L-BFGS-B): {s['sharpness']:.4g} %  (loss {s['loss']:.4g} → {s['max_loss']:.4g})")
+        args.out.write_text(json.dumps(r, indent=2) + "\n")
         print(f"\nwrote {args.out}")
     return 0
 

@@ -20,7 +20,16 @@ from gradnoise.batch_size import suggest_batch_size
 from gradnoise.stats import gradient_stats
 from gradnoise.tasks import get_task
 
-__all__ = ["MeasureConfig", "MeasureResult", "measure", "load_entry_point", "train_sgd"]
+__all__ = [
+    "MeasureConfig",
+    "MeasureResult",
+    "SharpnessConfig",
+    "load_entry_point",
+    "load_problem",
+    "measure",
+    "measure_sharpness",
+    "train_sgd",
+]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +117,21 @@ def load_entry_point(spec: str):
     return out
 
 
+def load_problem(task_name: str, model_spec: str | None, seed: int, device: str):
+    """``(model, loss_fn, x_train, y_train, description)`` of a built-in task or an entry point."""
+    torch.manual_seed(seed)
+    if model_spec:
+        model, loss_fn, (x, y) = load_entry_point(model_spec)
+        description = model_spec
+    else:
+        task = get_task(task_name)
+        model, loss_fn = task.make_model(), task.make_loss()
+        x, y, _, _ = task.make_data()
+        description = task.description
+    dev = torch.device(device)
+    return model.to(dev), loss_fn, x.to(dev), y.to(dev), description
+
+
 def train_sgd(
     model: nn.Module, loss_fn, x: Tensor, y: Tensor, *, steps: int, batch: int, lr: float, seed: int
 ) -> float:
@@ -138,17 +162,8 @@ def measure(config: MeasureConfig) -> MeasureResult:
     """
     if config.train_steps < 0 or config.batches < 1 or not config.batch_sizes:
         raise ValueError("train_steps must be ≥ 0, batches ≥ 1 and batch_sizes non-empty")
-    torch.manual_seed(config.seed)
-    if config.model:
-        model, loss_fn, (x, y) = load_entry_point(config.model)
-        description = config.model
-    else:
-        task = get_task(config.task)
-        model, loss_fn = task.make_model(), task.make_loss()
-        x, y, _, _ = task.make_data()
-        description = task.description
-    device = torch.device(config.device)
-    model, x, y = model.to(device), x.to(device), y.to(device)
+    model, loss_fn, x, y, description = load_problem(config.task, config.model, config.seed, config.device)
+    device = x.device
     n = x.shape[0]
     for b in config.batch_sizes:
         if not 2 <= b <= n:
@@ -222,3 +237,51 @@ def parse_sizes(text: str) -> Sequence[int]:
         return tuple(int(t) for t in text.split(","))
     except ValueError as exc:
         raise ValueError(f"batch sizes must be comma-separated integers, got {text!r}") from exc
+
+
+@dataclass(frozen=True)
+class SharpnessConfig:
+    """What ``gradnoise sharpness`` runs. Every field has a command-line flag of the same name."""
+
+    task: str = "mnist1d-mlp"
+    model: str | None = None
+    train_steps: int = 300
+    train_batch: int = 64
+    lr: float = 0.05
+    examples: int = 1000  # the stated set: the first N training examples
+    k: int = 3
+    epsilon: float = 1e-3
+    trace_hvps: int = 60
+    seed: int = 0
+    device: str = "cpu"
+
+
+def measure_sharpness(config: SharpnessConfig) -> dict:
+    """Train briefly, then the Hessian's top-k eigenvalues (Lanczos), its trace (Hutch++) and
+    the ε-sharpness (Keskar et al. 2017), over the first ``examples`` training examples, in
+    eval mode (curvature of a deterministic loss)."""
+    from gradnoise.hessian import hessian_eigenvalues, hessian_trace
+    from gradnoise.sharpness import epsilon_sharpness
+
+    model, loss_fn, x, y, description = load_problem(config.task, config.model, config.seed, config.device)
+    train_loss = train_sgd(model, loss_fn, x, y, steps=config.train_steps, batch=config.train_batch, lr=config.lr, seed=config.seed)
+    model.eval()
+    n = min(config.examples, x.shape[0])
+    data = (x[:n], y[:n])
+    start = time.perf_counter()
+    eig = hessian_eigenvalues(model, loss_fn, data, k=config.k, tol=1e-4, seed=config.seed)
+    t_eig = time.perf_counter() - start
+    trace = hessian_trace(model, loss_fn, data, method="hutch++", num_hvps=config.trace_hvps, seed=config.seed)
+    sharp = epsilon_sharpness(model, loss_fn, data, epsilon=config.epsilon, seed=config.seed)
+    return {
+        "config": dataclasses.asdict(config),
+        "description": description,
+        "num_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "examples": n,
+        "train_loss": train_loss,
+        "eigenvalues": eig.to_dict(),
+        "eigen_seconds": t_eig,
+        "two_over_lr": 2 / config.lr,
+        "trace": trace.to_dict(),
+        "epsilon_sharpness": sharp.to_dict(),
+    }

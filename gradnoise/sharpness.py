@@ -40,7 +40,7 @@ def _flat_loss_and_grad(op, x: Tensor):
             out = functional_call(op.model, {**leaves, **op.state}, xs)
             loss = op.loss_fn(out, ys[0] if len(ys) == 1 else ys)
             gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-            total += w * float(loss)
+            total += w * float(loss.detach())
             grads += w * op.flatten([torch.zeros_like(p) if g is None else g for p, g in zip(leaves.values(), gs, strict=True)])
     return total, grads
 

@@ -50,3 +50,15 @@ def test_measure_bad_arguments(argv, message, capsys):
         main(argv + ["--train-steps", "0"])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_sharpness_builtin_task(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    argv = ["sharpness", "--task", "linreg", "--train-steps", "10", "--examples", "200", "--k", "2", "--trace-hvps", "12", "--out", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "Hessian eigenvalues" in text and "ε-sharpness" in text
+    data = json.loads(out.read_text())
+    eig = data["eigenvalues"]["eigenvalues"]
+    assert len(eig) == 2 and eig[0] >= eig[1] > 0  # linear regression: H = 2·(1/n)XᵀX ≻ 0
+    assert data["eigenvalues"]["converged"]
