@@ -97,7 +97,12 @@ def calls_for(name, batch, sizes, model, loss_fn, x, y, args):
         if batch == min(sizes):
             calls["Python loop of autograd.grad"] = lambda: gn.per_sample_grads_loop(model, loss_fn, x, y)
     if args.anchors:
-        calls.update(anchors(model, loss_fn, x, y))
+        for label, call in anchors(model, loss_fn, x, y).items():
+            try:  # an anchor that cannot run this model is skipped, with a note
+                call()
+                calls[label] = call
+            except Exception as exc:
+                print(f"# {label} skipped on {name}: {type(exc).__name__}: {str(exc)[:80]}", file=sys.stderr)
     return calls
 
 

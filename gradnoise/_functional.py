@@ -230,6 +230,15 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+def sdpa_math():
+    """Scaled dot-product attention through its math backend. The fused CPU kernels have
+    no vmap batching rule (vmap falls back to a loop over examples) and no second or
+    forward-mode derivative; the math backend is made of ordinary, batchable ops."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def unsqueeze_all(batch: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(t.unsqueeze(0) for t in batch)
 

@@ -44,6 +44,7 @@ from gradnoise._functional import (
     check_no_train_batchnorm,
     is_known_mean_loss,
     preserved_state,
+    sdpa_math,
     trainable_params,
 )
 from gradnoise._rules import rule_for
@@ -228,7 +229,8 @@ def _module_grads(
                             [dl.select(dd, i) for dl, dd in deltas]) for i in range(batch)]  # fmt: skip
         return {k: torch.stack([r[k] for r in rows]) for k in wanted}
     fn = vmap(grad(inner), in_dims=(None, in_dims, [d for _, d in deltas]))
-    return fn(wanted_p, in_tensors, [dl for dl, _ in deltas])
+    with sdpa_math():  # batchable attention (the fused kernel has no vmap rule)
+        return fn(wanted_p, in_tensors, [dl for dl, _ in deltas])
 
 
 def fast_applies(model: nn.Module, loss_fn: LossFn, inputs: Batch, targets: Batch) -> bool:

@@ -34,6 +34,7 @@ from gradnoise._functional import (
     frozen_state,
     mean_gradient,
     preserved_state,
+    sdpa_math,
     trainable_params,
 )
 
@@ -50,12 +51,7 @@ __all__ = [
 HVPMethod = Literal["double-backward", "forward-over-reverse"]
 
 
-def twice_differentiable():
-    """Scaled dot-product attention through its math backend: the fused CPU/CUDA kernels
-    have no second (or forward-mode) derivative, so curvature needs this one."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
+twice_differentiable = sdpa_math  # the fused attention kernels have no second derivative
 
 
 def as_batches(batches) -> list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:

@@ -25,6 +25,7 @@ from gradnoise._functional import (
     check_vmappable,
     frozen_state,
     preserved_state,
+    sdpa_math,
     trainable_params,
     unsqueeze_all,
 )
@@ -131,7 +132,8 @@ def vmap_grads_and_losses(
         randomness="different",
         chunk_size=chunk_size,
     )
-    return fn(params, *xs, *ys)
+    with sdpa_math():  # batchable attention (the fused kernel has no vmap rule)
+        return fn(params, *xs, *ys)
 
 
 def per_sample_grads_loop(
