@@ -245,7 +245,7 @@ def _gsnr_sums(mean: Tensor, m2: Tensor, n: int, dataset_size: int | None) -> tu
     keep = torch.lt(q, limit, out=torch.empty_like(q))
     keep.mul_(torch.gt(m2, NEGLIGIBLE * float(m2.max()), out=torch.empty_like(q)))
     count = int(keep.sum())
-    q_sum = float(q.mul_(keep).sum(dtype=torch.float64))
+    q_sum = float(q.mul_(keep).sum())  # pairwise float32 sum: accurate enough, 3× faster
     return ((n - 1) * q_sum - count * (1.0 / n - inv_n)) / pop, count
 
 
