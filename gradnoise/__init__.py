@@ -25,6 +25,7 @@ from gradnoise.hessian import (
     hessian_operator,
     hessian_trace,
 )
+from gradnoise.monitor import Monitor, log_spaced
 from gradnoise.noise_scale import (
     NoiseLaw,
     NoiseScale,
@@ -44,6 +45,7 @@ from gradnoise.sharpness import (
     loss_along_line,
     random_slice,
 )
+from gradnoise.sinks import read_run
 from gradnoise.stats import GradientStats, LayerStats, StatsAccumulator, gradient_stats
 
 __version__ = "0.1.0"
@@ -59,6 +61,7 @@ __all__ = [
     "Landscape",
     "TraceEstimate",
     "LayerStats",
+    "Monitor",
     "NoiseLaw",
     "NoiseScale",
     "NoiseScaleEMA",
@@ -69,8 +72,10 @@ __all__ = [
     "filter_normalized_direction",
     "hessian_eigenvalues",
     "hessian_trace",
+    "log_spaced",
     "loss_along_line",
     "random_slice",
+    "read_run",
     "critical_batch_sweep",
     "fit_critical_batch",
     "gradient_stats",

@@ -2,6 +2,7 @@
 
     gradnoise measure   [--task mnist1d-mlp | --model package.module:factory] [--out FILE]
     gradnoise sharpness [--task mnist1d-mlp | --model package.module:factory] [--out FILE]
+    gradnoise watch RUN_DIR [--follow] [--plot DIR]
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import logging
 import sys
 from pathlib import Path
 
-from gradnoise.measure import MeasureConfig, SharpnessConfig, measure, measure_sharpness, parse_sizes
+from gradnoise.measure import (
+    MeasureConfig,
+    SharpnessConfig,
+    measure,
+    measure_sharpness,
+    parse_sizes,
+)
 from gradnoise.tasks import TASKS
 
 
@@ -63,12 +70,54 @@ def _sharpness_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("gradnoise_sharpness.json"))
 
 
+def _watch_parser(sub) -> None:
+    p = sub.add_parser(
+        "watch",
+        help="summarise a monitored run (and render its figures)",
+        description="Read RUN_DIR written by gradnoise.Monitor: print a summary of the latest "
+        "records; --follow refreshes it; --plot renders the standard figures (PDF + PNG).",
+    )
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--follow", action="store_true", help="refresh until interrupted")
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes (default: %(default)s)")
+    p.add_argument("--last", type=int, default=10, help="records shown (default: %(default)s)")
+    p.add_argument("--plot", type=Path, default=None, help="write figures to this directory")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def watch_summary(run_dir: Path, last: int = 10) -> str:
+    from gradnoise.sinks import read_run
+
+    config, records = read_run(run_dir)
+    if not config and not records:
+        raise ValueError(f"{run_dir} holds no gradnoise run (no config.json or metrics.jsonl)")
+    lines = [f"run {run_dir}: {config.get('model', '?')} ({config.get('num_params', '?')} parameters), "
+             f"{len(records)} records, mode {config.get('mode', '?')}"]
+    cols = ["step", "loss", "lr", "grad_norm", "b_simple", "b_simple_ema", "gsnr", "lambda_max", "two_over_lr"]
+    cols = [c for c in cols if any(r.get(c) is not None for r in records)]
+    lines.append("  " + "".join(f"{c:>13}" for c in cols))
+    for r in records[-last:]:
+        lines.append("  " + "".join(f"{_fmt(r.get(c)):>13}" for c in cols))
+    emas = [r["b_simple_ema"] for r in records if isinstance(r.get("b_simple_ema"), (int, float))]
+    if len(emas) >= 2 and emas[0] and emas[0] > 0:
+        lines.append(f"  noise scale (EMA) went from {emas[0]:.4g} to {emas[-1]:.4g} ({emas[-1] / emas[0]:.2g}×)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradnoise", description="Measure gradient noise and curvature.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     _measure_parser(sub)
     _sharpness_parser(sub)
+    _watch_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
 
@@ -103,6 +152,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ε-sharpness (ε={s['epsilon']}, full space, L-BFGS-B): {s['sharpness']:.4g} %  (loss {s['loss']:.4g} → {s['max_loss']:.4g})")
         args.out.write_text(json.dumps(r, indent=2) + "\n")
         print(f"\nwrote {args.out}")
+    elif args.command == "watch":
+        import time
+
+        try:
+            while True:
+                print(watch_summary(args.run_dir, args.last), flush=True)
+                if not args.follow:
+                    break
+                time.sleep(args.interval)
+                print()
+        except ValueError as exc:
+            parser.error(str(exc))
+        except KeyboardInterrupt:
+            pass
+        if args.plot is not None:
+            from gradnoise.plots import plot_run
+            from gradnoise.sinks import read_run
+
+            args.plot.mkdir(parents=True, exist_ok=True)
+            plot_run(read_run(args.run_dir)[1], args.plot / "run")
+            print(f"wrote {args.plot / 'run.pdf'} and {args.plot / 'run.png'}")
     return 0
 
 

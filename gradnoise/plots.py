@@ -80,3 +80,48 @@ def plot_critical_batch(fit, batch_sizes, steps, ax=None):
     ax.set_ylabel("steps to target")
     ax.legend(frameon=False, fontsize="small")
     return fig
+
+
+def _series(records, key):
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and np.isfinite(r[key])]
+    return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts])) if pts else (np.array([]), np.array([]))
+
+
+def plot_run(records, path_stem=None):
+    """The standard figures of a monitored run: loss, the noise scale (raw and EMA, per
+    layer), and λ_max against 2/η when recorded. Returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    set_style()
+    has_lam = any(r.get("lambda_max") is not None for r in records)
+    ncols = 3 if has_lam else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 3.6), constrained_layout=True)
+    s, v = _series(records, "loss")
+    axes[0].plot(s, v, color="C0")
+    axes[0].set(xlabel="step", ylabel="training loss", title="loss")
+    s, v = _series(records, "b_simple")
+    pos = v > 0
+    axes[1].plot(s[pos], v[pos], ".", color="0.6", ms=3, label=r"$B_{\mathrm{simple}}$ (one batch)")
+    s, v = _series(records, "b_simple_ema")
+    axes[1].plot(s, v, color="C1", lw=2, label="EMA (ratio of averages)")
+    layers = sorted({k for r in records for k in r if k.startswith("b_simple/")})
+    for i, k in enumerate(layers[:6]):
+        s, v = _series(records, k)
+        axes[1].plot(s, np.where(v > 0, v, np.nan), lw=1, alpha=0.7, color=f"C{(i + 2) % 10}", label=k.split("/", 1)[1])
+    axes[1].set_yscale("log")
+    axes[1].set(xlabel="step", ylabel="noise scale", title="gradient noise scale")
+    axes[1].legend(frameon=False, fontsize="x-small")
+    if has_lam:
+        s, v = _series(records, "lambda_max")
+        axes[2].plot(s, v, "o-", color="C3", ms=3, label=r"$\lambda_{\max}$")
+        s2, v2 = _series(records, "two_over_lr")
+        if len(s2):
+            axes[2].plot(s2, v2, "--", color="0.3", label=r"$2/\eta$")
+        axes[2].set(xlabel="step", ylabel="sharpness", title=r"$\lambda_{\max}$ of the Hessian")
+        axes[2].legend(frameon=False, fontsize="small")
+    if path_stem is not None:
+        save(fig, path_stem)
+    return fig

@@ -1,0 +1,435 @@
+"""Instrumenting a training loop: gradient noise and sharpness on a schedule, written to
+crash-safe logs, without changing the run.
+
+    monitor = gn.Monitor(model, loss_fn, run_dir="runs/exp1", every=1,
+                         sharpness_every=100, sharpness_data=(x_fixed, y_fixed))
+    for x, y in loader:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        monitor.step(x, y, optimizer=opt, loss=loss)   # after backward, before opt.step()
+        opt.step()
+    monitor.close()
+
+Two ways to measure (``mode``):
+
+* ``"hooks"``: forward hooks and output-gradient hooks on the supported layers apply the
+  per-layer rules of :mod:`gradnoise._rules` inside *your* backward pass, and the mean
+  gradient is read from ``.grad`` — no extra forward or backward. Needs every trainable
+  parameter in a supported layer called once per forward, a mean-reduced loss, and
+  ``step()`` between ``backward()`` and ``zero_grad()``.
+* ``"separate"``: ``step()`` calls :func:`gradnoise.gradient_stats` on the batch (one extra
+  forward and backward). Works for any model.
+* ``"auto"`` (default): ``"hooks"`` when every parameter is covered, else ``"separate"``.
+
+Gradient accumulation (``accumulation_steps=k``): each micro-batch backward is observed by
+parameter hooks, so the two-batch estimate (McCandlish et al. 2018, App. A.1) comes free.
+Under DDP (``torch.distributed`` initialised, world size > 1) the per-rank local gradient
+and the all-reduced one give the two-batch estimate; only rank 0 writes.
+
+Nothing the monitor does changes the run: hooks only read, ``.grad`` is only read, RNG
+state is untouched, and a training run with the monitor is bitwise identical to one
+without. An exception inside a metric is logged and counted (``monitor.errors``), never
+raised into the training loop, unless ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from gradnoise._functional import LossFn, as_tuple, trainable_params
+from gradnoise._rules import rule_for
+from gradnoise.noise_scale import NoiseScaleEMA, two_batch
+from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
+from gradnoise.stats import Moments, gradient_stats, stats_from_moments
+
+__all__ = ["Monitor", "log_spaced"]
+
+log = logging.getLogger(__name__)
+
+Schedule = int | Callable[[int], bool] | None
+
+
+def log_spaced(base: float = 1.25, start: int = 0) -> Callable[[int], bool]:
+    """A schedule due at steps ``start``, and ``⌊base^i⌋`` (deduplicated): dense early,
+    sparse late, as for quantities that change fastest at the start of training."""
+    if base <= 1:
+        raise ValueError(f"base must be > 1, got {base}")
+    due: set[int] = {start}
+    x = 1.0
+    while x < 1e9:
+        due.add(int(x))
+        x *= base
+    return lambda step: step in due
+
+
+def _due(schedule: Schedule, step: int) -> bool:
+    if schedule is None:
+        return False
+    if isinstance(schedule, int):
+        if schedule < 1:
+            raise ValueError(f"an integer schedule means every k ≥ 1 steps, got {schedule}")
+        return step % schedule == 0
+    return bool(schedule(step))
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
+
+
+class _LayerHooks:
+    """Persistent hooks: per-example norms of the supported layers in the user's backward."""
+
+    def __init__(self, modules: dict[str, nn.Module], monitor: Monitor) -> None:
+        self.modules, self.monitor = modules, monitor
+        self.handles: list = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.sq: dict[str, list[Tensor]] = {}  # module → per-micro-batch norms dicts
+        self.sum_sq: dict[str, dict[str, Tensor]] = {}
+        self.calls: dict[str, int] = {}
+        self.failed: str | None = None
+
+    def install(self) -> None:
+        for name, m in self.modules.items():
+            self.handles.append(m.register_forward_hook(self._forward(name)))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _forward(self, name: str):
+        def hook(module, args, output):
+            if not self.monitor._armed or not torch.is_grad_enabled():
+                return
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor):
+                a = args[0].detach()
+                output.register_hook(self._backward(name, module, a))
+
+        return hook
+
+    def _backward(self, name: str, module: nn.Module, a: Tensor):
+        def hook(g: Tensor) -> None:
+            try:
+                B = a.shape[0]
+                scale = B / self.monitor.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
+                norms = rule_for(module).norms(module, a, g.detach(), self.monitor.variance)
+                for local, (sq, s2) in norms.items():
+                    self.sq.setdefault(f"{name}.{local}" if name else local, []).append(sq * scale**2)
+                    if s2 is not None:
+                        key = f"{name}.{local}" if name else local
+                        acc = self.sum_sq.setdefault(key, {})
+                        acc["v"] = acc["v"] + s2 * scale**2 if "v" in acc else s2 * scale**2
+            except Exception as exc:  # never break the user's backward pass
+                if self.monitor.strict:
+                    raise
+                self.failed = f"{type(exc).__name__}: {exc}"
+
+        return hook
+
+
+class Monitor:
+    """Gradient noise (and sharpness) of a training run, on a schedule, to sinks.
+
+    Args:
+        model: the model being trained (a DDP wrapper or the module itself).
+        loss_fn: the mean-reduced loss the loop uses.
+        run_dir: directory for ``config.json``, ``metrics.jsonl`` and ``metrics.csv``
+            (created); ``None`` keeps records in memory only (``monitor.history``).
+        every: noise schedule: every k steps (int), or a callable ``step → bool``
+            (e.g. :func:`log_spaced`).
+        sharpness_every: schedule for ``λ_max`` (Lanczos, warm-started from the previous
+            eigenvector) on the fixed ``sharpness_data``; ``None`` disables it.
+        sharpness_data: ``(inputs, targets)`` — the stated examples ``λ_max`` is of.
+        variance: also per-element variance and GSNR (one extra product per layer).
+        per_layer: record ``B_simple`` per module.
+        ema: β of the moving averages of ``tr Σ`` and ``|G|²`` behind ``b_simple_ema``.
+        accumulation_steps: micro-batches per optimizer step; call ``step()`` once per
+            optimizer step with the whole batch (all micro-batches concatenated).
+        loss_scale: factor the loop multiplies each micro-batch loss by before
+            ``backward()`` (default ``1/accumulation_steps``, the usual convention).
+        mode: ``"auto"``, ``"hooks"`` or ``"separate"`` (module docstring).
+        tensorboard: also write TensorBoard scalars to ``run_dir`` (optional extra).
+        strict: re-raise exceptions from metrics instead of logging and counting them.
+        config: extra entries for ``config.json`` (hyperparameters, seed, ...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        run_dir: str | Path | None = None,
+        every: Schedule = 1,
+        sharpness_every: Schedule = None,
+        sharpness_data: tuple | None = None,
+        variance: bool = False,
+        per_layer: bool = True,
+        ema: float = 0.95,
+        accumulation_steps: int = 1,
+        loss_scale: float | None = None,
+        mode: str = "auto",
+        tensorboard: bool = False,
+        strict: bool = False,
+        config: dict | None = None,
+    ) -> None:
+        if mode not in ("auto", "hooks", "separate"):
+            raise ValueError(f"unknown mode {mode!r}; choose 'auto', 'hooks' or 'separate'")
+        if sharpness_every is not None and sharpness_data is None:
+            raise ValueError("sharpness_every needs sharpness_data=(inputs, targets): λ_max is of a stated set of examples")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be ≥ 1, got {accumulation_steps}")
+        self.model = model
+        self.inner = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+        self.loss_fn = loss_fn
+        self.every, self.sharpness_every, self.sharpness_data = every, sharpness_every, sharpness_data
+        self.variance, self.per_layer, self.strict = variance, per_layer, strict
+        self.accumulation_steps = accumulation_steps
+        self.loss_scale = loss_scale if loss_scale is not None else 1.0 / accumulation_steps
+        self.errors = 0
+        self.history = MemorySink()
+        self._ema = NoiseScaleEMA(ema)
+        self._step = 0
+        self._v_prev: Tensor | None = None
+        self._keys: list[str] | None = None
+        self._dist = _dist()
+        self._rank0 = self._dist is None or self._dist.get_rank() == 0
+        params = trainable_params(self.inner)
+        self._params = {n: p for n, p in self.inner.named_parameters() if n in params}
+        self.mode = self._choose_mode(mode)
+        self._hooks: _LayerHooks | None = None
+        self._param_handles: list = []
+        self._micro_sq: list[float] = []
+        self._micro_sizes: list[int] = []
+        self._sinks: list = [self.history]
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        if self.run_dir is not None and self._rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            cfg = {
+                "model": type(self.inner).__name__, "num_params": sum(p.numel() for p in self._params.values()),
+                "loss_fn": type(loss_fn).__name__, "every": repr(every), "sharpness_every": repr(sharpness_every),
+                "variance": variance, "ema": ema, "accumulation_steps": accumulation_steps,
+                "loss_scale": self.loss_scale, "mode": self.mode,
+                "world_size": 1 if self._dist is None else self._dist.get_world_size(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(config or {}),
+            }  # fmt: skip
+            (self.run_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+            self._sinks += [JSONLSink(self.run_dir / "metrics.jsonl"), CSVSink(self.run_dir / "metrics.csv")]
+            if tensorboard:
+                self._sinks.append(TensorBoardSink(self.run_dir))
+        self._armed = False
+        self.attach()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _choose_mode(self, mode: str) -> str:
+        from gradnoise.fast_norms import _owners
+
+        owners = _owners(self.inner, trainable_params(self.inner))
+        modules = dict(self.inner.named_modules())
+        uncovered = [n for n, os in owners.items() if len(os) != 1 or rule_for(modules[os[0][0]]) is None]
+        if mode == "hooks" and uncovered:
+            raise ValueError(
+                f"mode='hooks' needs every trainable parameter in a supported layer "
+                f"(Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, RMSNorm); not covered: "
+                f"{uncovered[:5]}. Use mode='separate' (one extra forward and backward per step)"
+            )
+        if mode == "auto":
+            mode = "separate" if uncovered else "hooks"
+        if self._dist is not None:
+            mode = "hooks" if not uncovered else "separate"
+        return mode
+
+    def attach(self) -> None:
+        """Install the hooks (done at construction; :meth:`close` removes them)."""
+        if self.mode == "hooks" and self._hooks is None:
+            modules = {m: mod for m, mod in self.inner.named_modules() if rule_for(mod) is not None}
+            self._hooks = _LayerHooks(modules, self)
+            self._hooks.install()
+        if (self.accumulation_steps > 1 or self._dist is not None) and not self._param_handles:
+            for p in self._params.values():
+                self._param_handles.append(p.register_hook(self._on_param_grad))
+        self._armed = _due(self.every, self._step)
+
+    def _on_param_grad(self, g: Tensor) -> None:
+        """Gradient of one backward (before accumulation / all-reduce): its squared norm."""
+        if self._armed:
+            self._pending_sq = getattr(self, "_pending_sq", 0.0) + float(g.detach().double().square().sum())
+            self._pending_count = getattr(self, "_pending_count", 0) + 1
+            if self._pending_count == len(self._params):  # all parameters of this backward seen
+                self._micro_sq.append(self._pending_sq / self.loss_scale**2)
+                self._pending_sq, self._pending_count = 0.0, 0
+
+    def close(self) -> None:
+        """Remove the hooks and close the sinks."""
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        for h in self._param_handles:
+            h.remove()
+        self._param_handles = []
+        for s in self._sinks:
+            s.close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self, inputs, targets, *, optimizer: torch.optim.Optimizer | None = None, loss: Tensor | float | None = None) -> dict | None:
+        """Record the metrics of this step if the schedule says so; returns the record.
+
+        Call after ``backward()`` and before ``optimizer.step()``/``zero_grad()``, with the
+        whole batch of this optimizer step.
+        """
+        step = self._step
+        record = None
+        try:
+            if self._armed:
+                record = self._record(step, inputs, targets, optimizer, loss)
+            if _due(self.sharpness_every, step):
+                record = self._sharpness(record or self._base(step, inputs, optimizer, loss), optimizer)
+            if record is not None:
+                self._write(record)
+        except Exception as exc:
+            self.errors += 1
+            if self.strict:
+                raise
+            log.warning("gradnoise.Monitor: a metric failed at step %d (%s: %s); training continues", step, type(exc).__name__, exc)
+        finally:
+            if self._hooks is not None:
+                self._hooks.reset()
+            self._micro_sq, self._pending_sq, self._pending_count = [], 0.0, 0
+            self._step += 1
+            self._armed = _due(self.every, self._step)
+        return record
+
+    def _base(self, step, inputs, optimizer, loss) -> dict:
+        lr = optimizer.param_groups[0].get("lr") if optimizer is not None else None
+        return {
+            "step": step,
+            "batch_size": as_tuple(inputs)[0].shape[0] * (1 if self._dist is None else self._dist.get_world_size()),
+            "lr": lr,
+            "loss": None if loss is None else float(loss.detach() if isinstance(loss, Tensor) else loss),
+        }
+
+    def _record(self, step, inputs, targets, optimizer, loss) -> dict:
+        rec = self._base(step, inputs, optimizer, loss)
+        B = as_tuple(inputs)[0].shape[0]
+        if self.mode == "separate":
+            stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
+            rec["loss"] = rec["loss"] if rec["loss"] is not None else stats.loss
+            grad_norm = math.sqrt(sum(float(v.double().square().sum()) for v in stats.mean.values()))
+        else:
+            stats = self._stats_from_hooks(B)
+            grad_norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in self._params.values() if p.grad is not None))
+        if stats is not None:
+            rec.update(
+                grad_norm=grad_norm, trace_cov=stats.trace_cov, grad_norm_sq=stats.grad_norm_sq,
+                b_simple=stats.b_simple, b_simple_ema=self._ema.update(stats.trace_cov, stats.grad_norm_sq),
+                gsnr=stats.gsnr,
+            )  # fmt: skip
+            if self.per_layer:
+                for name, ls in stats.per_layer.items():
+                    rec[f"b_simple/{name}"] = ls.b_simple
+        else:
+            rec["grad_norm"] = grad_norm
+        rec.update(self._two_batch(B))
+        return rec
+
+    def _stats_from_hooks(self, B: int):
+        """Statistics of this step from the hooks' per-example norms and ``.grad``."""
+        if self._dist is not None:
+            return None  # under DDP .grad is the all-reduced mean: use the two-batch estimate
+        hooks = self._hooks
+        if hooks.failed:
+            raise RuntimeError(f"a layer hook failed during backward: {hooks.failed}")
+        several = [m for m, c in hooks.calls.items() if c > self.accumulation_steps]
+        if several:
+            raise RuntimeError(f"modules called more than once per forward {several[:3]}: use Monitor(mode='separate')")
+        mean, tm2, m2, sq = {}, {}, ({} if self.variance else None), {}
+        for name, p in self._params.items():
+            if p.grad is None or name not in hooks.sq:
+                raise RuntimeError(f"no gradient recorded for {name!r}: call step() after backward() and before zero_grad()")
+            g = p.grad.detach() / (self.loss_scale * self.accumulation_steps)
+            s = torch.cat(hooks.sq[name]).double()
+            if s.shape[0] != B:
+                raise RuntimeError(f"the hooks saw {s.shape[0]} examples but the batch has {B}: pass the whole batch of this optimizer step")
+            flat = g.flatten()
+            mean[name], sq[name] = g, s
+            tm2[name] = (s.sum() - B * flat.dot(flat).double()).clamp_min(0)
+            if m2 is not None:
+                m2[name] = torch.addcmul(hooks.sum_sq[name]["v"], g, g, value=-B).clamp_min_(0)
+        m = Moments(B, mean, tm2, m2, sq, 0.0, dict.fromkeys(mean, "hooks"))
+        return stats_from_moments(m)
+
+    def _two_batch(self, B: int) -> dict:
+        """Two-batch estimate from micro-batch (accumulation) or per-rank (DDP) gradients."""
+        if not self._micro_sq:
+            return {}
+        k = len(self._micro_sq)
+        small = sum(self._micro_sq) / k
+        big = sum(float(p.grad.detach().double().square().sum()) for p in self._params.values() if p.grad is not None)
+        big /= (self.loss_scale * self.accumulation_steps) ** 2 if self._dist is None else 1.0
+        if self._dist is not None:  # per-rank local gradient vs the all-reduced one
+            t = torch.tensor([small], dtype=torch.float64, device=next(iter(self._params.values())).device)
+            self._dist.all_reduce(t)
+            small = float(t) / self._dist.get_world_size()
+            b, total = B, B * self._dist.get_world_size()
+        else:
+            b, total = B // k, B
+        if not 0 < b < total:
+            return {}
+        g2, tr = two_batch(small, big, b, total)
+        return {"two_batch_trace_cov": tr, "two_batch_grad_norm_sq": g2, "two_batch_b_simple": tr / g2 if g2 > 0 else math.inf}
+
+    def _sharpness(self, record: dict, optimizer) -> dict:
+        from gradnoise.hessian import hessian_eigenvalues
+
+        modes = [(m, m.training) for m in self.inner.modules()]
+        try:  # curvature of the deterministic (eval-mode) loss; modes restored below
+            self.inner.eval()
+            # Power iteration from the previous eigenvector: the top eigenvector moves slowly
+            # during training, so a warm start needs few products (Lanczos needs ≥ ncv).
+            method = "power" if self._v_prev is not None else "lanczos"
+            eig = hessian_eigenvalues(
+                self.inner, self.loss_fn, self.sharpness_data, k=1, which="LA", tol=1e-3,
+                v0=self._v_prev, method=method,
+            )  # fmt: skip
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        self._v_prev = eig.eigenvectors[:, 0]
+        lr = optimizer.param_groups[0].get("lr") if optimizer is not None else None
+        record.update(lambda_max=eig.eigenvalues[0], lambda_max_hvps=eig.num_hvps, two_over_lr=None if not lr else 2.0 / lr)
+        return record
+
+    def _write(self, record: dict) -> None:
+        if self._keys is None:  # fixed columns: every metric present (None when absent)
+            extra = ["lambda_max", "lambda_max_hvps", "two_over_lr"]
+            if self.accumulation_steps > 1 or self._dist is not None:
+                extra += ["two_batch_trace_cov", "two_batch_grad_norm_sq", "two_batch_b_simple"]
+            self._keys = list(dict.fromkeys(list(record) + extra))
+        full = {k: record.get(k) for k in self._keys}
+        full.update({k: v for k, v in record.items() if k not in full})
+        if self._rank0:
+            for s in self._sinks:
+                s.write(full)

@@ -1,0 +1,269 @@
+"""The training monitor: non-interference, agreement with the library, schedules, sinks,
+crash safety, gradient accumulation and DDP."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import gradnoise as gn
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def dropout_mlp():
+    return nn.Sequential(nn.Linear(6, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 3))
+
+
+def bn_mlp():
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def train(factory, monitor_kwargs=None, steps=6, seed=0, tmp=None):
+    torch.manual_seed(seed)
+    model = factory()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    mon = None
+    if monitor_kwargs is not None:
+        mon = gn.Monitor(model, loss_fn, run_dir=tmp, **monitor_kwargs)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        if mon is not None:
+            mon.step(x, y, optimizer=opt, loss=loss)
+        opt.step()
+    if mon is not None:
+        mon.close()
+    return model, mon
+
+
+@pytest.mark.parametrize("factory", [mlp, dropout_mlp, bn_mlp], ids=["mlp", "dropout", "batchnorm"])
+@pytest.mark.parametrize("mode", ["auto", "separate"])
+def test_training_with_monitor_is_bitwise_identical(factory, mode, tmp_path):
+    data = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    plain, _ = train(factory)
+    watched, mon = train(factory, {"mode": mode, "sharpness_every": 3, "sharpness_data": data, "variance": True}, tmp=tmp_path)
+    for (k, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    if factory is bn_mlp:  # per-example gradients undefined with train-mode BatchNorm
+        assert mon.errors > 0
+    else:
+        assert mon.errors == 0 and len(mon.history.records) == 6
+
+
+def test_hooks_mode_equals_gradient_stats():
+    torch.manual_seed(0)
+    model = mlp().double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    mon = gn.Monitor(model, loss_fn, variance=True)
+    assert mon.mode == "hooks"
+    loss_fn(model(x), y).backward()
+    rec = mon.step(x, y, loss=0.0)
+    ref = gn.gradient_stats(model, loss_fn, x, y)
+    assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-10)
+    assert rec["grad_norm_sq"] == pytest.approx(ref.grad_norm_sq, rel=1e-10)
+    assert rec["gsnr"] == pytest.approx(ref.gsnr, rel=1e-8)
+    assert rec["b_simple/0"] == pytest.approx(ref.per_layer["0"].b_simple, rel=1e-10)
+    mon.close()
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
+def test_accumulation_gives_two_batch_estimate_for_free():
+    torch.manual_seed(0)
+    model = mlp().double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    mon = gn.Monitor(model, loss_fn, accumulation_steps=4)
+    for xb, yb in zip(x.split(4), y.split(4), strict=True):
+        (loss_fn(model(xb), yb) / 4).backward()
+    rec = mon.step(x, y)
+    g2, tr = gn.two_batch_stats(model, loss_fn, x, y, micro_batches=4)
+    assert rec["two_batch_trace_cov"] == pytest.approx(tr, rel=1e-10)
+    assert rec["two_batch_grad_norm_sq"] == pytest.approx(g2, rel=1e-10)
+    ref = gn.gradient_stats(model, loss_fn, x, y)  # per-example estimate over all 16 too
+    assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-10)
+    mon.close()
+
+
+def test_metric_exception_is_counted_not_raised_unless_strict():
+    def bad_loss(out, y):
+        raise RuntimeError("metric boom")
+
+    model = mlp()
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    mon = gn.Monitor(model, bad_loss, mode="separate")
+    assert mon.step(x, y) is None and mon.errors == 1
+    strict = gn.Monitor(model, bad_loss, mode="separate", strict=True)
+    with pytest.raises(RuntimeError, match="metric boom"):
+        strict.step(x, y)
+
+
+def test_schedules_and_sharpness(tmp_path):
+    data = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    _, mon = train(mlp, {"every": 2, "sharpness_every": gn.log_spaced(2.0), "sharpness_data": data}, steps=9, tmp=tmp_path)
+    steps = [r["step"] for r in mon.history.records]
+    assert steps == [0, 1, 2, 4, 6, 8]  # noise at 0,2,4,6,8; λ_max at 0,1,2,4,8
+    with_lam = [r["step"] for r in mon.history.records if r.get("lambda_max") is not None]
+    assert with_lam == [0, 1, 2, 4, 8]
+    assert all(r["two_over_lr"] == pytest.approx(20.0) for r in mon.history.records if r.get("lambda_max") is not None)
+    config, records = gn.read_run(tmp_path)
+    assert config["every"] == "2" and len(records) == 6
+    with open(tmp_path / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 6 and "lambda_max" in rows[0]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="sharpness_data"):
+        gn.Monitor(mlp(), nn.CrossEntropyLoss(), sharpness_every=10)
+    with pytest.raises(ValueError, match="unknown mode"):
+        gn.Monitor(mlp(), nn.CrossEntropyLoss(), mode="magic")
+    with pytest.raises(ValueError, match="mode='hooks' needs every trainable parameter"):
+        gn.Monitor(nn.Sequential(nn.Linear(4, 4), nn.PReLU()), nn.MSELoss(), mode="hooks")
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, gradnoise as gn
+    from torch import nn
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = gn.Monitor(model, nn.CrossEntropyLoss(), run_dir=sys.argv[1])
+    step = 0
+    while True:
+        x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+        opt.zero_grad(); loss = nn.CrossEntropyLoss()(model(x), y); loss.backward()
+        mon.step(x, y, optimizer=opt, loss=loss); opt.step()
+        step += 1
+        if step == 20:
+            print("ready", flush=True)
+    """
+)
+
+
+def test_sigkill_leaves_parseable_files(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    config, records = gn.read_run(tmp_path / "run")
+    assert len(records) >= 20 and [r["step"] for r in records] == list(range(len(records)))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) - len(records) <= 1  # at most the record being written is lost
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) >= len(records) - 1 and math.isfinite(float(rows[0]["b_simple"]))
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, json, torch, torch.distributed as dist, gradnoise as gn
+    from torch import nn
+    rank, world = int(sys.argv[1]), 2
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x = torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
+    xl, yl = x[rank * 8:(rank + 1) * 8], y[rank * 8:(rank + 1) * 8]
+    mon = gn.Monitor(ddp, nn.CrossEntropyLoss(), run_dir=sys.argv[3] if rank == 0 else None)
+    nn.CrossEntropyLoss()(ddp(xl), yl).backward()
+    rec = mon.step(xl, yl)
+    if rank == 0:
+        print(json.dumps(rec), flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.timeout(120) if hasattr(pytest.mark, "timeout") else (lambda f: f)
+def test_ddp_two_processes_match_single_process(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    port = str(29500 + os.getpid() % 1000)
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    rec = json.loads(outs[0][0].strip().splitlines()[-1])
+    # The same data on one process: two micro-batches of 8 (what each rank saw).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    x = torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
+    g2, tr = gn.two_batch_stats(model, nn.CrossEntropyLoss(), x, y, micro_batches=2)
+    assert rec["batch_size"] == 16
+    assert rec["two_batch_trace_cov"] == pytest.approx(tr, rel=1e-9)
+    assert rec["two_batch_grad_norm_sq"] == pytest.approx(g2, rel=1e-9)
+    _, records = gn.read_run(tmp_path / "run")
+    assert len(records) == 1  # only rank 0 writes
+
+
+def test_lightning_callback(tmp_path):
+    pl = pytest.importorskip("pytorch_lightning", reason="the lightning extra is not installed")
+    from gradnoise.lightning import GradNoiseCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 6), torch.randint(0, 3, (64,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    cb = GradNoiseCallback(nn.CrossEntropyLoss(), run_dir=tmp_path / "run")
+    trainer = pl.Trainer(max_epochs=2, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         accumulate_grad_batches=2)  # fmt: skip
+    trainer.fit(Module(), loader)
+    assert cb.monitor.errors == 0
+    records = gn.read_run(tmp_path / "run")[1]
+    assert len(records) == 4  # 2 epochs × 4 batches / 2 micro-batches per optimizer step
+    assert all(r["batch_size"] == 32 and r["trace_cov"] > 0 and "two_batch_trace_cov" in r for r in records)
+
+
+def test_tensorboard_sink_and_watch(tmp_path, capsys):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from gradnoise.cli import main
+
+    data = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    _, mon = train(mlp, {"tensorboard": True, "sharpness_every": 3, "sharpness_data": data}, steps=6, tmp=tmp_path)
+    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+    assert main(["watch", str(tmp_path), "--plot", str(tmp_path / "fig")]) == 0
+    out = capsys.readouterr().out
+    assert "6 records" in out and "b_simple_ema" in out and "lambda_max" in out
+    assert (tmp_path / "fig" / "run.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        main(["watch", str(tmp_path / "missing")])
