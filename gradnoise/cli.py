@@ -3,6 +3,7 @@
     gradnoise measure   [--task mnist1d-mlp | --model package.module:factory] [--out FILE]
     gradnoise sharpness [--task mnist1d-mlp | --model package.module:factory] [--out FILE]
     gradnoise watch RUN_DIR [--follow] [--plot DIR]
+    gradnoise reproduce [--quick] [--force] [--only NAMES]
 """
 
 from __future__ import annotations
@@ -84,6 +85,46 @@ def _watch_parser(sub) -> None:
     p.add_argument("--plot", type=Path, default=None, help="write figures to this directory")
 
 
+EXPERIMENTS = {  # experiment → the figure script that reads it (None: a table in the report)
+    "noise_law": "fig_noise_law",
+    "noise_over_training": "fig_noise_over_training",
+    "accumulation": None,
+    "batchnorm_small_batch": "fig_batchnorm",
+    "edge_of_stability": "fig_edge_of_stability",
+    "memory": "fig_memory",
+}
+
+
+def _reproduce_parser(sub) -> None:
+    p = sub.add_parser(
+        "reproduce",
+        help="run the experiments and render the paper figures (from the repository root)",
+        description="Run experiments/<name>/run.py (skipping those with results unless --force), "
+        "then paper_figures/*.py. --quick uses small sizes (the CI smoke run).",
+    )
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(EXPERIMENTS)}")
+
+
+def reproduce(quick: bool, force: bool, only: str | None) -> None:
+    import subprocess
+    import sys
+
+    if not (Path("experiments").is_dir() and Path("paper_figures").is_dir()):
+        raise ValueError("gradnoise reproduce runs from the repository root (where experiments/ and paper_figures/ are)")
+    names = list(EXPERIMENTS) if only is None else only.split(",")
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}")
+    flags = (["--quick"] if quick else []) + (["--force"] if force else [])
+    for name in names:
+        print(f"== experiment {name}", flush=True)
+        subprocess.run([sys.executable, "-m", f"experiments.{name}.run", *flags], check=True)
+        if EXPERIMENTS[name]:
+            subprocess.run([sys.executable, "-m", f"paper_figures.{EXPERIMENTS[name]}", *(["--quick"] if quick else [])], check=True)
+
+
 def _fmt(v) -> str:
     if v is None:
         return "—"
@@ -118,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     _measure_parser(sub)
     _sharpness_parser(sub)
     _watch_parser(sub)
+    _reproduce_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
 
@@ -167,12 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         if args.plot is not None:
-            from gradnoise.plots import plot_run
+            from gradnoise.plots import plot_run  # noqa: I001
             from gradnoise.sinks import read_run
 
             args.plot.mkdir(parents=True, exist_ok=True)
             plot_run(read_run(args.run_dir)[1], args.plot / "run")
             print(f"wrote {args.plot / 'run.pdf'} and {args.plot / 'run.png'}")
+    elif args.command == "reproduce":
+        try:
+            reproduce(args.quick, args.force, args.only)
+        except ValueError as exc:
+            parser.error(str(exc))
     return 0
 
 

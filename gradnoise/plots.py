@@ -110,7 +110,7 @@ def plot_run(records, path_stem=None):
     layers = sorted({k for r in records for k in r if k.startswith("b_simple/")})
     for i, k in enumerate(layers[:6]):
         s, v = _series(records, k)
-        axes[1].plot(s, np.where(v > 0, v, np.nan), lw=1, alpha=0.7, color=f"C{(i + 2) % 10}", label=k.split("/", 1)[1])
+        axes[1].plot(s, np.where(v > 0, v, np.nan), lw=0.8, alpha=0.6, color=f"C{(i + 2) % 10}", label=f"layer {k.split('/', 1)[1]} (one batch)")
     axes[1].set_yscale("log")
     axes[1].set(xlabel="step", ylabel="noise scale", title="gradient noise scale")
     axes[1].legend(frameon=False, fontsize="x-small")
