@@ -81,6 +81,12 @@ def _due(schedule: Schedule, step: int) -> bool:
     return bool(schedule(step))
 
 
+def _sq(t: Tensor) -> Tensor:
+    """``|t|²`` in one pass (no squared or float64 copy)."""
+    flat = t.detach().reshape(-1)
+    return flat.dot(flat)
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -269,7 +275,7 @@ class Monitor:
     def _on_param_grad(self, g: Tensor) -> None:
         """Gradient of one backward (before accumulation / all-reduce): its squared norm."""
         if self._armed:
-            self._pending_sq = getattr(self, "_pending_sq", 0.0) + float(g.detach().double().square().sum())
+            self._pending_sq = getattr(self, "_pending_sq", 0.0) + float(_sq(g))
             self._pending_count = getattr(self, "_pending_count", 0) + 1
             if self._pending_count == len(self._params):  # all parameters of this backward seen
                 self._micro_sq.append(self._pending_sq / self.loss_scale**2)
@@ -337,10 +343,12 @@ class Monitor:
         if self.mode == "separate":
             stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
             rec["loss"] = rec["loss"] if rec["loss"] is not None else stats.loss
-            grad_norm = math.sqrt(sum(float(v.double().square().sum()) for v in stats.mean.values()))
+            grad_norm = math.sqrt(sum(float(_sq(v)) for v in stats.mean.values()))
         else:
             stats = self._stats_from_hooks(B)
-            grad_norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in self._params.values() if p.grad is not None))
+            grad_norm = math.sqrt(sum(float(_sq(p.grad)) for p in self._params.values() if p.grad is not None))
+            if self._dist is None:
+                grad_norm /= self.loss_scale * self.accumulation_steps
         if stats is not None:
             rec.update(
                 grad_norm=grad_norm, trace_cov=stats.trace_cov, grad_norm_sq=stats.grad_norm_sq,
@@ -369,7 +377,8 @@ class Monitor:
         for name, p in self._params.items():
             if p.grad is None or name not in hooks.sq:
                 raise RuntimeError(f"no gradient recorded for {name!r}: call step() after backward() and before zero_grad()")
-            g = p.grad.detach() / (self.loss_scale * self.accumulation_steps)
+            factor = self.loss_scale * self.accumulation_steps
+            g = p.grad.detach() if factor == 1 else p.grad.detach() / factor
             s = torch.cat(hooks.sq[name]).double()
             if s.shape[0] != B:
                 raise RuntimeError(f"the hooks saw {s.shape[0]} examples but the batch has {B}: pass the whole batch of this optimizer step")
@@ -387,7 +396,7 @@ class Monitor:
             return {}
         k = len(self._micro_sq)
         small = sum(self._micro_sq) / k
-        big = sum(float(p.grad.detach().double().square().sum()) for p in self._params.values() if p.grad is not None)
+        big = sum(float(_sq(p.grad)) for p in self._params.values() if p.grad is not None)
         big /= (self.loss_scale * self.accumulation_steps) ** 2 if self._dist is None else 1.0
         if self._dist is not None:  # per-rank local gradient vs the all-reduced one
             t = torch.tensor([small], dtype=torch.float64, device=next(iter(self._params.values())).device)
