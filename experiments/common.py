@@ -86,7 +86,7 @@ def train(model: nn.Module, loss_fn, x, y, *, steps: int, batch: int, lr: float,
         if hook is not None:
             hook(step, x[idx], y[idx], opt, loss)
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 

@@ -14,6 +14,7 @@ Conventions (see DESIGN.md §1):
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -214,15 +215,27 @@ def is_known_mean_loss(loss_fn: LossFn, targets: Batch) -> bool:
     return True
 
 
+_measuring = threading.local()
+
+
+def is_measuring() -> bool:
+    """True while a gradnoise measurement runs the model (a training monitor's hooks must
+    not count those forward passes as the user's)."""
+    return getattr(_measuring, "depth", 0) > 0
+
+
 @contextlib.contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore torch's global RNG state (CPU and CUDA) and all ``training`` flags on exit."""
+    """Restore torch's global RNG state (CPU and CUDA) and all ``training`` flags on exit;
+    marks the block as a measurement (:func:`is_measuring`)."""
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     modes = [(m, m.training) for m in model.modules()]
+    _measuring.depth = getattr(_measuring, "depth", 0) + 1
     try:
         yield
     finally:
+        _measuring.depth -= 1
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from gradnoise._functional import LossFn, as_tuple, trainable_params
+from gradnoise._functional import LossFn, as_tuple, is_measuring, trainable_params
 from gradnoise._rules import rule_for
 from gradnoise.noise_scale import NoiseScaleEMA, two_batch
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
@@ -120,8 +120,8 @@ class _LayerHooks:
 
     def _forward(self, name: str):
         def hook(module, args, output):
-            if not self.monitor._armed or not torch.is_grad_enabled():
-                return
+            if not self.monitor._armed or not torch.is_grad_enabled() or is_measuring():
+                return  # only the user's own forward passes count
             self.calls[name] = self.calls.get(name, 0) + 1
             if isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor):
                 a = args[0].detach()

@@ -268,3 +268,17 @@ def test_tensorboard_sink_and_watch(tmp_path, capsys):
     assert (tmp_path / "fig" / "run.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         main(["watch", str(tmp_path / "missing")])
+
+
+def test_measurements_between_forward_and_step_do_not_disturb_the_hooks():
+    torch.manual_seed(0)
+    model = mlp().double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    mon = gn.Monitor(model, loss_fn)
+    loss_fn(model(x), y).backward()
+    gn.per_sample_grads(model, loss_fn, x, y)  # vmap forward: must not reach the hooks
+    gn.gradient_stats(model, loss_fn, x[:5], y[:5])
+    rec = mon.step(x, y)
+    assert mon.errors == 0
+    assert rec["trace_cov"] == pytest.approx(gn.gradient_stats(model, loss_fn, x, y).trace_cov, rel=1e-10)
