@@ -484,6 +484,15 @@ def suggest_batch_size(
     if mem is not None and budget is not None:
         fixed, per = mem
         max_b = max(1, int((budget * (0.8 if memory_budget is None else 1.0) - fixed) // per))
+    if device.type == "cuda" and memory_budget is None:  # measure, not estimate: probe until OOM
+        xs0 = as_tuple(x0)
+
+        def make_batch(b):
+            idx = torch.arange(b, device=device) % xs0[0].shape[0]
+            return (xs0[0][idx] if len(xs0) == 1 else tuple(t[idx] for t in xs0)), y0[idx]
+
+        probed = oom_probe(model, loss_fn, make_batch, start=max(1, len(y0)))
+        max_b = probed if probed else max_b
     suggested = _pow2_floor(target) if math.isfinite(target) else (max_b or 1)
     if max_b is not None:
         suggested = min(suggested, _pow2_floor(max_b))

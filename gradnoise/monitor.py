@@ -122,7 +122,6 @@ class _LayerHooks:
         def hook(module, args, output):
             if not self.monitor._armed or not torch.is_grad_enabled() or is_measuring():
                 return  # only the user's own forward passes count
-            self.calls[name] = self.calls.get(name, 0) + 1
             if isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor):
                 a = args[0].detach()
                 output.register_hook(self._backward(name, module, a))
@@ -131,6 +130,8 @@ class _LayerHooks:
 
     def _backward(self, name: str, module: nn.Module, a: Tensor):
         def hook(g: Tensor) -> None:
+            # Counted when the gradient arrives: a forward without backward (evaluation) is ignored.
+            self.calls[name] = self.calls.get(name, 0) + 1
             try:
                 B = a.shape[0]
                 scale = B / self.monitor.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i

@@ -342,8 +342,9 @@ class NoiseLaw:
         errors: mean of ``|ĝ_B − G|²`` over ``repeats`` batches drawn without replacement.
         errors_se: standard errors of those means.
         theory: ``tr Σ / B · (N − B)/(N − 1)`` with the exact ``tr Σ`` of the data set.
-        exponent: fitted slope of ``log E·(N−1)/(N−B)`` against ``log B`` (expect −1).
-        exponent_interval: its confidence interval (Student t on the regression).
+        exponent: fitted slope of ``log E·(N−1)/(N−B)`` against ``log B`` (expect −1), by
+            least squares weighted with each point's relative standard error.
+        exponent_interval: its confidence interval (Student t on the weighted regression).
         raw_exponent: the slope without the finite-population factor (bends near ``N``).
         trace_cov_fit: ``exp(intercept)``, the fitted ``tr Σ``; trace_cov: the exact one.
         dataset_size: ``N``.
@@ -369,6 +370,19 @@ class NoiseLaw:
         from gradnoise.plots import plot_noise_law
 
         return plot_noise_law(self, ax=ax)
+
+
+def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float, float]:
+    """Weighted least-squares line: slope, intercept and the slope's standard error (residual
+    variance estimated from the fit, as in ordinary regression)."""
+    X = np.stack([np.ones_like(x), x], axis=1)
+    XtW = X.T * w
+    cov = np.linalg.inv(XtW @ X)
+    beta = cov @ (XtW @ y)
+    r = y - X @ beta
+    dof = max(len(x) - 2, 1)
+    s2 = float(np.sum(w * r**2) / dof)
+    return float(beta[1]), float(beta[0]), math.sqrt(max(s2 * cov[1, 1], 0.0))
 
 
 def noise_law(
@@ -440,8 +454,12 @@ def noise_law(
         raise ValueError("need at least 2 batch sizes below N to fit the exponent")
     logb = np.log([sizes[i] for i in keep])
     corrected = [errors[i] * (N - 1) / (N - sizes[i]) for i in keep] if finite_population else [errors[i] for i in keep]
-    fit = sstats.linregress(logb, np.log(corrected))
-    raw = sstats.linregress(logb, np.log([errors[i] for i in keep]))
+    # Weighted least squares in log space: σ(log E) ≈ SE/E (delta method), so points whose
+    # mean is noisy (heavy-tailed gradients at small B) count less.
+    rel = np.array([ses[i] / errors[i] if errors[i] > 0 else 0.0 for i in keep])
+    w = 1 / np.maximum(rel, 1e-12) ** 2 if np.all(rel > 0) else np.ones(len(keep))
+    slope, intercept, slope_se = _wls(logb, np.log(corrected), w)
+    raw_slope = _wls(logb, np.log([errors[i] for i in keep]), w)[0]
     dof = len(keep) - 2
     t = sstats.t.ppf(1 - (1 - confidence) / 2, dof) if dof > 0 else math.inf
     return NoiseLaw(
@@ -449,10 +467,10 @@ def noise_law(
         errors=tuple(errors),
         errors_se=tuple(ses),
         theory=theory,
-        exponent=float(fit.slope),
-        exponent_interval=(float(fit.slope - t * fit.stderr), float(fit.slope + t * fit.stderr)),
-        raw_exponent=float(raw.slope),
-        trace_cov_fit=float(math.exp(fit.intercept)),
+        exponent=slope,
+        exponent_interval=(slope - t * slope_se, slope + t * slope_se),
+        raw_exponent=raw_slope,
+        trace_cov_fit=float(math.exp(intercept)),
         trace_cov=float(trace_cov),
         dataset_size=N,
         repeats=repeats,

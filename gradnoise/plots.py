@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["set_style", "plot_noise_law", "plot_critical_batch", "save"]
+__all__ = ["plot_critical_batch", "plot_landscape", "plot_noise_law", "plot_run", "save", "set_style"]
 
 PALETTE = "colorblind"
 
@@ -124,4 +124,32 @@ def plot_run(records, path_stem=None):
         axes[2].legend(frameon=False, fontsize="small")
     if path_stem is not None:
         save(fig, path_stem)
+    return fig
+
+
+def plot_landscape(landscape, ax=None, label: str | None = None, metric_label: str = "metric"):
+    """A :class:`gradnoise.Landscape`: loss (and metric, on a twin axis) along a line or a
+    1-D slice; filled contours for a 2-D slice."""
+    fig, ax = _axes(ax)
+    a = np.asarray(landscape.alphas)
+    if landscape.betas is None:
+        ax.plot(a, landscape.losses, color="C0", lw=2, label=label or "loss")
+        xlabel = r"$\alpha$ in $(1-\alpha)\theta_a + \alpha\theta_b$" if landscape.kind == "line" else r"$\alpha$ along a filter-normalised direction"
+        ax.set(xlabel=xlabel, ylabel="loss")
+        if landscape.kind == "line":
+            for x0, name in ((0, r"$\theta_a$"), (1, r"$\theta_b$")):
+                ax.axvline(x0, color="0.7", lw=1, ls=":")
+                ax.text(x0, ax.get_ylim()[1], name, ha="center", va="bottom", fontsize="small")
+        if landscape.metric is not None:
+            twin = ax.twinx()
+            twin.plot(a, landscape.metric, color="C1", lw=1.5, ls="--", label=metric_label)
+            twin.set_ylabel(metric_label, color="C1")
+        ax.legend(frameon=False, fontsize="small", loc="upper center")
+    else:
+        b = np.asarray(landscape.betas)
+        cs = ax.contourf(a, b, np.log10(np.asarray(landscape.losses).T), levels=20, cmap="viridis")
+        ax.contour(a, b, np.log10(np.asarray(landscape.losses).T), levels=10, colors="white", linewidths=0.5)
+        fig.colorbar(cs, ax=ax, label=r"$\log_{10}$ loss")
+        ax.plot([0], [0], "w*", ms=10)
+        ax.set(xlabel=r"$\alpha$ (direction 1)", ylabel=r"$\beta$ (direction 2)", title="filter-normalised slice")
     return fig

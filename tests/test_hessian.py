@@ -167,6 +167,9 @@ def test_landscapes():
     assert s1.losses.shape == (5,) and s1.losses[2] == pytest.approx(line.losses[0])
     s2 = gn.random_slice(model, loss, (x, y), dims=2, steps=3, metric=lambda o, t: (o.argmax(1) == t).double().mean())
     assert s2.losses.shape == (3, 3) and s2.metric.shape == (3, 3)
+    for land in (line, s2):  # figures render (looked at by hand in docs)
+        fig = gn.plots.plot_landscape(land)
+        assert fig.axes
     d = gn.filter_normalized_direction(model)
     torch.testing.assert_close(d["0.weight"].norm(dim=1), model[0].weight.detach().norm(dim=1))
     assert d["0.bias"].abs().sum() == 0

@@ -279,6 +279,7 @@ def test_measurements_between_forward_and_step_do_not_disturb_the_hooks():
     loss_fn(model(x), y).backward()
     gn.per_sample_grads(model, loss_fn, x, y)  # vmap forward: must not reach the hooks
     gn.gradient_stats(model, loss_fn, x[:5], y[:5])
+    loss_fn(model(x[:3]), y[:3])  # an evaluation forward with grad enabled but no backward
     rec = mon.step(x, y)
     assert mon.errors == 0
     assert rec["trace_cov"] == pytest.approx(gn.gradient_stats(model, loss_fn, x, y).trace_cov, rel=1e-10)

@@ -48,12 +48,16 @@ def body(cfg: Config) -> dict:
         g = torch.Generator().manual_seed(seed + 100)
         checkpoints = []
 
+        @torch.no_grad()
+        def full_loss():
+            return float(loss_fn(model(x), y))
+
         def checkpoint(step):
             perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
             batches = [(x[i], y[i]) for i in perm[: cfg.noise_batches * cfg.noise_batch_size].split(cfg.noise_batch_size)]
             ns = gn.noise_scale(model, loss_fn, batches, dataset_size=x.shape[0], hessian=True, hessian_examples=cfg.hessian_examples, seed=seed)
             checkpoints.append({
-                "step": step, "train_loss": float(loss_fn(model(x), y).detach()), "test_accuracy": accuracy(model, xt, yt),
+                "step": step, "train_loss": full_loss(), "test_accuracy": accuracy(model, xt, yt),
                 "b_simple": ns.b_simple, "b_simple_interval": ns.b_simple_interval, "b_noise": ns.b_noise,
                 "b_noise_interval": ns.b_noise_interval, "trace_cov": ns.trace_cov, "grad_norm_sq": ns.grad_norm_sq,
             })  # fmt: skip
