@@ -3,7 +3,6 @@ crash safety, gradient accumulation and DDP."""
 
 import csv
 import json
-import math
 import os
 import signal
 import subprocess
