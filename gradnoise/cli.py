@@ -92,6 +92,7 @@ EXPERIMENTS = {  # experiment → the figure script that reads it (None: a table
     "batchnorm_small_batch": "fig_batchnorm",
     "edge_of_stability": "fig_edge_of_stability",
     "memory": "fig_memory",
+    "critical_batch": "fig_critical_batch",
 }
 
 

@@ -42,25 +42,27 @@ def save(fig, path_stem) -> list[str]:
 
 def plot_noise_law(law, ax=None):
     """``E|ĝ_B − G|²`` against ``B`` (log-log): measurements ± 2 SE, the fitted power law,
-    and the theory ``tr Σ/B · (N−B)/(N−1)`` with and without the finite-population factor."""
+    and the theory ``tr Σ/B · (N−B)/(N−1)`` with and without the finite-population factor.
+    ``B = N`` (error exactly 0) is left out of the log axes."""
     fig, ax = _axes(ax)
+    N = law.dataset_size
     b = np.asarray(law.batch_sizes, dtype=float)
     e, se = np.asarray(law.errors), np.asarray(law.errors_se)
-    grid = np.geomspace(b.min(), b.max(), 200)
-    N = law.dataset_size
+    keep = b < N
+    b, e, se = b[keep], e[keep], se[keep]
+    grid = np.geomspace(b.min(), b.max(), 300)
+    fpc = (N - grid) / (N - 1)
     ax.plot(grid, law.trace_cov / grid, color="0.6", ls=":", lw=1.5, label=r"$\mathrm{tr}\,\Sigma / B$ (infinite data)")
-    fpc = law.trace_cov / grid * np.clip((N - grid) / (N - 1), 1e-12, None)
-    ax.plot(grid, fpc, color="0.3", ls="--", lw=1.5, label=r"$\mathrm{tr}\,\Sigma / B \cdot (N-B)/(N-1)$")
-    fit = law.trace_cov_fit * grid**law.exponent * np.clip((N - grid) / (N - 1), 1e-12, None)
+    ax.plot(grid, law.trace_cov / grid * fpc, color="0.3", ls="--", lw=1.5, label=r"$\mathrm{tr}\,\Sigma / B \cdot (N-B)/(N-1)$")
     lo, hi = law.exponent_interval
-    ax.plot(grid, fit, color="C0", lw=2, label=f"fit: exponent {law.exponent:.3f} [{lo:.3f}, {hi:.3f}]")
-    pos = e > 0
-    ax.errorbar(b[pos], e[pos], yerr=2 * se[pos], fmt="o", color="C1", ms=5, capsize=2, label=f"measured ({law.repeats} batches each)")
+    ax.plot(grid, law.trace_cov_fit * grid**law.exponent * fpc, color="C0", lw=2, label=f"fit: exponent {law.exponent:.3f} [{lo:.3f}, {hi:.3f}]")
+    lower = np.minimum(2 * se, 0.9 * e)  # log axes: clip bars that would cross zero
+    ax.errorbar(b, e, yerr=[lower, 2 * se], fmt="o", color="C1", ms=5, capsize=2, label=f"measured ± 2 SE ({law.repeats} batches each)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("batch size $B$")
     ax.set_ylabel(r"$\mathbb{E}\,|\hat g_B - G|^2$")
-    ax.set_title(f"gradient noise vs batch size (N = {N})")
+    ax.set_title(f"gradient noise vs batch size (N = {N}; at B = N it is 0)")
     ax.legend(frameon=False, fontsize="small")
     return fig
 

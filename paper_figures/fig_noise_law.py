@@ -19,15 +19,14 @@ def main():
     ax = axes[2]
     for state, color in (("init", "C0"), ("trained", "C1")):
         r = res[state]
-        b, e = np.array(r["batch_sizes"], float), np.array(r["errors"])
+        b, e, t = np.array(r["batch_sizes"], float), np.array(r["errors"]), np.array(r["theory"])
         keep = b < r["dataset_size"] / 4
-        std = np.sqrt(e[keep])
-        ax.plot(b[keep], std / std[0], "o-", color=color, label=f"noise std ({state})")
+        ax.plot(b[keep], np.sqrt(e[keep] / t[keep][0]), "o-", color=color, label=f"noise std, measured ({state})")
     b = np.array(res["init"]["batch_sizes"], float)
     b = b[b < res["init"]["dataset_size"] / 4]
     ax.plot(b, np.sqrt(b[0] / b), "k--", lw=1, label=r"$1/\sqrt{B}$")
     ax.plot(b, b / b[0], ":", color="0.4", label="compute per step ∝ B")
-    ax.set(xscale="log", yscale="log", xlabel="batch size $B$", ylabel="relative to smallest B", title="diminishing returns")
+    ax.set(xscale="log", yscale="log", xlabel="batch size $B$", ylabel="relative to theory at smallest B", title="diminishing returns")
     ax.legend(frameon=False, fontsize="x-small")
     print(out(fig, "noise_law", a.quick))
     for state in ("init", "trained"):
