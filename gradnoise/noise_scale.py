@@ -212,6 +212,10 @@ class NoiseScaleEMA:
         ema = NoiseScaleEMA(beta=0.99)
         ema.update(stats.trace_cov, stats.grad_norm_sq)
         ema.b_simple
+
+    The averages span about ``1/(1−β)`` updates. When ``tr Σ`` and ``|G|²`` change by orders
+    of magnitude within that window (late in training, or with sparse updates), the old,
+    larger values dominate both and the ratio lags: match ``β`` to the update schedule.
     """
 
     def __init__(self, beta: float = 0.99) -> None:

@@ -10,9 +10,13 @@ def main():
     res = load("noise_over_training", a.quick)["results"]
     fig, axes = figure(2, size=(5.2, 3.9))
     for i, run in enumerate(res["runs"]):
-        recs = [r for r in run["records"] if r["b_simple_ema"] is not None and r["step"] > 0]
+        recs = [r for r in run["records"] if r["trace_cov"] is not None and r["step"] > 0]
         s = np.array([r["step"] for r in recs])
-        axes[0].plot(s, [r["b_simple_ema"] for r in recs], color=f"C{i}", lw=1.5, label=f"seed {run['seed']}: $B_{{simple}}$ (EMA)")
+        tr, g2 = np.array([r["trace_cov"] for r in recs]), np.array([r["grad_norm_sq"] for r in recs])
+        w = 20  # rolling ratio of averages over the last 20 records (200 steps)
+        roll = np.convolve(tr, np.ones(w), "valid") / np.maximum(np.convolve(g2, np.ones(w), "valid"), 1e-30)
+        roll = np.where(np.convolve(g2, np.ones(w), "valid") > 0, roll, np.nan)
+        axes[0].plot(s[w - 1 :], roll, color=f"C{i}", lw=1.5, label=f"seed {run['seed']}: $B_{{simple}}$, ratio of averages over 200 steps")
         cp = run["checkpoints"]
         steps = np.array([max(c["step"], 1) for c in cp])
         for key, marker in (("b_simple", "o"), ("b_noise", "s")):
