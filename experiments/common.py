@@ -97,3 +97,10 @@ def accuracy(model: nn.Module, x, y) -> float:
     acc = float((model(x).argmax(1) == y).float().mean())
     model.train(was)
     return acc
+
+
+def main(name: str, config_cls, quick_overrides: dict, body: Callable[[object], dict], description: str, argv=None) -> dict:
+    """The command line of every experiment: parse, then run (or load) it."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg, quick, force = parse(config_cls, quick_overrides, argv, description)
+    return run_experiment(name, cfg, quick, force, body)

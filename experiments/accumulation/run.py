@@ -9,13 +9,12 @@ is the largest parameter difference relative to the update size.
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from experiments.common import parse, run_experiment
+from experiments import common
 from gradnoise.tasks import bn_cnn, gn_cnn, mnist1d_data, mnist1d_mlp
 
 NAME = "accumulation"
@@ -61,9 +60,7 @@ def body(cfg: Config) -> dict:
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, quick, force = parse(Config, QUICK, argv, __doc__)
-    return run_experiment(NAME, cfg, quick, force, body)
+    return common.main(NAME, Config, QUICK, body, __doc__, argv)
 
 
 if __name__ == "__main__":

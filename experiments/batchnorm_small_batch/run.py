@@ -8,13 +8,13 @@ test accuracy in eval mode (BatchNorm then uses its running statistics), several
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from experiments.common import accuracy, parse, run_experiment, train
+from experiments import common
+from experiments.common import accuracy, train
 from gradnoise.tasks import mnist1d_cnn, mnist1d_data
 
 NAME = "batchnorm_small_batch"
@@ -55,9 +55,7 @@ def body(cfg: Config) -> dict:
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, quick, force = parse(Config, QUICK, argv, __doc__)
-    return run_experiment(NAME, cfg, quick, force, body)
+    return common.main(NAME, Config, QUICK, body, __doc__, argv)
 
 
 if __name__ == "__main__":

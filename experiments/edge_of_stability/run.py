@@ -7,14 +7,13 @@ MNIST-1D MLP (40-128-128-10, tanh), full-batch GD on the first N training exampl
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import gradnoise as gn
-from experiments.common import parse, run_experiment
+from experiments import common
 from gradnoise.tasks import mnist1d_data
 
 NAME = "edge_of_stability"
@@ -23,14 +22,14 @@ NAME = "edge_of_stability"
 @dataclass(frozen=True)
 class Config:
     examples: int = 1000
-    lrs: tuple = (0.02, 0.04, 0.08)
+    lrs: tuple = (0.1, 0.25, 0.5)
     steps: int = 2000
     every: int = 25
     hidden: int = 128
     seed: int = 0
 
 
-QUICK = {"examples": 200, "lrs": (0.08,), "steps": 60, "every": 20}
+QUICK = {"examples": 200, "lrs": (0.25,), "steps": 60, "every": 20}
 
 
 def body(cfg: Config) -> dict:
@@ -60,9 +59,7 @@ def body(cfg: Config) -> dict:
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, quick, force = parse(Config, QUICK, argv, __doc__)
-    return run_experiment(NAME, cfg, quick, force, body)
+    return common.main(NAME, Config, QUICK, body, __doc__, argv)
 
 
 if __name__ == "__main__":

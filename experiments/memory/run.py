@@ -10,14 +10,13 @@ prediction at the largest batch is compared with the measured probe there.
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from experiments.common import parse, run_experiment
+from experiments import common
 
 NAME = "memory"
 
@@ -77,9 +76,7 @@ def body(cfg: Config) -> dict:
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, quick, force = parse(Config, QUICK, argv, __doc__)
-    return run_experiment(NAME, cfg, quick, force, body)
+    return common.main(NAME, Config, QUICK, body, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ bootstrap interval and B_noise = tr(HΣ)/GᵀHG over fixed batches of training d
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import gradnoise as gn
-from experiments.common import accuracy, parse, run_experiment
+from experiments import common
+from experiments.common import accuracy
 from gradnoise.tasks import mnist1d_data, mnist1d_mlp
 
 NAME = "noise_over_training"
@@ -82,9 +82,7 @@ def body(cfg: Config) -> dict:
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, quick, force = parse(Config, QUICK, argv, __doc__)
-    return run_experiment(NAME, cfg, quick, force, body)
+    return common.main(NAME, Config, QUICK, body, __doc__, argv)
 
 
 if __name__ == "__main__":
