@@ -53,7 +53,7 @@ def body(cfg: Config) -> dict:
             loss = loss_fn(model(x), y)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         runs.append({"lr": lr, "two_over_lr": 2 / lr, "losses": losses, "lambda_max": lam})
     return {"runs": runs}
 
