@@ -201,7 +201,11 @@ DDP_SCRIPT = textwrap.dedent(
 def test_ddp_two_processes_match_single_process(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    port = str(29500 + os.getpid() % 1000)
+    import socket
+
+    with socket.socket() as sock:  # a free loopback port, chosen by the OS
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     procs = [subprocess.Popen([sys.executable, str(script), str(r), port, str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
