@@ -13,10 +13,10 @@ def main():
         recs = [r for r in run["records"] if r["trace_cov"] is not None and r["step"] > 0]
         s = np.array([r["step"] for r in recs])
         tr, g2 = np.array([r["trace_cov"] for r in recs]), np.array([r["grad_norm_sq"] for r in recs])
-        w = 20  # rolling ratio of averages over the last 20 records (200 steps)
+        w = max(1, min(20, len(tr) // 2))  # rolling ratio of averages over ≤ 20 records (200 steps)
         roll = np.convolve(tr, np.ones(w), "valid") / np.maximum(np.convolve(g2, np.ones(w), "valid"), 1e-30)
         roll = np.where(np.convolve(g2, np.ones(w), "valid") > 0, roll, np.nan)
-        axes[0].plot(s[w - 1 :], roll, color=f"C{i}", lw=1.5, label=f"seed {run['seed']}: $B_{{simple}}$, ratio of averages over 200 steps")
+        axes[0].plot(s[w - 1 :], roll, color=f"C{i}", lw=1.5, label=f"seed {run['seed']}: $B_{{simple}}$, ratio of averages over {w * 10} steps")
         cp = run["checkpoints"]
         steps = np.array([max(c["step"], 1) for c in cp])
         for key, marker in (("b_simple", "o"), ("b_noise", "s")):
