@@ -93,6 +93,7 @@ EXPERIMENTS = {  # experiment → the figure script that reads it (None: a table
     "edge_of_stability": "fig_edge_of_stability",
     "memory": "fig_memory",
     "critical_batch": "fig_critical_batch",
+    "sharp_minima": "fig_sharp_minima",
 }
 
 
