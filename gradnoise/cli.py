@@ -94,6 +94,7 @@ EXPERIMENTS = {  # experiment → the figure script that reads it (None: a table
     "memory": "fig_memory",
     "critical_batch": "fig_critical_batch",
     "sharp_minima": "fig_sharp_minima",
+    "linear_scaling": "fig_linear_scaling",
 }
 
 
