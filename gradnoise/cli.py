@@ -25,6 +25,23 @@ from gradnoise.measure import (
 from gradnoise.tasks import TASKS
 
 
+def _problem_args(p, d) -> None:
+    """Flags shared by the commands that train a task briefly (defaults from config ``d``)."""
+    p.add_argument("--task", default=d.task, choices=sorted(TASKS), help="built-in task (default: %(default)s)")
+    p.add_argument("--model", default=None, help="your own model: package.module:factory returning (model, loss_fn, (x, y))")
+    p.add_argument("--train-steps", type=int, default=d.train_steps, help="SGD steps first (default: %(default)s)")
+    p.add_argument("--train-batch", type=int, default=d.train_batch, help="training batch size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate, momentum 0.9 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
+
+
+def _config(cls, args):
+    """The config dataclass ``cls`` from the parsed flags of the same names."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
 def _measure_parser(sub) -> None:
     d = MeasureConfig()
     p = sub.add_parser(
@@ -34,16 +51,10 @@ def _measure_parser(sub) -> None:
         "B_simple at several batch sizes (ratio of averages over disjoint batches), print a "
         "table and write JSON.",
     )
-    p.add_argument("--task", default=d.task, choices=sorted(TASKS), help="built-in task (default: %(default)s)")
-    p.add_argument("--model", default=None, help="your own model: package.module:factory returning (model, loss_fn, (x, y))")
-    p.add_argument("--train-steps", type=int, default=d.train_steps, help="SGD steps before measuring (default: %(default)s)")
-    p.add_argument("--train-batch", type=int, default=d.train_batch, help="training batch size (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate, momentum 0.9 (default: %(default)s)")
+    _problem_args(p, d)
     p.add_argument("--batch-sizes", type=parse_sizes, default=d.batch_sizes, help="comma-separated (default: 16,64,256,1024)")
     p.add_argument("--batches", type=int, default=d.batches, help="disjoint batches per batch size (default: %(default)s)")
     p.add_argument("--method", default=d.method, choices=["auto", "fast", "vmap"], help="per-example engine (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
     p.add_argument("--no-suggest", dest="suggest", action="store_false", help="skip B_noise and the batch-size suggestion")
     p.add_argument("--out", type=Path, default=Path("gradnoise_measure.json"), help="JSON output (default: %(default)s)")
 
@@ -57,17 +68,11 @@ def _sharpness_parser(sub) -> None:
         "(Hutch++) and the ε-sharpness of Keskar et al. (2017) over the first N training "
         "examples, in eval mode; print them and write JSON.",
     )
-    p.add_argument("--task", default=d.task, choices=sorted(TASKS), help="built-in task (default: %(default)s)")
-    p.add_argument("--model", default=None, help="your own model: package.module:factory returning (model, loss_fn, (x, y))")
-    p.add_argument("--train-steps", type=int, default=d.train_steps)
-    p.add_argument("--train-batch", type=int, default=d.train_batch)
-    p.add_argument("--lr", type=float, default=d.lr)
+    _problem_args(p, d)
     p.add_argument("--examples", type=int, default=d.examples, help="examples the loss is averaged over (default: %(default)s)")
     p.add_argument("--k", type=int, default=d.k, help="eigenvalues (default: %(default)s)")
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="ε of the ε-sharpness box (default: %(default)s)")
     p.add_argument("--trace-hvps", type=int, default=d.trace_hvps)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
     p.add_argument("--out", type=Path, default=Path("gradnoise_sharpness.json"))
 
 
@@ -167,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
 
     if args.command == "measure":
-        fields = {f.name for f in dataclasses.fields(MeasureConfig)}
-        config = MeasureConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        config = _config(MeasureConfig, args)
         try:
             result = measure(config)
         except ValueError as exc:
@@ -181,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         print(f"\nwrote {args.out}")
     elif args.command == "sharpness":
-        fields = {f.name for f in dataclasses.fields(SharpnessConfig)}
-        config = SharpnessConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        config = _config(SharpnessConfig, args)
         try:
             r = measure_sharpness(config)
         except ValueError as exc:

@@ -42,6 +42,7 @@ from gradnoise._functional import (
     check_loss_fn,
     check_loss_value,
     check_no_train_batchnorm,
+    frozen_state,
     is_known_mean_loss,
     preserved_state,
     sdpa_math,
@@ -330,8 +331,7 @@ def fast_moments(
     recorder = _Recorder({m: modules[m] for m in recorded}, B, variance)
 
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-    state = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    state.update({n: b.clone() for n, b in model.named_buffers()})
+    state = frozen_state(model)
 
     with preserved_state(model), torch.enable_grad():
         with recorder.installed():

@@ -221,8 +221,8 @@ class Monitor:
         self.mode = self._choose_mode(mode)
         self._hooks: _LayerHooks | None = None
         self._param_handles: list = []
-        self._micro_sq: list[float] = []
-        self._micro_sizes: list[int] = []
+        self._micro_sq: list[float] = []  # |g|² of each backward's gradient (accumulation, DDP)
+        self._pending_sq, self._pending_count = 0.0, 0  # of the backward in progress
         self._sinks: list = [self.history]
         self.run_dir = None if run_dir is None else Path(run_dir)
         if self.run_dir is not None and self._rank0:
@@ -276,8 +276,8 @@ class Monitor:
     def _on_param_grad(self, g: Tensor) -> None:
         """Gradient of one backward (before accumulation / all-reduce): its squared norm."""
         if self._armed:
-            self._pending_sq = getattr(self, "_pending_sq", 0.0) + float(_sq(g))
-            self._pending_count = getattr(self, "_pending_count", 0) + 1
+            self._pending_sq += float(_sq(g))
+            self._pending_count += 1
             if self._pending_count == len(self._params):  # all parameters of this backward seen
                 self._micro_sq.append(self._pending_sq / self.loss_scale**2)
                 self._pending_sq, self._pending_count = 0.0, 0
