@@ -5,8 +5,10 @@ Rochette et al. 2019 for convolutions; Li et al. 2022 for the sequence "ghost no
 ``δ_i`` is the gradient of example ``i``'s own loss with respect to the layer output, i.e.
 ``B · ∂L/∂out_i`` for a mean-reduced batch loss ``L``. Each rule gives, per parameter, either
 
-* ``norms``: per-example squared norms ``|g_i|²`` (``[B]``) and, if asked, ``Σ_i g_i²``
-  (elementwise, the parameter's shape) without materialising ``B × P`` numbers; or
+* ``norms(module, a, d, elementwise, scale)``: per-example squared norms ``|g_i|²``
+  (``[B]``) and, if asked, ``Σ_i g_i²`` (elementwise, the parameter's shape) without
+  materialising ``B × P`` numbers, for ``δ = scale · d`` (the scale is applied where it
+  costs least, never as an extra pass over the output gradient); or
 * ``grads``: the materialised per-example gradients ``[B, *shape]`` (used when a parameter
   receives contributions from several calls, e.g. tied weights).
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-MIN_CHUNK_ELEMENTS = 2**16  # smallest budget for a chunk of per-example temporaries
+MIN_CHUNK_ELEMENTS = 2**17  # smallest budget for a chunk of per-example temporaries
 
 Norms = dict[str, tuple[Tensor, Tensor | None]]  # name -> (sq_norms [B], sum_sq or None)
 Grads = dict[str, Tensor]  # name -> [B, *shape]
@@ -39,17 +41,18 @@ class Rule:
     """How to get per-example quantities for one module type."""
 
     accepts: Callable[[nn.Module], bool]
-    norms: Callable[[nn.Module, Tensor, Tensor, bool], Norms]
+    norms: Callable[[nn.Module, Tensor, Tensor, bool, float], Norms]
     grads: Callable[[nn.Module, Tensor, Tensor], Grads]
 
 
 def _small(grads_fn: Callable[[nn.Module, Tensor, Tensor], Grads]):
     """Norms of a rule whose per-example gradients are small enough to materialise."""
 
-    def norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool) -> Norms:
+    def norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0) -> Norms:
         out = {}
         for name, g in grads_fn(module, a, d).items():
-            out[name] = (_sq_norms(g), g.square().sum(0) if elementwise else None)
+            g2 = g.square().mul_(scale * scale)
+            out[name] = (g2.flatten(1).sum(1), g2.sum(0) if elementwise else None)
         return out
 
     return norms
@@ -110,22 +113,27 @@ def _grouped_norms(
 # ---------------------------------------------------------------- Linear
 
 
-def _linear_norms(module: nn.Linear, a: Tensor, d: Tensor, elementwise: bool) -> Norms:
+def _linear_norms(module: nn.Linear, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0) -> Norms:
     out: Norms = {}
+    s2 = scale * scale
     if a.dim() == 2:
-        d_sq = _sq_norms(d)
-        total = d.square().t() @ a.square() if elementwise else None
+        d2 = d.square()
+        d_sq = d2.sum(1).mul_(s2)
+        total = None
+        if elementwise:  # Σ_i g_i² = (δ²)ᵀ(a²); the scale goes on the smaller factor
+            a2 = a.square()
+            total = d2.mul(s2).t() @ a2 if d2.numel() <= a2.numel() else d2.t() @ a2.mul_(s2)
         out["weight"] = (_sq_norms(a).mul_(d_sq), total)
         if module.bias is not None:
-            out["bias"] = (d_sq, d.square().sum(0) if elementwise else None)
+            out["bias"] = (d_sq, d2.sum(0).mul_(s2) if elementwise else None)
         return out
     B = a.shape[0]
     a3, d3 = a.reshape(B, 1, -1, a.shape[-1]), d.reshape(B, 1, -1, d.shape[-1])
     sq, total = _grouped_norms(a3, d3, elementwise, _budget(a))
-    out["weight"] = (sq, None if total is None else total[0])
+    out["weight"] = (sq.mul_(s2), None if total is None else total[0].mul_(s2))
     if module.bias is not None:
-        gb = d3.sum(2)[:, 0]
-        out["bias"] = (gb.square().sum(1), gb.square().sum(0) if elementwise else None)
+        gb2 = d3.sum(2)[:, 0].square_().mul_(s2)
+        out["bias"] = (gb2.sum(1), gb2.sum(0) if elementwise else None)
     return out
 
 
@@ -203,31 +211,55 @@ def _conv_grads_grouped(module: nn.Module, a: Tensor, d: Tensor) -> Tensor:
     return g.reshape(B, *module.weight.shape)
 
 
-def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool) -> Norms:
+def _patch_matrix(module: nn.Module, a: Tensor) -> Tensor:
+    """Contiguous patch matrices ``[B, G, T, I]`` (``T`` output positions, ``I = C_in/G·Πk``)."""
+    nd = a.dim() - 2
+    patches = _conv_patches(module, a)  # [B, G, C', *L, *k] view
+    perm = (0, 1, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
+    B, G = patches.shape[:2]
+    return patches.permute(perm).reshape(B, G, -1, module.weight[0].numel())
+
+
+def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0) -> Norms:
+    """Per-example squared norms (and ``Σ_i g_i²``) of a convolution's weight and bias.
+
+    One input channel: the per-example gradients by one grouped convolution (cheapest).
+    Otherwise per chunk of examples: contiguous patch matrices ``P_i [T, I]`` and output
+    gradients ``D_i [T, O]``; ``|g_i|² = ⟨P_i P_iᵀ, D_i D_iᵀ⟩`` (Gram) or ``|D_iᵀ P_i|²``,
+    whichever needs fewer products; with ``Σ_i g_i²`` the products are always materialised.
+    """
     B, budget = a.shape[0], _budget(a)
-    single = isinstance(module, nn.Conv1d) and module.in_channels == 1 and module.groups == 1
-    if single or elementwise:
-        sq = torch.empty(B, dtype=a.dtype, device=a.device)
-        total = torch.zeros_like(module.weight, dtype=a.dtype) if elementwise else None
-        for s in _chunks(B, module.weight.numel(), budget):
-            g = _conv_grads_grouped(module, a[s], d[s])
-            sq[s] = _sq_norms(g)
+    sq = torch.empty(B, dtype=a.dtype, device=a.device)
+    total = torch.zeros_like(module.weight, dtype=a.dtype) if elementwise else None
+    if isinstance(module, nn.Conv1d) and module.in_channels == 1 and module.groups == 1:
+        for s in _chunks(B, 2 * module.weight.numel(), budget):
+            g = _conv1d_single_channel_grads(module, a[s], d[s]).flatten(1)
+            g2 = g.square()
+            sq[s] = g2.sum(1)
             if total is not None:
-                total += torch.linalg.vector_norm(g, dim=0).square()
-    else:  # Gram or materialised, whichever is cheaper, on patch matrices built per chunk
-        G, nd = module.groups, a.dim() - 2
+                total += g2.sum(0).view_as(total)
+    else:
+        G = module.groups
         T, I, Og = math.prod(d.shape[2:]), module.weight[0].numel(), d.shape[1] // G
-        patches = _conv_patches(module, a)  # [B, G, C', *L, *k] view
-        perm = (0, 1, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
-        sq, total = torch.empty(B, dtype=a.dtype, device=a.device), None
-        for s in _chunks(B, G * T * (T + I + Og), budget):
-            pm = patches[s].permute(perm).reshape(-1, G, T, I)
-            dm = d[s].reshape(-1, G, Og, T).transpose(-1, -2)
-            sq[s] = _grouped_norms(pm, dm, False, budget)[0]
-    out: Norms = {"weight": (sq, total)}
+        gram = not elementwise and T * (I + Og) < I * Og
+        per_example = G * T * (I + (2 * T if gram else 0)) + (0 if gram else G * Og * I)
+        for s in _chunks(B, per_example, budget):
+            pm = _patch_matrix(module, a[s])  # [b, G, T, I]
+            dm = d[s].reshape(-1, G, Og, T)
+            if gram:
+                ga = pm @ pm.transpose(-1, -2)
+                gd = dm.transpose(-1, -2) @ dm
+                sq[s] = ga.mul_(gd).flatten(1).sum(1)
+            else:
+                g2 = (dm @ pm).square_()  # [b, G, O/G, I]
+                sq[s] = g2.flatten(1).sum(1)
+                if total is not None:
+                    total += g2.sum(0).view_as(total)
+    s2 = scale * scale
+    out: Norms = {"weight": (sq.mul_(s2), None if total is None else total.mul_(s2))}
     if module.bias is not None:
-        gb = d.flatten(2).sum(2)
-        out["bias"] = (gb.square().sum(1), gb.square().sum(0) if elementwise else None)
+        gb2 = d.flatten(2).sum(2).square_().mul_(s2)
+        out["bias"] = (gb2.sum(1), gb2.sum(0) if elementwise else None)
     return out
 
 
@@ -255,9 +287,11 @@ def _embedding_rows(module: nn.Embedding, ids: Tensor, d: Tensor):
     return uniq // V, uniq % V, rows
 
 
-def _embedding_norms(module: nn.Embedding, ids: Tensor, d: Tensor, elementwise: bool) -> Norms:
+def _embedding_norms(
+    module: nn.Embedding, ids: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0
+) -> Norms:
     example, row, vals = _embedding_rows(module, ids, d)
-    v2 = vals.square()
+    v2 = vals.square().mul_(scale * scale)
     sq = torch.zeros(ids.shape[0], dtype=d.dtype, device=d.device).index_add_(0, example, v2.sum(1))
     total = None
     if elementwise:

@@ -25,6 +25,7 @@ the standard ``torch.nn`` losses and checked on the batch for any other callable
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,13 +152,10 @@ class _Recorder:
                 f"the input of module {call.module!r} was modified in place after the call; "
                 "per-example gradients need it intact (use method='vmap')"
             )
-        # The rule gets ∂L/∂out = δ/B (no scaled copy); results are rescaled by B² or B.
+        # The rule gets ∂L/∂out = δ/B (no scaled copy) and the scale B; grads are rescaled by B.
         rule, d, B = rule_for(module), g.detach(), self.batch
         if "norms" in self.actions[call.module]:
-            self.norms[call.module] = {
-                local: (sq.mul_(B * B), None if s2 is None else s2.mul_(B * B))
-                for local, (sq, s2) in rule.norms(module, a.detach(), d, self.variance).items()
-            }
+            self.norms[call.module] = rule.norms(module, a.detach(), d, self.variance, B)
         else:
             acc = self.grads.setdefault(call.module, {})
             for local, v in rule.grads(module, a.detach(), d).items():
@@ -319,23 +317,24 @@ def fast_moments(
     check_no_train_batchnorm(model)
     xs, ys = as_tuple(inputs), as_tuple(targets)
 
-    owners = _owners(model, params)
-    modules = dict(model.named_modules())
-    ruled = {m for os in owners.values() for m, _ in os if rule_for(modules[m]) is not None}
-    # Record rule modules, and every module containing a rule-less owner (candidate units).
-    recorded = set(ruled) | {""}
-    for os in owners.values():
-        for m, _ in os:
-            if m not in ruled:
-                recorded.update(_ancestors(m))
+    owners, modules, recorded = _plan(model, params)
     recorder = _Recorder({m: modules[m] for m in recorded}, B, variance)
-
-    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-    state = frozen_state(model)
+    leaves = params  # detached: what per-module vmap and whole-model vmap differentiate
+    direct = _can_call_directly(model)
+    if direct:  # the model's own parameters as graph leaves; autograd.grad leaves .grad alone
+        state: dict[str, Tensor] = {}
+        graph_leaves = dict(model.named_parameters())
+        graph_leaves = {n: graph_leaves[n] for n in params}
+    else:
+        state = frozen_state(model)
+        graph_leaves = {n: p.requires_grad_(True) for n, p in params.items()}
 
     with preserved_state(model), torch.enable_grad():
         with recorder.installed():
-            outputs = functional_call(model, {**leaves, **state}, xs)
+            if direct:
+                outputs = model(*xs)
+            else:
+                outputs = functional_call(model, {**graph_leaves, **state}, xs)
             recorder.active = False
             paths, units = _decide(owners, modules, recorder.calls, B)
             recorder.set_actions(_actions(owners, paths, units))
@@ -346,15 +345,56 @@ def fast_moments(
             else:
                 loss_sum = float(_check_mean_loss(loss_fn, outputs, ys, loss).double().sum())
             del outputs
-            mean_grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            mean_grads = torch.autograd.grad(loss, list(graph_leaves.values()), allow_unused=True)
         mean = {
             n: torch.zeros_like(p) if g is None else g
             for (n, p), g in zip(leaves.items(), mean_grads, strict=True)
         }
+        if direct and units:  # buffers for per-module vmap
+            state = frozen_state(model)
         return _assemble(
             model, loss_fn, xs, ys, params, leaves, state, owners, modules, recorder, mean,
             loss_sum, B, variance, chunk_size, paths, units,
         )  # fmt: skip
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plan(model: nn.Module, params: dict[str, Tensor]):
+    """Owners of each parameter, the model's modules by name, and the modules to record.
+
+    Cached per model; the cache is keyed on the identity of every module and parameter, so a
+    changed model (a module replaced, a parameter frozen) is planned again.
+    """
+    modules = dict(model.named_modules())
+    key = (tuple(map(id, modules.values())), tuple((n, p.data_ptr(), p.shape) for n, p in params.items()))
+    cached = _PLANS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    owners = _owners(model, params)
+    ruled = {m for os in owners.values() for m, _ in os if rule_for(modules[m]) is not None}
+    # Record rule modules, and every module containing a rule-less owner (candidate units).
+    recorded = set(ruled) | {""}
+    for os in owners.values():
+        for m, _ in os:
+            if m not in ruled:
+                recorded.update(_ancestors(m))
+    plan = (owners, modules, recorded)
+    _PLANS[model] = (key, plan)
+    return plan
+
+
+def _can_call_directly(model: nn.Module) -> bool:
+    """Whether the forward pass may run the caller's model as it is (faster than
+    ``functional_call``): no buffers a forward could update, no gradient hooks on its
+    parameters that our backward would trigger, and not a DDP wrapper (whose forward and
+    backward synchronise processes)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return False
+    if next(model.buffers(), None) is not None:
+        return False
+    return not any(p._backward_hooks for p in model.parameters())
 
 
 def _decide(owners, modules, calls, B: int):
@@ -462,15 +502,20 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
             part = m if part is None else part.merge(m)
         parts.append(part)
 
-    # Rule parameters: mean from the batch gradient, centred sums by subtraction.
+    # Rule parameters: mean from the batch gradient, centred sums by subtraction; the
+    # scalars of all parameters in a few stacked operations (one finiteness check).
     out_mean, out_tm2, out_m2, out_sq = {}, {}, ({} if variance else None), {}
-    for name, s in sq.items():
-        mu, s = mean[name], s.double()
-        flat = mu.flatten()
-        out_mean[name], out_sq[name] = mu, s
-        out_tm2[name] = (s.sum() - B * flat.dot(flat).double()).clamp_min(0)
-        if out_m2 is not None:
-            out_m2[name] = torch.addcmul(sum_sq[name], mu, mu, value=-B).clamp_min_(0)
+    if sq:
+        names = list(sq)
+        mus = [mean[n] for n in names]
+        rows = torch.stack([sq[n] for n in names]).double()  # [P, B]
+        mean_sq = torch.stack(torch._foreach_norm(mus)).double().square_()
+        tm2 = (rows.sum(1) - B * mean_sq).clamp_min_(0)
+        _check_finite(tm2 + rows.sum(1), names)
+        for n, mu, row, t in zip(names, mus, rows, tm2, strict=True):
+            out_mean[n], out_sq[n], out_tm2[n] = mu, row, t
+            if out_m2 is not None:
+                out_m2[n] = torch.addcmul(sum_sq[n], mu, mu, value=-B).clamp_min_(0)
     for part in parts:
         out_mean.update(part.mean)
         out_tm2.update(part.trace_m2)
@@ -478,15 +523,9 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
             out_m2.update(part.m2)
         out_sq.update(part.sq_norms)
         methods.update(part.methods)
+        names = list(part.mean)
+        _check_finite(torch.stack([part.trace_m2[n] + part.sq_norms[n].sum() for n in names]), names)
     order = list(params)
-    # Any NaN/inf in a per-example gradient shows in its squared norm, and one in the mean
-    # gradient in |ḡ|² (cheaper than isfinite over every parameter).
-    for name in order:
-        if not (torch.isfinite(out_tm2[name]) and torch.isfinite(out_sq[name].sum())):
-            raise FloatingPointError(
-                f"gradient of parameter {name!r} contains NaN or inf: the loss or the model "
-                "overflows on this batch"
-            )
     return Moments(
         count=B,
         mean={n: out_mean[n] for n in order},
@@ -495,6 +534,18 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         sq_norms={n: out_sq[n] for n in order},
         loss_sum=loss_sum,
         methods={n: methods[n] for n in order},
+    )
+
+
+def _check_finite(values: Tensor, names: list[str]) -> None:
+    """Any NaN/inf in a per-example gradient shows in its squared norm, and one in the mean
+    gradient in ``|ḡ|²`` (cheaper than ``isfinite`` over every parameter)."""
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = names[int((~torch.isfinite(values)).nonzero()[0])]
+    raise FloatingPointError(
+        f"gradient of parameter {bad!r} contains NaN or inf: the loss or the model "
+        "overflows on this batch"
     )
 
 

@@ -135,13 +135,13 @@ class _LayerHooks:
             try:
                 B = a.shape[0]
                 scale = B / self.monitor.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
-                norms = rule_for(module).norms(module, a, g.detach(), self.monitor.variance)
+                norms = rule_for(module).norms(module, a, g.detach(), self.monitor.variance, scale)
                 for local, (sq, s2) in norms.items():
-                    self.sq.setdefault(f"{name}.{local}" if name else local, []).append(sq * scale**2)
+                    self.sq.setdefault(f"{name}.{local}" if name else local, []).append(sq)
                     if s2 is not None:
                         key = f"{name}.{local}" if name else local
                         acc = self.sum_sq.setdefault(key, {})
-                        acc["v"] = acc["v"] + s2 * scale**2 if "v" in acc else s2 * scale**2
+                        acc["v"] = acc["v"] + s2 if "v" in acc else s2
             except Exception as exc:  # never break the user's backward pass
                 if self.monitor.strict:
                     raise

@@ -213,21 +213,27 @@ class _Sums:
     method: str
 
 
-def _param_sums(m: Moments, k: str, dataset_size: int | None) -> _Sums:
-    n = m.count
-    mean = m.mean[k]
-    flat = mean.flatten()
-    gsnr_sum, gsnr_count = 0.0, 0
-    if m.m2 is not None:
-        gsnr_sum, gsnr_count = _gsnr_sums(mean, m.m2[k], n, dataset_size)
-    return _Sums(
-        numel=mean.numel(),
-        trace_m2=float(m.trace_m2[k]),
-        mean_sq=float(flat.dot(flat)),
-        gsnr_sum=gsnr_sum,
-        gsnr_count=gsnr_count,
-        method=m.methods[k],
-    )
+def _param_sums(m: Moments, dataset_size: int | None) -> dict[str, _Sums]:
+    """Per-parameter scalars, converted to Python numbers in one transfer."""
+    names = list(m.mean)
+    means = [m.mean[k] for k in names]
+    mean_sq = torch.stack(torch._foreach_norm(means)).double().square_()
+    trace_m2 = torch.stack([m.trace_m2[k].double() for k in names])
+    scalars = torch.stack([trace_m2, mean_sq.to(trace_m2.device)]).tolist()
+    out = {}
+    for j, k in enumerate(names):
+        gsnr_sum, gsnr_count = 0.0, 0
+        if m.m2 is not None:
+            gsnr_sum, gsnr_count = _gsnr_sums(m.mean[k], m.m2[k], m.count, dataset_size)
+        out[k] = _Sums(
+            numel=m.mean[k].numel(),
+            trace_m2=scalars[0][j],
+            mean_sq=scalars[1][j],
+            gsnr_sum=gsnr_sum,
+            gsnr_count=gsnr_count,
+            method=m.methods[k],
+        )
+    return out
 
 
 def _gsnr_sums(mean: Tensor, m2: Tensor, n: int, dataset_size: int | None) -> tuple[float, int]:
@@ -277,7 +283,7 @@ def stats_from_moments(
         raise ValueError(f"batch of {m.count} example: a variance needs at least 2")
     check_dataset_size(m.count, dataset_size)
     has_gsnr = m.m2 is not None
-    sums = {k: _param_sums(m, k, dataset_size) for k in m.mean}
+    sums = _param_sums(m, dataset_size)
     total = _group(list(sums.values()), m.count, dataset_size, has_gsnr)
     per_param = {k: _group([v], m.count, dataset_size, has_gsnr) for k, v in sums.items()}
     owners: dict[str, list[_Sums]] = {}

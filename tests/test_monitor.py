@@ -192,6 +192,7 @@ DDP_SCRIPT = textwrap.dedent(
     rec = mon.step(xl, yl)
     if rank == 0:
         print(json.dumps(rec), flush=True)
+    dist.barrier()  # both ranks done communicating before gloo tears down
     dist.destroy_process_group()
     """
 )
