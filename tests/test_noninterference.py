@@ -116,3 +116,43 @@ def test_curvature_calls_leave_model_untouched(call):
     before = _snapshot(model)
     call(model, nn.CrossEntropyLoss(), x, y)
     _assert_same(before, _snapshot(model))
+
+
+class NoBuffers(nn.Module):
+    """No buffers: the fast engine runs the caller's module itself (not functional_call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(6, 6).requires_grad_(False)
+        self.lin = nn.Linear(6, 8)
+        self.drop = nn.Dropout(0.3)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.drop(torch.relu(self.lin(self.frozen(x)))))
+
+
+@pytest.mark.parametrize("method", ["fast", "auto"])
+def test_direct_call_path_leaves_model_untouched(method):
+    torch.manual_seed(0)
+    model = NoBuffers().train()
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    before = _snapshot(model)
+    s = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method=method)
+    _assert_same(before, _snapshot(model))
+    assert s.trace_cov > 0
+    assert all(p.grad_fn is None and p.is_leaf for p in model.parameters())
+
+
+def test_parameter_hooks_are_not_triggered():
+    """A user's gradient hook on a parameter must not see the measurement's backward pass."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    seen = []
+    handle = model[0].weight.register_hook(lambda g: seen.append(g))
+    x, y = torch.randn(10, 6), torch.randint(0, 3, (10,))
+    fast = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="fast")
+    ref = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="vmap")
+    assert seen == [] and fast.trace_cov == pytest.approx(ref.trace_cov, rel=1e-5)
+    handle.remove()
