@@ -351,7 +351,10 @@ def hessian_eigenvalues(
         tol: relative residual ``‖Hv − λv‖/|λ|`` to reach (power iteration stops on it;
             for Lanczos it is passed to eigsh and the residual is reported).
         v0: warm-start vector (flat, ``[P]``), e.g. the previous eigenvector; else random
-            from ``seed``.
+            from ``seed``. With ``method="lanczos"`` a warm start runs Lanczos with full
+            reorthogonalisation checked after every product (:func:`_lanczos_checked`;
+            the reported residuals are its exact Ritz residuals, no extra products), which
+            stops after a few products when the start is good.
 
     Returns:
         :class:`HessianEigen`.
@@ -368,11 +371,14 @@ def hessian_eigenvalues(
         raise ValueError(f"k must be in [1, {op.dim - 1}] for {op.dim} parameters, got {k}")
     g = torch.Generator(device="cpu").manual_seed(seed)
     start = (v0.detach().reshape(-1).to(op.dtype) if v0 is not None else torch.randn(op.dim, generator=g, dtype=op.dtype)).to(op.device)
-    if method == "lanczos":
-        vals, vecs = _lanczos(op, k, which, tol, max_iter, start)
+    if method == "lanczos" and v0 is not None:
+        vals, vecs, residuals = _lanczos_checked(op, k, which, tol, min(max_iter, op.dim), start)
     else:
-        vals, vecs = _power_k(op, k, which, tol, max_iter, start)
-    residuals = _residuals(op, vals, vecs)
+        if method == "lanczos":
+            vals, vecs = _lanczos(op, k, which, tol, max_iter, start)
+        else:
+            vals, vecs = _power_k(op, k, which, tol, max_iter, start)
+        residuals = _residuals(op, vals, vecs)
     op.release()
     return HessianEigen(
         eigenvalues=tuple(vals), eigenvectors=vecs, num_hvps=op.num_hvps, residuals=residuals,
@@ -398,6 +404,41 @@ def _lanczos(op, k, which, tol, max_iter, start):
     )  # fmt: skip
     idx = _order(vals, which)
     return [float(vals[i]) for i in idx], torch.as_tensor(vecs[:, idx], dtype=op.dtype, device=op.device)
+
+
+def _lanczos_checked(op, k, which, tol, max_iter, start):
+    """Lanczos from ``start`` with full reorthogonalisation, checked after every product.
+
+    After ``j`` products the Ritz pairs ``(θ, Q s)`` of the tridiagonal ``T_j`` have residual
+    ``‖H Q s − θ Q s‖ = β_j |s_j|`` (Saad 2011, *Numerical Methods for Large Eigenvalue
+    Problems*, Prop. 6.8), so convergence is known without extra products. From a good start
+    (the previous eigenvector during training) this stops after a few products, where ARPACK
+    would build a basis of at least ``ncv`` vectors first. Returns values, vectors and these
+    residuals relative to ``|θ|``.
+    """
+    q = start / torch.linalg.vector_norm(start)
+    basis = [q]
+    alphas: list[float] = []
+    betas: list[float] = []
+    while True:
+        w = op.matvec(basis[-1])
+        alphas.append(float(w @ basis[-1]))
+        Q = torch.stack(basis, dim=1)
+        for _ in range(2):  # classical Gram–Schmidt twice: orthogonal to working precision
+            w = w - Q @ (Q.T @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        j = len(alphas)
+        T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        theta, S = np.linalg.eigh(T)
+        idx = _order(theta, which)[: min(k, j)]
+        res = [beta * abs(S[-1, i]) / max(abs(theta[i]), np.finfo(np.float64).tiny) for i in idx]
+        done = j >= k and all(r <= tol for r in res)
+        if done or j >= max_iter or beta <= np.finfo(np.float32).eps * max(abs(theta).max(), 1.0):
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    vecs = Q @ torch.as_tensor(S[:, idx], dtype=Q.dtype, device=Q.device)
+    return [float(theta[i]) for i in idx], vecs, res
 
 
 def _power_k(op, k, which, tol, max_iter, start):

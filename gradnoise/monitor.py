@@ -163,6 +163,8 @@ class Monitor:
         sharpness_every: schedule for ``λ_max`` (Lanczos, warm-started from the previous
             eigenvector) on the fixed ``sharpness_data``; ``None`` disables it.
         sharpness_data: ``(inputs, targets)`` — the stated examples ``λ_max`` is of.
+        sharpness_tol: relative residual ``‖Hv − λv‖/λ`` at which ``λ_max`` stops (recorded
+            as ``lambda_max_residual``; the eigenvalue error is at most ``residual · λ``).
         variance: also per-element variance and GSNR (one extra product per layer).
         per_layer: record ``B_simple`` per module.
         ema: β of the moving averages of ``tr Σ`` and ``|G|²`` behind ``b_simple_ema``.
@@ -185,6 +187,7 @@ class Monitor:
         every: Schedule = 1,
         sharpness_every: Schedule = None,
         sharpness_data: tuple | None = None,
+        sharpness_tol: float = 1e-3,
         variance: bool = False,
         per_layer: bool = True,
         ema: float = 0.95,
@@ -205,6 +208,7 @@ class Monitor:
         self.inner = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
         self.loss_fn = loss_fn
         self.every, self.sharpness_every, self.sharpness_data = every, sharpness_every, sharpness_data
+        self.sharpness_tol = sharpness_tol
         self.variance, self.per_layer, self.strict = variance, per_layer, strict
         self.accumulation_steps = accumulation_steps
         self.loss_scale = loss_scale if loss_scale is not None else 1.0 / accumulation_steps
@@ -347,7 +351,8 @@ class Monitor:
             grad_norm = math.sqrt(sum(float(_sq(v)) for v in stats.mean.values()))
         else:
             stats = self._stats_from_hooks(B)
-            grad_norm = math.sqrt(sum(float(_sq(p.grad)) for p in self._params.values() if p.grad is not None))
+            grads = [p.grad.detach() for p in self._params.values() if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
             if self._dist is None:
                 grad_norm /= self.loss_scale * self.accumulation_steps
         if stats is not None:
@@ -374,21 +379,29 @@ class Monitor:
         several = [m for m, c in hooks.calls.items() if c > self.accumulation_steps]
         if several:
             raise RuntimeError(f"modules called more than once per forward {several[:3]}: use Monitor(mode='separate')")
-        mean, tm2, m2, sq = {}, {}, ({} if self.variance else None), {}
+        mean, m2, rows = {}, ({} if self.variance else None), []
+        factor = self.loss_scale * self.accumulation_steps
         for name, p in self._params.items():
             if p.grad is None or name not in hooks.sq:
                 raise RuntimeError(f"no gradient recorded for {name!r}: call step() after backward() and before zero_grad()")
-            factor = self.loss_scale * self.accumulation_steps
             g = p.grad.detach() if factor == 1 else p.grad.detach() / factor
-            s = torch.cat(hooks.sq[name]).double()
+            parts = hooks.sq[name]
+            s = parts[0] if len(parts) == 1 else torch.cat(parts)
             if s.shape[0] != B:
                 raise RuntimeError(f"the hooks saw {s.shape[0]} examples but the batch has {B}: pass the whole batch of this optimizer step")
-            flat = g.flatten()
-            mean[name], sq[name] = g, s
-            tm2[name] = (s.sum() - B * flat.dot(flat).double()).clamp_min(0)
+            mean[name] = g
+            rows.append(s)
             if m2 is not None:
                 m2[name] = torch.addcmul(hooks.sum_sq[name]["v"], g, g, value=-B).clamp_min_(0)
-        m = Moments(B, mean, tm2, m2, sq, 0.0, dict.fromkeys(mean, "hooks"))
+        # All parameters' scalars in a few stacked operations: Σ_i|g_i|² − B|ḡ|² per parameter.
+        sq_rows = torch.stack(rows).double()
+        mean_sq = torch.stack(torch._foreach_norm(list(mean.values()))).double().square_()
+        tm2 = (sq_rows.sum(1) - B * mean_sq).clamp_min_(0)
+        names = list(mean)
+        m = Moments(
+            B, mean, dict(zip(names, tm2, strict=True)), m2, dict(zip(names, sq_rows, strict=True)),
+            0.0, dict.fromkeys(mean, "hooks"),
+        )  # fmt: skip
         return stats_from_moments(m)
 
     def _two_batch(self, B: int) -> dict:
@@ -417,24 +430,26 @@ class Monitor:
         modes = [(m, m.training) for m in self.inner.modules()]
         try:  # curvature of the deterministic (eval-mode) loss; modes restored below
             self.inner.eval()
-            # Power iteration from the previous eigenvector: the top eigenvector moves slowly
-            # during training, so a warm start needs few products (Lanczos needs ≥ ncv).
-            method = "power" if self._v_prev is not None else "lanczos"
+            # The top eigenvector moves slowly during training: Lanczos started from the
+            # previous one and checked after every product stops after a few products.
             eig = hessian_eigenvalues(
-                self.inner, self.loss_fn, self.sharpness_data, k=1, which="LA", tol=1e-3,
-                v0=self._v_prev, method=method,
+                self.inner, self.loss_fn, self.sharpness_data, k=1, which="LA",
+                tol=self.sharpness_tol, v0=self._v_prev,
             )  # fmt: skip
         finally:
             for m, mode in modes:
                 m.training = mode
         self._v_prev = eig.eigenvectors[:, 0]
         lr = optimizer.param_groups[0].get("lr") if optimizer is not None else None
-        record.update(lambda_max=eig.eigenvalues[0], lambda_max_hvps=eig.num_hvps, two_over_lr=None if not lr else 2.0 / lr)
+        record.update(
+            lambda_max=eig.eigenvalues[0], lambda_max_residual=eig.residuals[0],
+            lambda_max_hvps=eig.num_hvps, two_over_lr=None if not lr else 2.0 / lr,
+        )  # fmt: skip
         return record
 
     def _write(self, record: dict) -> None:
         if self._keys is None:  # fixed columns: every metric present (None when absent)
-            extra = ["lambda_max", "lambda_max_hvps", "two_over_lr"]
+            extra = ["lambda_max", "lambda_max_residual", "lambda_max_hvps", "two_over_lr"]
             if self.accumulation_steps > 1 or self._dist is not None:
                 extra += ["two_batch_trace_cov", "two_batch_grad_norm_sq", "two_batch_b_simple"]
             self._keys = list(dict.fromkeys(list(record) + extra))

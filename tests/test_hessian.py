@@ -192,3 +192,31 @@ def test_transformer_eval_mode_curvature_equals_train_mode_without_dropout():
     hv_train = gn.hessian_operator(model.train(), loss, (x, y)).matvec(v)
     hv_eval = gn.hessian_operator(model.eval(), loss, (x, y)).matvec(v)
     torch.testing.assert_close(hv_eval, hv_train, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "mnist1d-cnn"])
+def test_warm_started_lanczos_matches_eigvalsh_and_stops_early(name):
+    model, loss, x, y = CASES_BY_NAME[name].make(torch.float64, batch=6)
+    H = exact_hessian(model, loss, x, y)
+    evals, evecs = torch.linalg.eigh(H)
+    # From a random start (v0 given): top 2, with residuals equal to the true ones.
+    v0 = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    eig = gn.hessian_eigenvalues(model, loss, (x, y), k=2, v0=v0, tol=1e-6)
+    np.testing.assert_allclose(eig.eigenvalues, evals.flip(0)[:2].numpy(), rtol=1e-6)
+    lam = torch.tensor(eig.eigenvalues, dtype=torch.float64)
+    true_res = torch.linalg.vector_norm(H @ eig.eigenvectors - eig.eigenvectors * lam, dim=0) / lam.abs()
+    assert eig.converged and max(eig.residuals) <= 1e-6 and float(true_res.max()) <= 2e-6
+    # From a start close to the top eigenvector: converged after very few products.
+    near = evecs[:, -1] + 1e-3 * v0 / v0.norm()
+    warm = gn.hessian_eigenvalues(model, loss, (x, y), v0=near, tol=1e-3)
+    assert warm.converged and warm.num_hvps <= 3
+    assert warm.eigenvalues[0] == pytest.approx(float(evals[-1]), rel=1e-5)
+
+
+def test_warm_started_lanczos_honours_which():
+    model = Quadratic(h=[-3.0, 1.0, 2.0, 0.5], c=[0.0] * 4, theta=[0.3, -0.2, 0.1, 0.4])
+    x, y, loss = torch.zeros(2, 1), torch.zeros(2), quad_loss(model)
+    v0 = torch.ones(4, dtype=torch.float64)
+    for which, want in (("LA", 2.0), ("LM", -3.0), ("SA", -3.0)):
+        eig = gn.hessian_eigenvalues(model, loss, (x, y), which=which, v0=v0, tol=1e-8)
+        assert eig.eigenvalues[0] == pytest.approx(want, rel=1e-9) and eig.converged
