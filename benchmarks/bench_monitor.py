@@ -5,9 +5,10 @@ step without it, in the same process.
 
 Rows: the plain step (forward, backward, SGD step); with the noise scale every step
 (hooks mode: no extra forward/backward); with the noise scale and per-element variance /
-GSNR every step; separate mode (one extra forward+backward per step); and with λ_max every
-100 steps on a fixed batch of 256 examples (power iteration warm-started from the previous
-eigenvector), amortised over the run. Each row: median seconds per step over repeated
+GSNR every step; separate mode (one extra forward+backward per step); and λ_max every 100
+steps on a fixed set of B or 2B examples (Lanczos warm-started from the previous
+eigenvector, stopped at a relative residual of 1e-2 or 1e-3), amortised over the run (the
+first, cold evaluation included). Each row: median seconds per step over repeated
 blocks of steps (interleaved with the plain block) and the ratio to the plain step.
 """
 
@@ -46,17 +47,22 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=300, help="steps per timed block")
+    p.add_argument("--sharpness-steps", type=int, default=1000, help="steps per block for the λ_max rows (one cold evaluation, then warm ones)")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     x, y, _, _ = mnist1d_data()
-    fixed = (x[:256], y[:256])
+    fixed = (x[: args.batch], y[: args.batch])
+    big = (x[: 2 * args.batch], y[: 2 * args.batch])
     configs = {
         "noise scale every step (hooks)": dict(every=1),
         "noise scale + variance/GSNR every step (hooks)": dict(every=1, variance=True),
         "noise scale every step (separate mode)": dict(every=1, mode="separate"),
-        "noise scale every step + λ_max every 100 steps": dict(every=1, sharpness_every=100, sharpness_data=fixed),
         "noise scale every 10 steps": dict(every=10),
+        "λ_max every 100 steps (B examples, tol 1e-2)": dict(every=None, sharpness_every=100, sharpness_data=fixed),
+        "λ_max every 100 steps (2B examples, tol 1e-2)": dict(every=None, sharpness_every=100, sharpness_data=big),
+        "λ_max every 100 steps (B examples, tol 1e-3)": dict(every=None, sharpness_every=100, sharpness_data=fixed, sharpness_tol=1e-3),
+        "noise scale every step + λ_max every 100 steps (B examples)": dict(every=1, sharpness_every=100, sharpness_data=fixed),
     }
     print(f"# {platform.machine()}, {args.threads} threads, torch {torch.__version__}, MNIST-1D MLP, B={args.batch}, {args.steps} steps per block")
     print("| configuration | ms / step | × plain step |")
@@ -64,16 +70,17 @@ def main(argv=None):
     base_all = []
     for label, kw in configs.items():
         plain, watched = [], []
+        steps = args.sharpness_steps if "sharpness_every" in kw else args.steps
         for r in range(args.repeats):
             torch.manual_seed(0)
             m1 = mnist1d_mlp()
             o1 = torch.optim.SGD(m1.parameters(), lr=0.05, momentum=0.9)
-            plain.append(block(m1, o1, x, y, args.batch, args.steps, seed=r))
+            plain.append(block(m1, o1, x, y, args.batch, steps, seed=r))
             torch.manual_seed(0)
             m2 = mnist1d_mlp()
             o2 = torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.9)
             mon = gn.Monitor(m2, nn.CrossEntropyLoss(), **kw)
-            watched.append(block(m2, o2, x, y, args.batch, args.steps, monitor=mon, seed=r))
+            watched.append(block(m2, o2, x, y, args.batch, steps, monitor=mon, seed=r))
             mon.close()
             assert mon.errors == 0, mon.errors
         base, t = statistics.median(plain), statistics.median(watched)

@@ -416,28 +416,31 @@ def _lanczos_checked(op, k, which, tol, max_iter, start):
     would build a basis of at least ``ncv`` vectors first. Returns values, vectors and these
     residuals relative to ``|θ|``.
     """
-    q = start / torch.linalg.vector_norm(start)
-    basis = [q]
+    rows = torch.empty(min(max_iter, 64), op.dim, dtype=start.dtype, device=start.device)
+    rows[0] = start / torch.linalg.vector_norm(start)
     alphas: list[float] = []
     betas: list[float] = []
     while True:
-        w = op.matvec(basis[-1])
-        alphas.append(float(w @ basis[-1]))
-        Q = torch.stack(basis, dim=1)
-        for _ in range(2):  # classical Gram–Schmidt twice: orthogonal to working precision
-            w = w - Q @ (Q.T @ w)
-        beta = float(torch.linalg.vector_norm(w))
         j = len(alphas)
+        if j == rows.shape[0]:  # grow the basis storage
+            rows = torch.cat([rows, torch.empty_like(rows)])
+        w = op.matvec(rows[j])
+        Q = rows[: j + 1]  # orthonormal rows
+        coef = Q @ w  # classical Gram–Schmidt twice: orthogonal to working precision
+        alphas.append(float(coef[j]))
+        w = w - coef @ Q
+        w = w - (Q @ w) @ Q
+        beta = float(torch.linalg.vector_norm(w))
         T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         theta, S = np.linalg.eigh(T)
-        idx = _order(theta, which)[: min(k, j)]
+        idx = _order(theta, which)[: min(k, j + 1)]
         res = [beta * abs(S[-1, i]) / max(abs(theta[i]), np.finfo(np.float64).tiny) for i in idx]
-        done = j >= k and all(r <= tol for r in res)
-        if done or j >= max_iter or beta <= np.finfo(np.float32).eps * max(abs(theta).max(), 1.0):
+        done = j + 1 >= k and all(r <= tol for r in res)
+        if done or j + 1 >= max_iter or beta <= np.finfo(np.float32).eps * max(abs(theta).max(), 1.0):
             break
         betas.append(beta)
-        basis.append(w / beta)
-    vecs = Q @ torch.as_tensor(S[:, idx], dtype=Q.dtype, device=Q.device)
+        rows[j + 1] = w / beta
+    vecs = Q.T @ torch.as_tensor(S[:, idx], dtype=Q.dtype, device=Q.device)
     return [float(theta[i]) for i in idx], vecs, res
 
 
