@@ -349,13 +349,14 @@ class Monitor:
         if self.mode == "separate":
             stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
             rec["loss"] = rec["loss"] if rec["loss"] is not None else stats.loss
-            grad_norm = math.sqrt(sum(float(_sq(v)) for v in stats.mean.values()))
+            grad_norm = math.sqrt(max(stats.grad_norm_sq + stats.trace_cov / B, 0.0))  # |ḡ|
         else:
             stats = self._stats_from_hooks(B)
-            grads = [p.grad.detach() for p in self._params.values() if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
-            if self._dist is None:
-                grad_norm /= self.loss_scale * self.accumulation_steps
+            if stats is not None:  # |ḡ|² = |G|²_est + tr Σ_est / B (module docstring of stats)
+                grad_norm = math.sqrt(max(stats.grad_norm_sq + stats.trace_cov / B, 0.0))
+            else:
+                grads = [p.grad.detach() for p in self._params.values() if p.grad is not None]
+                grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
         if stats is not None:
             rec.update(
                 grad_norm=grad_norm, trace_cov=stats.trace_cov, grad_norm_sq=stats.grad_norm_sq,

@@ -79,6 +79,8 @@ def test_hooks_mode_equals_gradient_stats():
     assert rec["grad_norm_sq"] == pytest.approx(ref.grad_norm_sq, rel=1e-10)
     assert rec["gsnr"] == pytest.approx(ref.gsnr, rel=1e-8)
     assert rec["b_simple/0"] == pytest.approx(ref.per_layer["0"].b_simple, rel=1e-10)
+    grad_norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert rec["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-10)
     mon.close()
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
 
