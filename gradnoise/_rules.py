@@ -22,6 +22,7 @@ materialised in chunks no larger than the layer's input (or the Gram form is use
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,11 +39,19 @@ Grads = dict[str, Tensor]  # name -> [B, *shape]
 
 @dataclass(frozen=True)
 class Rule:
-    """How to get per-example quantities for one module type."""
+    """How to get per-example quantities for one module type.
+
+    ``whole_call``: the rule gets the call's ``(args, kwargs)`` instead of its first input
+    (attention needs query, key, value and masks). ``owns_children``: the parameters of the
+    module's children belong to this rule (under dotted local names), for modules that use
+    a child's parameters without calling it (``MultiheadAttention.out_proj``).
+    """
 
     accepts: Callable[[nn.Module], bool]
     norms: Callable[[nn.Module, Tensor, Tensor, bool, float], Norms]
     grads: Callable[[nn.Module, Tensor, Tensor], Grads]
+    whole_call: bool = False
+    owns_children: bool = False
 
 
 def _small(grads_fn: Callable[[nn.Module, Tensor, Tensor], Grads]):
@@ -114,6 +123,11 @@ def _grouped_norms(
 
 
 def _linear_norms(module: nn.Linear, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0) -> Norms:
+    return _dense_norms(a, d, module.bias is not None, elementwise, scale)
+
+
+def _dense_norms(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: float = 1.0) -> Norms:
+    """Norms of ``y = a Wᵀ (+ b)`` on ``[B, in]`` or ``[B, *, in]`` inputs."""
     out: Norms = {}
     s2 = scale * scale
     if a.dim() == 2:
@@ -124,24 +138,28 @@ def _linear_norms(module: nn.Linear, a: Tensor, d: Tensor, elementwise: bool, sc
             a2 = a.square()
             total = d2.mul(s2).t() @ a2 if d2.numel() <= a2.numel() else d2.t() @ a2.mul_(s2)
         out["weight"] = (_sq_norms(a).mul_(d_sq), total)
-        if module.bias is not None:
+        if bias:
             out["bias"] = (d_sq, d2.sum(0).mul_(s2) if elementwise else None)
         return out
     B = a.shape[0]
     a3, d3 = a.reshape(B, 1, -1, a.shape[-1]), d.reshape(B, 1, -1, d.shape[-1])
     sq, total = _grouped_norms(a3, d3, elementwise, _budget(a))
     out["weight"] = (sq.mul_(s2), None if total is None else total[0].mul_(s2))
-    if module.bias is not None:
+    if bias:
         gb2 = d3.sum(2)[:, 0].square_().mul_(s2)
         out["bias"] = (gb2.sum(1), gb2.sum(0) if elementwise else None)
     return out
 
 
 def _linear_grads(module: nn.Linear, a: Tensor, d: Tensor) -> Grads:
+    return _dense_grads(a, d, module.bias is not None)
+
+
+def _dense_grads(a: Tensor, d: Tensor, bias: bool) -> Grads:
     B = a.shape[0]
     a3, d3 = a.reshape(B, -1, a.shape[-1]), d.reshape(B, -1, d.shape[-1])
     out = {"weight": torch.einsum("bto,bti->boi", d3, a3)}
-    if module.bias is not None:
+    if bias:
         out["bias"] = d3.sum(1)
     return out
 
@@ -344,6 +362,85 @@ def _group_norm_grads(module: nn.GroupNorm, a: Tensor, d: Tensor) -> Grads:
     return _affine(module, xhat, d.reshape(B, C, -1), (2,))
 
 
+# ---------------------------------------------------------------- multi-head attention
+
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def _mha_accepts(module: nn.Module) -> bool:
+    return (
+        module._qkv_same_embed_dim and module.in_proj_weight is not None and module.bias_k is None
+        and not module.add_zero_attn and (module.dropout == 0.0 or not module.training)
+    )  # fmt: skip
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask (True = may not attend) or a float one as an additive float mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def _mha_parts(module: nn.MultiheadAttention, call: tuple, d: Tensor):
+    """The four projections inside ``nn.MultiheadAttention`` as (input, output gradient) pairs.
+
+    ``MultiheadAttention`` computes ``q, k, v = x_q W_qᵀ, x_k W_kᵀ, x_v W_vᵀ`` (rows of
+    ``in_proj_weight``), ``c = attention(q, k, v)`` and ``y = c W_oᵀ`` (``out_proj``), so each
+    weight is a Linear layer on a sequence; the gradients ``∂L/∂q, ∂L/∂k, ∂L/∂v`` are recomputed
+    locally: one attention forward and backward from ``∂L/∂c = ∂L/∂y W_o`` (no weight
+    gradients), and ``c`` comes from the same forward.
+    """
+    args, kwargs = call
+    bound = _MHA_SIGNATURE.bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    A = bound.arguments
+    xs = [A["query"], A["key"], A["value"]]
+    if not module.batch_first:
+        xs, d = [x.transpose(0, 1) for x in xs], d.transpose(0, 1)
+    E, H = module.embed_dim, module.num_heads
+    W, b = module.in_proj_weight.detach(), module.in_proj_bias
+    b = None if b is None else b.detach()
+    with torch.no_grad():
+        q, k, v = (F.linear(x, W[i * E : (i + 1) * E], None if b is None else b[i * E : (i + 1) * E]) for i, x in enumerate(xs))
+        d_ctx = d @ module.out_proj.weight.detach()
+    B, L, S = q.shape[0], q.shape[1], k.shape[1]
+    mask = None
+    if A["attn_mask"] is not None:
+        mask = _additive(A["attn_mask"], q.dtype)
+        mask = mask.view(B, H, L, S) if mask.dim() == 3 else mask
+    if A["key_padding_mask"] is not None:
+        kp = _additive(A["key_padding_mask"], q.dtype).view(B, 1, 1, S)
+        mask = kp if mask is None else mask + kp
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    with torch.enable_grad():
+        heads = [t.view(B, -1, H, E // H).transpose(1, 2) for t in (q, k, v)]
+        ctx = F.scaled_dot_product_attention(*heads, attn_mask=mask).transpose(1, 2).reshape(B, L, E)
+        dq, dk, dv = torch.autograd.grad(ctx, (q, k, v), d_ctx)
+    return list(zip(xs, (dq, dk, dv), strict=True)), (ctx.detach(), d)
+
+
+def _mha_norms(module: nn.MultiheadAttention, call: tuple, d: Tensor, elementwise: bool, scale: float = 1.0) -> Norms:
+    projections, (ctx, d_out) = _mha_parts(module, call, d)
+    bias = module.in_proj_bias is not None
+    parts = [_dense_norms(x, g, bias, elementwise, scale) for x, g in projections]
+    out: Norms = {}
+    for name in ("weight", "bias") if bias else ("weight",):  # rows of q, k, v: norms add up
+        sq = sum(p[name][0] for p in parts)
+        out[f"in_proj_{name}"] = (sq, torch.cat([p[name][1] for p in parts]) if elementwise else None)
+    for name, v in _dense_norms(ctx, d_out, module.out_proj.bias is not None, elementwise, scale).items():
+        out[f"out_proj.{name}"] = v
+    return out
+
+
+def _mha_grads(module: nn.MultiheadAttention, call: tuple, d: Tensor) -> Grads:
+    projections, (ctx, d_out) = _mha_parts(module, call, d)
+    bias = module.in_proj_bias is not None
+    parts = [_dense_grads(x, g, bias) for x, g in projections]
+    out = {f"in_proj_{n}": torch.cat([p[n] for p in parts], dim=1) for n in parts[0]}
+    out.update({f"out_proj.{n}": v for n, v in _dense_grads(ctx, d_out, module.out_proj.bias is not None).items()})
+    return out
+
+
 def _always(module: nn.Module) -> bool:
     return True
 
@@ -355,6 +452,7 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.Embedding: Rule(_embedding_accepts, _embedding_norms, _embedding_grads),
     nn.LayerNorm: Rule(_always, _small(_layer_norm_grads), _layer_norm_grads),
     nn.GroupNorm: Rule(_always, _small(_group_norm_grads), _group_norm_grads),
+    nn.MultiheadAttention: Rule(_mha_accepts, _mha_norms, _mha_grads, whole_call=True, owns_children=True),
 }
 if hasattr(nn, "RMSNorm"):
     RULES[nn.RMSNorm] = Rule(_always, _small(_rms_norm_grads), _rms_norm_grads)

@@ -154,15 +154,21 @@ class _Recorder:
             )
         # The rule gets ∂L/∂out = δ/B (no scaled copy) and the scale B; grads are rescaled by B.
         rule, d, B = rule_for(module), g.detach(), self.batch
+        a = _detached_call(call) if rule.whole_call else a.detach()
         if "norms" in self.actions[call.module]:
-            self.norms[call.module] = rule.norms(module, a.detach(), d, self.variance, B)
+            self.norms[call.module] = rule.norms(module, a, d, self.variance, B)
         else:
             acc = self.grads.setdefault(call.module, {})
-            for local, v in rule.grads(module, a.detach(), d).items():
+            for local, v in rule.grads(module, a, d).items():
                 v = v.mul_(B)
                 acc[local] = acc[local] + v if local in acc else v
         if "store" not in self.actions[call.module]:
             call.args, call.kwargs = None, {}  # free the activation early
+
+
+def _detached_call(call: _Call) -> tuple[tuple, dict]:
+    det = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
+    return tuple(det(t) for t in call.args), {k: det(v) for k, v in call.kwargs.items()}
 
 
 def _batch_dim(module: nn.Module) -> int:
@@ -268,8 +274,15 @@ def _check_mean_loss(loss_fn: LossFn, outputs: Any, ys: tuple[Tensor, ...], loss
 def _owners(model: nn.Module, params: dict[str, Tensor]):
     """Map each trainable parameter to its owning (module name, local name) pairs."""
     owners: dict[int, list[tuple[str, str]]] = {}
+    absorbed: list[str] = []  # modules whose children's parameters belong to their rule
     for mname, module in model.named_modules():
-        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+        if any(mname.startswith(a + ".") for a in absorbed):
+            continue
+        rule = rule_for(module)
+        recurse = rule is not None and rule.owns_children
+        if recurse:
+            absorbed.append(mname)
+        for pname, p in module.named_parameters(recurse=recurse, remove_duplicate=False):
             owners.setdefault(id(p), []).append((mname, pname))
     by_name = dict(model.named_parameters())
     return {n: owners[id(by_name[n])] for n in params}
@@ -400,10 +413,11 @@ def _can_call_directly(model: nn.Module) -> bool:
 def _decide(owners, modules, calls, B: int):
     """Each parameter's path ("fast", "fast-tied" or a unit module for vmap), after forward."""
 
-    def batched(mname: str) -> bool:  # a rule needs a leading batch dimension on input and output
+    def batched(mname: str) -> bool:  # a rule needs the batch dimension on input and output
+        bd = _batch_dim(modules[mname])
         return all(
-            isinstance(c.args[0], Tensor) and c.args[0].dim() > 0 and c.args[0].shape[0] == B
-            and c.shapes[0] is not None and len(c.shapes[0]) > 0 and c.shapes[0][0] == B
+            c.args and isinstance(c.args[0], Tensor) and c.args[0].dim() > bd and c.args[0].shape[bd] == B
+            and c.shapes[0] is not None and len(c.shapes[0]) > bd and c.shapes[0][bd] == B
             for c in calls[mname]
         )  # fmt: skip
 

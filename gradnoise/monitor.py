@@ -111,7 +111,7 @@ class _LayerHooks:
 
     def install(self) -> None:
         for name, m in self.modules.items():
-            self.handles.append(m.register_forward_hook(self._forward(name)))
+            self.handles.append(m.register_forward_hook(self._forward(name), with_kwargs=True))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -119,12 +119,17 @@ class _LayerHooks:
         self.handles = []
 
     def _forward(self, name: str):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             if not self.monitor._armed or not torch.is_grad_enabled() or is_measuring():
                 return  # only the user's own forward passes count
-            if isinstance(output, Tensor) and output.requires_grad and args and isinstance(args[0], Tensor):
-                a = args[0].detach()
-                output.register_hook(self._backward(name, module, a))
+            out = output[0] if isinstance(output, tuple) and output else output  # attention: (y, weights)
+            if isinstance(out, Tensor) and out.requires_grad and args and isinstance(args[0], Tensor):
+                if rule_for(module).whole_call:
+                    det = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
+                    a = (tuple(det(t) for t in args), {k: det(v) for k, v in kwargs.items()})
+                else:
+                    a = args[0].detach()
+                out.register_hook(self._backward(name, module, a))
 
         return hook
 
@@ -133,7 +138,8 @@ class _LayerHooks:
             # Counted when the gradient arrives: a forward without backward (evaluation) is ignored.
             self.calls[name] = self.calls.get(name, 0) + 1
             try:
-                B = a.shape[0]
+                first = a[0][0] if isinstance(a, tuple) else a
+                B = first.shape[1 if getattr(module, "batch_first", True) is False else 0]
                 scale = B / self.monitor.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
                 norms = rule_for(module).norms(module, a, g.detach(), self.monitor.variance, scale)
                 for local, (sq, s2) in norms.items():
@@ -258,7 +264,7 @@ class Monitor:
         if mode == "hooks" and uncovered:
             raise ValueError(
                 f"mode='hooks' needs every trainable parameter in a supported layer "
-                f"(Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, RMSNorm); not covered: "
+                f"(Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention); not covered: "
                 f"{uncovered[:5]}. Use mode='separate' (one extra forward and backward per step)"
             )
         if mode == "auto":

@@ -68,6 +68,40 @@ class SeqHead(nn.Module):
         return self.head(h.mean(1))
 
 
+class MaskedAttention(nn.Module):
+    """Cross-attention with a per-example key padding mask, a causal boolean mask and a float
+    bias mask (a buffer); the second block has no biases."""
+
+    def __init__(self, dim=6, heads=2, seq=5):
+        super().__init__()
+        self.kv = nn.Linear(dim, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.attn2 = nn.MultiheadAttention(dim, heads, batch_first=True, bias=False)
+        self.register_buffer("bias", torch.randn(seq, seq, generator=torch.Generator().manual_seed(5)))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        T = x.shape[1]
+        pad = x[..., 0] > 0.8
+        pad[:, 0] = False  # never every key masked
+        causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+        kv = self.kv(x)
+        h = self.attn(x, kv, kv, key_padding_mask=pad, attn_mask=causal, need_weights=False)[0]
+        h = self.attn2(h, h, h, attn_mask=self.bias[:T, :T], need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+class KdimAttention(nn.Module):
+    """Keys and values of another width (separate projection weights: no rule, vmap-module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, kdim=4, vdim=4, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x[..., :4], x[..., :4], need_weights=False)[0]
+
+
 class TiedLM(nn.Module):
     """Embedding whose weight is tied to the output projection; predicts the last token."""
 
@@ -139,6 +173,8 @@ CASES = [
     Case("rmsnorm", rms_model, randn(5), labels(3)),
     Case("mha", lambda: SeqHead(nn.MultiheadAttention(6, 2, batch_first=True), 6), randn(5, 6), labels(3)),
     Case("mha-seq-first", lambda: SeqHead(nn.MultiheadAttention(6, 2), 6, batch_first=False), randn(5, 6), labels(3)),
+    Case("mha-masked", MaskedAttention, randn(5, 6), labels(3)),
+    Case("mha-kdim", lambda: SeqHead(KdimAttention(), 6), randn(5, 6), labels(3)),
     Case("lstm", lambda: SeqHead(nn.LSTM(4, 5, batch_first=True), 5), randn(6, 4), labels(3)),
     Case("gru", lambda: SeqHead(nn.GRU(4, 5, batch_first=True), 5), randn(6, 4), labels(3)),
     Case("tied", TiedLM, ids(11, 5), labels(11)),

@@ -17,7 +17,11 @@ EXPECTED_METHODS = {
     "tied": {"fast", "fast-tied"},
     "reused-module": {"fast", "fast-tied"},
     "raw-parameter": {"fast", "vmap"},
-    "mha": {"fast", "vmap-module"},
+    "mha": {"fast"},
+    "mha-seq-first": {"fast"},
+    "mha-masked": {"fast"},
+    "mha-kdim": {"fast", "vmap-module"},
+    "transformer": {"fast"},
     "lstm": {"fast", "vmap-module"},
 }
 

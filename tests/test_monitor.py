@@ -289,3 +289,23 @@ def test_measurements_between_forward_and_step_do_not_disturb_the_hooks():
     rec = mon.step(x, y)
     assert mon.errors == 0
     assert rec["trace_cov"] == pytest.approx(gn.gradient_stats(model, loss_fn, x, y).trace_cov, rel=1e-10)
+
+
+def test_hooks_mode_covers_attention():
+    """A transformer (attention, LayerNorm, Embedding, Linear) is measured inside the user's
+    own backward pass and equals the brute-force statistics."""
+    from gradnoise.tasks import tiny_transformer
+
+    torch.manual_seed(0)
+    model = tiny_transformer(vocab=8, dim=8, heads=2, max_len=6, classes=3).double()
+    loss_fn = nn.CrossEntropyLoss()
+    x, y = torch.randint(0, 8, (10, 6)), torch.randint(0, 3, (10,))
+    mon = gn.Monitor(model, loss_fn)
+    assert mon.mode == "hooks"
+    loss_fn(model(x), y).backward()
+    rec = mon.step(x, y)
+    ref = gn.gradient_stats(model, loss_fn, x, y, method="vmap")
+    assert mon.errors == 0
+    assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-9)
+    assert rec["grad_norm_sq"] == pytest.approx(ref.grad_norm_sq, rel=1e-9)
+    mon.close()
