@@ -100,6 +100,7 @@ EXPERIMENTS = {  # experiment → the figure script that reads it (None: a table
     "critical_batch": "fig_critical_batch",
     "sharp_minima": "fig_sharp_minima",
     "linear_scaling": "fig_linear_scaling",
+    "epoch_sweep": "fig_epoch_sweep",
 }
 
 
