@@ -90,6 +90,17 @@ def train(model: nn.Module, loss_fn, x, y, *, steps: int, batch: int, lr: float,
     return losses
 
 
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn, xb, yb) -> bool:
+    """One optimizer step on a batch; ``False`` (no step) when the loss is not finite."""
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(xb), yb)
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    opt.step()
+    return True
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x, y) -> float:
     was = model.training

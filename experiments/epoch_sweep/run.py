@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from experiments import common
-from experiments.common import accuracy
+from experiments.common import accuracy, sgd_step
 from gradnoise.tasks import mnist1d_cnn, mnist1d_data
 
 NAME = "epoch_sweep"
@@ -62,13 +62,9 @@ def train_run(B: int, lr: float, steps: int, seed: int, data) -> dict:
             perm, pos = torch.randperm(n, generator=g), 0
         idx = perm[pos : pos + B]
         pos += B
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[idx]), y[idx])
-        if not math.isfinite(loss.item()):
+        if not sgd_step(model, opt, loss_fn, x[idx], y[idx]):
             diverged = True
             break
-        loss.backward()
-        opt.step()
     seconds = time.perf_counter() - start
     with torch.no_grad():
         train_loss = float(loss_fn(model(x), y))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from experiments import common
-from experiments.common import accuracy
+from experiments.common import accuracy, sgd_step
 from gradnoise.tasks import mnist1d_data, mnist1d_mlp
 
 NAME = "linear_scaling"
@@ -50,13 +50,9 @@ def run(cfg: Config, B: int, warmup: bool, seed: int, x, y, xt, yt) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / warm)
         idx = torch.randint(0, x.shape[0], (B,), generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x[idx]), y[idx])
-        if not math.isfinite(loss.item()):
+        if not sgd_step(model, opt, loss_fn, x[idx], y[idx]):
             diverged = True
             break
-        loss.backward()
-        opt.step()
     with torch.no_grad():
         train_loss = float(loss_fn(model(x), y))
     return {"batch_size": B, "warmup": warmup, "seed": seed, "lr": lr, "steps": steps, "warmup_steps": warm,
