@@ -29,9 +29,10 @@ def main():
         axes[0].errorbar(bs, acc, yerr=sd, fmt="o-", capsize=3, color=f"C{i}", label=label)
         bs, loss, _ = series(rows, p, "train_loss")
         axes[1].plot(bs, loss, "o-", color=f"C{i}", label=label)
-        if p != "fixed_epochs_tuned_lr":  # same step counts as fixed_epochs
-            bs, sec, _ = series(rows, p, "seconds")
-            axes[2].plot(bs, sec, "o-", color=f"C{i}", label=label)
+        timed = [r for r in res["results"]["timing"] if r["protocol"] == p]
+        if timed:  # the timing phase (fixed_epochs_tuned_lr has the steps of fixed_epochs)
+            axes[2].plot([r["batch_size"] for r in timed], [r["seconds"] for r in timed], "o-", color=f"C{i}",
+                         label=f"{label}" if p == "fixed_epochs" else f"equal updates ({res['results']['equal_updates']})")  # fmt: skip
     axes[0].axhline(0.1, color="grey", lw=0.8, ls=":")
     axes[0].annotate("chance", (bs[0], 0.1), xytext=(0, 3), textcoords="offset points", ha="left", fontsize="x-small", color="grey")
     axes[0].set(xscale="log", ylim=(0, 1), xlabel="batch size $B$", ylabel="test accuracy",
@@ -49,9 +50,10 @@ def main():
     for p in PROTOCOLS:
         for b, acc, sd in zip(*series(rows, p, "test_accuracy"), strict=True):
             _, loss, _ = series([r for r in rows if r["batch_size"] == b], p, "train_loss")
-            _, sec, _ = series([r for r in rows if r["batch_size"] == b], p, "seconds")
             steps = next(r["steps"] for r in rows if r["protocol"] == p and r["batch_size"] == b)
-            print(f"{p:24s} B={b:5d} steps={steps:6d} test acc {acc:.3f} ± {sd:.3f}  train loss {loss[0]:.3g}  {sec[0]:.1f} s")
+            t = [r["seconds"] for r in res["results"]["timing"] if r["protocol"] == p and r["batch_size"] == b]
+            timed = f"  {t[0]:.2f} s" if t else ""
+            print(f"{p:24s} B={b:5d} steps={steps:6d} test acc {acc:.3f} ± {sd:.3f}  train loss {loss[0]:.3g}{timed}")
 
 
 if __name__ == "__main__":

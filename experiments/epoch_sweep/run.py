@@ -42,9 +42,10 @@ class Config:
     equal_updates_batch: int = 32  # equal updates = `epochs` epochs at this batch size
     validation: int = 500
     seeds: tuple = (0, 1, 2)
+    timing_repeats: int = 2
 
 
-QUICK = {"batch_sizes": (16, 256), "epochs": 1, "lrs": (0.03, 0.1), "seeds": (0,), "equal_updates_batch": 64}
+QUICK = {"batch_sizes": (16, 256), "epochs": 1, "lrs": (0.03, 0.1), "seeds": (0,), "equal_updates_batch": 64, "timing_repeats": 1}
 
 
 def train_run(B: int, lr: float, steps: int, seed: int, data) -> dict:
@@ -76,12 +77,31 @@ def train_run(B: int, lr: float, steps: int, seed: int, data) -> dict:
     }  # fmt: skip
 
 
-def body(cfg: Config) -> dict:
+def split_data(cfg: Config):
     x_all, y_all, xt, yt = mnist1d_data()
     split = torch.randperm(x_all.shape[0], generator=torch.Generator().manual_seed(1234))
     tr, va = split[cfg.validation :], split[: cfg.validation]
-    data = (x_all[tr], y_all[tr], x_all[va], y_all[va], xt, yt)
-    n = len(tr)
+    return x_all[tr], y_all[tr], x_all[va], y_all[va], xt, yt
+
+
+def timing(cfg: Config, data, chosen: dict, equal: int) -> list[dict]:
+    """Wall time per training run of the two step budgets, each B run ``timing_repeats``
+    times back to back (first seed), median: the runs above are timed too, but a sweep
+    that long shares the machine with whatever else runs; this phase is short."""
+    n = data[0].shape[0]
+    rows = []
+    for protocol in ("fixed_epochs", "equal_updates_tuned_lr"):
+        for B in cfg.batch_sizes:
+            steps = max(1, cfg.epochs * n // B) if protocol == "fixed_epochs" else equal
+            lr = cfg.fixed_lr if protocol == "fixed_epochs" else chosen[f"{protocol}/{B}"]
+            times = [train_run(B, lr, steps, cfg.seeds[0], data)["seconds"] for _ in range(cfg.timing_repeats)]
+            rows.append({"protocol": protocol, "batch_size": B, "steps": steps, "seconds": sorted(times)[len(times) // 2], "all_seconds": times})
+    return rows
+
+
+def body(cfg: Config) -> dict:
+    data = split_data(cfg)
+    n = data[0].shape[0]
     epoch_steps = {B: max(1, cfg.epochs * n // B) for B in cfg.batch_sizes}  # a partial last batch is dropped
     equal = cfg.epochs * n // cfg.equal_updates_batch
     protocols = {"fixed_epochs_tuned_lr": epoch_steps, "equal_updates_tuned_lr": dict.fromkeys(cfg.batch_sizes, equal)}
@@ -96,7 +116,8 @@ def body(cfg: Config) -> dict:
             chosen[f"{name}/{B}"] = best["lr"]
             rows.append(best)  # the first seed's run at the chosen rate is a final run too
             rows += [dict(train_run(B, best["lr"], steps[B], s, data), protocol=name) for s in cfg.seeds[1:]]
-    return {"rows": rows, "tuning": tuning, "chosen_lr": chosen, "train_examples": n, "equal_updates": equal}
+    return {"rows": rows, "tuning": tuning, "chosen_lr": chosen, "train_examples": n, "equal_updates": equal,
+            "timing": timing(cfg, data, chosen, equal)}  # fmt: skip
 
 
 def main(argv=None):
