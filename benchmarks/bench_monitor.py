@@ -83,9 +83,11 @@ def main(argv=None):
             watched.append(block(m2, o2, x, y, args.batch, steps, monitor=mon, seed=r))
             mon.close()
             assert mon.errors == 0, mon.errors
+            hvps = [r["lambda_max_hvps"] for r in mon.history.records if r.get("lambda_max_hvps")]
         base, t = statistics.median(plain), statistics.median(watched)
         base_all.append(base)
-        print(f"| {label} | {1e3 * t:.2f} | {t / base:.2f} |", flush=True)
+        note = f" (HVPs per λ_max: first {hvps[0]}, then {min(hvps[1:])}–{max(hvps[1:])})" if len(hvps) > 1 else ""
+        print(f"| {label}{note} | {1e3 * t:.2f} | {t / base:.2f} |", flush=True)
     print(f"| *plain step (median over all blocks)* | {1e3 * statistics.median(base_all):.2f} | 1.00 |")
 
 

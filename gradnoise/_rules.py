@@ -131,15 +131,19 @@ def _dense_norms(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: flo
     out: Norms = {}
     s2 = scale * scale
     if a.dim() == 2:
+        if not elementwise:  # |g_i|² = |a_i|²|δ_i|², no squared temporaries
+            d_sq = _sq_norms(d).mul_(s2)
+            out["weight"] = (_sq_norms(a).mul_(d_sq), None)
+            if bias:
+                out["bias"] = (d_sq, None)
+            return out
         d2 = d.square()
         d_sq = d2.sum(1).mul_(s2)
-        total = None
-        if elementwise:  # Σ_i g_i² = (δ²)ᵀ(a²); the scale goes on the smaller factor
-            a2 = a.square()
-            total = d2.mul(s2).t() @ a2 if d2.numel() <= a2.numel() else d2.t() @ a2.mul_(s2)
-        out["weight"] = (_sq_norms(a).mul_(d_sq), total)
+        a2 = a.square()  # Σ_i g_i² = (δ²)ᵀ(a²); the scale goes on the smaller factor
+        total = d2.mul(s2).t() @ a2 if d2.numel() <= a2.numel() else d2.t() @ a2.mul_(s2)
+        out["weight"] = (a2.sum(1).mul_(d_sq) if d2.numel() <= a2.numel() else _sq_norms(a).mul_(d_sq), total)
         if bias:
-            out["bias"] = (d_sq, d2.sum(0).mul_(s2) if elementwise else None)
+            out["bias"] = (d_sq, d2.sum(0).mul_(s2))
         return out
     B = a.shape[0]
     a3, d3 = a.reshape(B, 1, -1, a.shape[-1]), d.reshape(B, 1, -1, d.shape[-1])

@@ -439,10 +439,15 @@ class Monitor:
         try:  # curvature of the deterministic (eval-mode) loss; modes restored below
             self.inner.eval()
             # The top eigenvector moves slowly during training: Lanczos started from the
-            # previous one and checked after every product stops after a few products.
+            # previous one and checked after every product stops after a few products. The
+            # first start is a seeded random vector (same checked Lanczos).
+            v0 = self._v_prev
+            if v0 is None:
+                n = sum(p.numel() for p in self._params.values())
+                v0 = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
             eig = hessian_eigenvalues(
                 self.inner, self.loss_fn, self.sharpness_data, k=1, which="LA",
-                tol=self.sharpness_tol, v0=self._v_prev,
+                tol=self.sharpness_tol, v0=v0,
             )  # fmt: skip
         finally:
             for m, mode in modes:

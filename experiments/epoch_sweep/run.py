@@ -20,6 +20,7 @@ generalisation), number of updates, and wall time.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -95,7 +96,7 @@ def timing(cfg: Config, data, chosen: dict, equal: int) -> list[dict]:
             steps = max(1, cfg.epochs * n // B) if protocol == "fixed_epochs" else equal
             lr = cfg.fixed_lr if protocol == "fixed_epochs" else chosen[f"{protocol}/{B}"]
             times = [train_run(B, lr, steps, cfg.seeds[0], data)["seconds"] for _ in range(cfg.timing_repeats)]
-            rows.append({"protocol": protocol, "batch_size": B, "steps": steps, "seconds": sorted(times)[len(times) // 2], "all_seconds": times})
+            rows.append({"protocol": protocol, "batch_size": B, "steps": steps, "seconds": statistics.median(times), "all_seconds": times})
     return rows
 
 
