@@ -518,7 +518,7 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
 
     # Rule parameters: mean from the batch gradient, centred sums by subtraction; the
     # scalars of all parameters in a few stacked operations (one finiteness check).
-    out_mean, out_tm2, out_m2, out_sq = {}, {}, ({} if variance else None), {}
+    out_mean, out_tm2, out_m2, out_sq, out_msq = {}, {}, ({} if variance else None), {}, {}
     if sq:
         names = list(sq)
         mus = [mean[n] for n in names]
@@ -526,8 +526,8 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         mean_sq = torch.stack(torch._foreach_norm(mus)).double().square_()
         tm2 = (rows.sum(1) - B * mean_sq).clamp_min_(0)
         _check_finite(tm2 + rows.sum(1), names)
-        for n, mu, row, t in zip(names, mus, rows, tm2, strict=True):
-            out_mean[n], out_sq[n], out_tm2[n] = mu, row, t
+        for n, mu, row, t, msq in zip(names, mus, rows, tm2, mean_sq, strict=True):
+            out_mean[n], out_sq[n], out_tm2[n], out_msq[n] = mu, row, t, msq
             if out_m2 is not None:
                 out_m2[n] = torch.addcmul(sum_sq[n], mu, mu, value=-B).clamp_min_(0)
     for part in parts:
@@ -548,6 +548,7 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         sq_norms={n: out_sq[n] for n in order},
         loss_sum=loss_sum,
         methods={n: methods[n] for n in order},
+        mean_sq={n: out_msq[n] for n in order} if out_msq.keys() == set(order) else None,
     )
 
 

@@ -408,7 +408,7 @@ class Monitor:
         names = list(mean)
         m = Moments(
             B, mean, dict(zip(names, tm2, strict=True)), m2, dict(zip(names, sq_rows, strict=True)),
-            0.0, dict.fromkeys(mean, "hooks"),
+            0.0, dict.fromkeys(mean, "hooks"), dict(zip(names, mean_sq, strict=True)),
         )  # fmt: skip
         return stats_from_moments(m)
 

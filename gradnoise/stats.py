@@ -70,6 +70,7 @@ class Moments:
         sq_norms: per-parameter ``|g_i|²`` of each example (``[count]``).
         loss_sum: ``Σ_i loss_i``.
         methods: which engine computed each parameter ("fast", "vmap-module", "vmap").
+        mean_sq: ``|ḡ|²`` per parameter (0-d float64), when the engine has it already.
     """
 
     count: int
@@ -79,6 +80,7 @@ class Moments:
     sq_norms: dict[str, Tensor]
     loss_sum: float
     methods: dict[str, str]
+    mean_sq: dict[str, Tensor] | None = None
 
     def merge(self, other: Moments) -> Moments:
         """Exact union of two disjoint sets of examples (Chan, Golub & LeVeque 1979)."""
@@ -216,8 +218,10 @@ class _Sums:
 def _param_sums(m: Moments, dataset_size: int | None) -> dict[str, _Sums]:
     """Per-parameter scalars, converted to Python numbers in one transfer."""
     names = list(m.mean)
-    means = [m.mean[k] for k in names]
-    mean_sq = torch.stack(torch._foreach_norm(means)).double().square_()
+    if m.mean_sq is not None and m.mean_sq.keys() == m.mean.keys():
+        mean_sq = torch.stack([m.mean_sq[k] for k in names])
+    else:
+        mean_sq = torch.stack(torch._foreach_norm([m.mean[k] for k in names])).double().square_()
     trace_m2 = torch.stack([m.trace_m2[k].double() for k in names])
     scalars = torch.stack([trace_m2, mean_sq.to(trace_m2.device)]).tolist()
     out = {}
