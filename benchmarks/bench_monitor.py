@@ -26,18 +26,22 @@ import gradnoise as gn
 from gradnoise.tasks import mnist1d_data, mnist1d_mlp
 
 
-def block(model, opt, x, y, batch, steps, monitor=None, seed=0):
+def block(model, opt, x, y, batch, steps, monitor=None, seed=0, calls=None):
+    """Seconds per step of a block; ``calls`` collects (step, seconds) of each monitor call."""
     g = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     start = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
         xb, yb = x[idx], y[idx]
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), yb)
         loss.backward()
         if monitor is not None:
+            t = time.perf_counter()
             monitor.step(xb, yb, optimizer=opt, loss=loss)
+            if calls is not None:
+                calls.append((step, time.perf_counter() - t))
         opt.step()
     return (time.perf_counter() - start) / steps
 
@@ -67,9 +71,9 @@ def main(argv=None):
     print(f"# {platform.machine()}, {args.threads} threads, torch {torch.__version__}, MNIST-1D MLP, B={args.batch}, {args.steps} steps per block")
     print("| configuration | ms / step | × plain step |")
     print("|---|---|---|")
-    base_all = []
+    base_all, steady = [], {}
     for label, kw in configs.items():
-        plain, watched = [], []
+        plain, watched, calls = [], [], []
         steps = args.sharpness_steps if "sharpness_every" in kw else args.steps
         for r in range(args.repeats):
             torch.manual_seed(0)
@@ -80,7 +84,7 @@ def main(argv=None):
             m2 = mnist1d_mlp()
             o2 = torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.9)
             mon = gn.Monitor(m2, nn.CrossEntropyLoss(), **kw)
-            watched.append(block(m2, o2, x, y, args.batch, steps, monitor=mon, seed=r))
+            watched.append(block(m2, o2, x, y, args.batch, steps, monitor=mon, seed=r, calls=calls))
             mon.close()
             assert mon.errors == 0, mon.errors
             hvps = [r["lambda_max_hvps"] for r in mon.history.records if r.get("lambda_max_hvps")]
@@ -88,7 +92,18 @@ def main(argv=None):
         base_all.append(base)
         note = f" (HVPs per λ_max: first {hvps[0]}, then {min(hvps[1:])}–{max(hvps[1:])})" if len(hvps) > 1 else ""
         print(f"| {label}{note} | {1e3 * t:.2f} | {t / base:.2f} |", flush=True)
+        every = kw.get("sharpness_every")
+        if every and kw.get("every") is None:  # warm evaluations only: the steady state of a long run
+            warm = [c for st, c in calls if st % every == 0 and st > 0]
+            steady[label] = (statistics.median(warm), 1 + statistics.median(warm) / (every * base))
     print(f"| *plain step (median over all blocks)* | {1e3 * statistics.median(base_all):.2f} | 1.00 |")
+    if steady:
+        print("\nSteady state of a long run (the first, cold evaluation excluded): median seconds of a warm")
+        print("λ_max evaluation, and 1 + that / (100 plain steps).\n")
+        print("| configuration | warm evaluation ms | amortised × plain step |")
+        print("|---|---|---|")
+        for label, (sec, ratio) in steady.items():
+            print(f"| {label} | {1e3 * sec:.1f} | {ratio:.3f} |")
 
 
 if __name__ == "__main__":
