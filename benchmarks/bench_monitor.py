@@ -53,6 +53,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300, help="steps per timed block")
     p.add_argument("--sharpness-steps", type=int, default=1000, help="steps per block for the λ_max rows (one cold evaluation, then warm ones)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", default=None, help="run the configurations whose label contains this text")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     x, y, _, _ = mnist1d_data()
@@ -73,6 +74,8 @@ def main(argv=None):
     print("|---|---|---|")
     base_all, steady = [], {}
     for label, kw in configs.items():
+        if args.only and args.only not in label:
+            continue
         plain, watched, calls = [], [], []
         steps = args.sharpness_steps if "sharpness_every" in kw else args.steps
         for r in range(args.repeats):

@@ -40,6 +40,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ from gradnoise._functional import LossFn, as_tuple, is_measuring, trainable_para
 from gradnoise._rules import rule_for
 from gradnoise.noise_scale import NoiseScaleEMA, two_batch
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
-from gradnoise.stats import Moments, gradient_stats, stats_from_moments
+from gradnoise.stats import LayerStats, Moments, gradient_stats, summarise
 
 __all__ = ["Monitor", "log_spaced"]
 
@@ -85,6 +86,17 @@ def _sq(t: Tensor) -> Tensor:
     """``|t|²`` in one pass (no squared or float64 copy)."""
     flat = t.detach().reshape(-1)
     return flat.dot(flat)
+
+
+@dataclass(frozen=True)
+class _StepStats:
+    """What a record needs of a step's statistics (hooks mode skips the per-parameter ones)."""
+
+    trace_cov: float
+    grad_norm_sq: float
+    b_simple: float
+    gsnr: float | None
+    per_layer: dict[str, LayerStats]
 
 
 def _dist():
@@ -357,7 +369,7 @@ class Monitor:
             rec["loss"] = rec["loss"] if rec["loss"] is not None else stats.loss
             grad_norm = math.sqrt(max(stats.grad_norm_sq + stats.trace_cov / B, 0.0))  # |ḡ|
         else:
-            stats = self._stats_from_hooks(B)
+            stats = self._stats_from_hooks(B)  # LayerStats-like: the scalars and per_layer
             if stats is not None:  # |ḡ|² = |G|²_est + tr Σ_est / B (module docstring of stats)
                 grad_norm = math.sqrt(max(stats.grad_norm_sq + stats.trace_cov / B, 0.0))
             else:
@@ -410,7 +422,8 @@ class Monitor:
             B, mean, dict(zip(names, tm2, strict=True)), m2, dict(zip(names, sq_rows, strict=True)),
             0.0, dict.fromkeys(mean, "hooks"), dict(zip(names, mean_sq, strict=True)),
         )  # fmt: skip
-        return stats_from_moments(m)
+        total, _, per_layer = summarise(m, per_param=False)
+        return _StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, total.gsnr, per_layer)
 
     def _two_batch(self, B: int) -> dict:
         """Two-batch estimate from micro-batch (accumulation) or per-rank (DDP) gradients."""

@@ -279,6 +279,22 @@ def _group(sums: list[_Sums], n: int, dataset_size: int | None, has_gsnr: bool) 
     )
 
 
+def summarise(
+    m: Moments, dataset_size: int | None = None, *, per_param: bool = True
+) -> tuple[LayerStats, dict[str, LayerStats] | None, dict[str, LayerStats]]:
+    """The scalar statistics of :class:`Moments`: over all parameters, per parameter (unless
+    ``per_param=False``) and per module — without the tensors of :class:`GradientStats`."""
+    has_gsnr = m.m2 is not None
+    sums = _param_sums(m, dataset_size)
+    total = _group(list(sums.values()), m.count, dataset_size, has_gsnr)
+    params = {k: _group([v], m.count, dataset_size, has_gsnr) for k, v in sums.items()} if per_param else None
+    owners: dict[str, list[_Sums]] = {}
+    for k, v in sums.items():
+        owners.setdefault(k.rpartition(".")[0] or ROOT, []).append(v)
+    per_layer = {mod: _group(vs, m.count, dataset_size, has_gsnr) for mod, vs in owners.items()}
+    return total, params, per_layer
+
+
 def stats_from_moments(
     m: Moments, *, dataset_size: int | None = None, dtypes: dict[str, torch.dtype] | None = None
 ) -> GradientStats:
@@ -286,14 +302,7 @@ def stats_from_moments(
     if m.count < 2:
         raise ValueError(f"batch of {m.count} example: a variance needs at least 2")
     check_dataset_size(m.count, dataset_size)
-    has_gsnr = m.m2 is not None
-    sums = _param_sums(m, dataset_size)
-    total = _group(list(sums.values()), m.count, dataset_size, has_gsnr)
-    per_param = {k: _group([v], m.count, dataset_size, has_gsnr) for k, v in sums.items()}
-    owners: dict[str, list[_Sums]] = {}
-    for k, v in sums.items():
-        owners.setdefault(k.rpartition(".")[0] or ROOT, []).append(v)
-    per_layer = {mod: _group(vs, m.count, dataset_size, has_gsnr) for mod, vs in owners.items()}
+    total, per_param, per_layer = summarise(m, dataset_size)
     dtypes = dtypes or {}
     pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
     cast = lambda k, t: t.to(dtypes.get(k, t.dtype))  # noqa: E731
