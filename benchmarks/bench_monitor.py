@@ -46,6 +46,35 @@ def block(model, opt, x, y, batch, steps, monitor=None, seed=0, calls=None):
     return (time.perf_counter() - start) / steps
 
 
+def lockstep(x, y, batch, steps, kw, seed=0):
+    """Per-step seconds of a plain and a monitored run advanced in lockstep (one step of
+    each in turn), so that drifts of the machine hit both alike; returns both lists."""
+    g = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    runs = []
+    for monitored in (False, True):
+        torch.manual_seed(0)
+        model = mnist1d_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        runs.append((model, opt, gn.Monitor(model, loss_fn, **kw) if monitored else None, []))
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        xb, yb = x[idx], y[idx]
+        for model, opt, mon, times in runs:
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            if mon is not None:
+                mon.step(xb, yb, optimizer=opt, loss=loss)
+            opt.step()
+            times.append(time.perf_counter() - t)
+    mon = runs[1][2]
+    mon.close()
+    assert mon.errors == 0, mon.errors
+    return runs[0][3], runs[1][3]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -54,6 +83,7 @@ def main(argv=None):
     p.add_argument("--sharpness-steps", type=int, default=1000, help="steps per block for the λ_max rows (one cold evaluation, then warm ones)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", default=None, help="run the configurations whose label contains this text")
+    p.add_argument("--lockstep-steps", type=int, default=2000, help="steps of the lockstep comparison")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     x, y, _, _ = mnist1d_data()
@@ -100,6 +130,15 @@ def main(argv=None):
             warm = [c for st, c in calls if st % every == 0 and st > 0]
             steady[label] = (statistics.median(warm), 1 + statistics.median(warm) / (every * base))
     print(f"| *plain step (median over all blocks)* | {1e3 * statistics.median(base_all):.2f} | 1.00 |")
+    every_step = {k: v for k, v in configs.items() if "sharpness_every" not in v and (not args.only or args.only in k)}
+    if every_step:
+        print(f"\nLockstep: one plain and one monitored step in turn, {args.lockstep_steps} steps, median per step.\n")
+        print("| configuration | plain ms | monitored ms | × plain step |")
+        print("|---|---|---|---|")
+        for label, kw in every_step.items():
+            p, w = lockstep(x, y, args.batch, args.lockstep_steps, kw)
+            p, w = statistics.median(p[50:]), statistics.median(w[50:])
+            print(f"| {label} | {1e3 * p:.2f} | {1e3 * w:.2f} | {w / p:.2f} |", flush=True)
     if steady:
         print("\nSteady state of a long run (the first, cold evaluation excluded): median seconds of a warm")
         print("λ_max evaluation, and 1 + that / (100 plain steps).\n")
