@@ -50,7 +50,7 @@ from gradnoise._functional import LossFn, as_tuple, is_measuring, trainable_para
 from gradnoise._rules import rule_for
 from gradnoise.noise_scale import NoiseScaleEMA, two_batch
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
-from gradnoise.stats import LayerStats, Moments, gradient_stats, summarise
+from gradnoise.stats import LayerStats, Moments, gradient_stats, summarise, summarise_scalars
 
 __all__ = ["Monitor", "log_spaced"]
 
@@ -241,6 +241,7 @@ class Monitor:
         self._rank0 = self._dist is None or self._dist.get_rank() == 0
         params = trainable_params(self.inner)
         self._params = {n: p for n, p in self.inner.named_parameters() if n in params}
+        self._numels = {n: p.numel() for n, p in self._params.items()}
         self.mode = self._choose_mode(mode)
         self._hooks: _LayerHooks | None = None
         self._param_handles: list = []
@@ -417,6 +418,9 @@ class Monitor:
         sq_rows = torch.stack(rows).double()
         mean_sq = torch.stack(torch._foreach_norm(list(mean.values()))).double().square_()
         tm2 = (sq_rows.sum(1) - B * mean_sq).clamp_min_(0)
+        if m2 is None:  # the scalars only: one transfer, no per-parameter tensors
+            total, per_layer = summarise_scalars(self._numels, tm2, mean_sq, B, "hooks")
+            return _StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer)
         names = list(mean)
         m = Moments(
             B, mean, dict(zip(names, tm2, strict=True)), m2, dict(zip(names, sq_rows, strict=True)),

@@ -284,14 +284,28 @@ def summarise(
 ) -> tuple[LayerStats, dict[str, LayerStats] | None, dict[str, LayerStats]]:
     """The scalar statistics of :class:`Moments`: over all parameters, per parameter (unless
     ``per_param=False``) and per module — without the tensors of :class:`GradientStats`."""
-    has_gsnr = m.m2 is not None
-    sums = _param_sums(m, dataset_size)
-    total = _group(list(sums.values()), m.count, dataset_size, has_gsnr)
-    params = {k: _group([v], m.count, dataset_size, has_gsnr) for k, v in sums.items()} if per_param else None
+    return _summary(_param_sums(m, dataset_size), m.count, dataset_size, m.m2 is not None, per_param)
+
+
+def summarise_scalars(
+    numels: dict[str, int], trace_m2: Tensor, mean_sq: Tensor, count: int, method: str
+) -> tuple[LayerStats, dict[str, LayerStats]]:
+    """:func:`summarise` (no GSNR, infinite stream) from stacked per-parameter ``Σ|g_i − ḡ|²``
+    and ``|ḡ|²`` (``[P]`` each, in the order of ``numels``): one transfer, no per-parameter
+    tensors. Returns the total and the per-module statistics."""
+    tm2, msq = torch.stack([trace_m2.double(), mean_sq.double()]).tolist()
+    sums = {k: _Sums(n, t, q, 0.0, 0, method) for (k, n), t, q in zip(numels.items(), tm2, msq, strict=True)}
+    total, _, per_layer = _summary(sums, count, None, False, per_param=False)
+    return total, per_layer
+
+
+def _summary(sums: dict[str, _Sums], count: int, dataset_size: int | None, has_gsnr: bool, per_param: bool):
+    total = _group(list(sums.values()), count, dataset_size, has_gsnr)
+    params = {k: _group([v], count, dataset_size, has_gsnr) for k, v in sums.items()} if per_param else None
     owners: dict[str, list[_Sums]] = {}
     for k, v in sums.items():
         owners.setdefault(k.rpartition(".")[0] or ROOT, []).append(v)
-    per_layer = {mod: _group(vs, m.count, dataset_size, has_gsnr) for mod, vs in owners.items()}
+    per_layer = {mod: _group(vs, count, dataset_size, has_gsnr) for mod, vs in owners.items()}
     return total, params, per_layer
 
 

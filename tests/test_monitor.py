@@ -308,4 +308,6 @@ def test_hooks_mode_covers_attention():
     assert mon.errors == 0
     assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-9)
     assert rec["grad_norm_sq"] == pytest.approx(ref.grad_norm_sq, rel=1e-9)
+    for name, layer in ref.per_layer.items():  # the scalar-only path groups like gradient_stats
+        assert rec[f"b_simple/{name}"] == pytest.approx(layer.b_simple, rel=1e-7), name
     mon.close()
