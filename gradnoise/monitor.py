@@ -112,6 +112,8 @@ class _LayerHooks:
 
     def __init__(self, modules: dict[str, nn.Module], monitor: Monitor) -> None:
         self.modules, self.monitor = modules, monitor
+        self.rules = {name: rule_for(m) for name, m in modules.items()}  # fixed per module
+        self.batch_dims = {name: 1 if getattr(m, "batch_first", True) is False else 0 for name, m in modules.items()}
         self.handles: list = []
         self.reset()
 
@@ -131,12 +133,14 @@ class _LayerHooks:
         self.handles = []
 
     def _forward(self, name: str):
+        whole_call = self.rules[name].whole_call
+
         def hook(module, args, kwargs, output):
             if not self.monitor._armed or not torch.is_grad_enabled() or is_measuring():
                 return  # only the user's own forward passes count
             out = output[0] if isinstance(output, tuple) and output else output  # attention: (y, weights)
             if isinstance(out, Tensor) and out.requires_grad and args and isinstance(args[0], Tensor):
-                if rule_for(module).whole_call:
+                if whole_call:
                     det = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
                     a = (tuple(det(t) for t in args), {k: det(v) for k, v in kwargs.items()})
                 else:
@@ -151,13 +155,14 @@ class _LayerHooks:
             self.calls[name] = self.calls.get(name, 0) + 1
             try:
                 first = a[0][0] if isinstance(a, tuple) else a
-                B = first.shape[1 if getattr(module, "batch_first", True) is False else 0]
+                B = first.shape[self.batch_dims[name]]
                 scale = B / self.monitor.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
-                norms = rule_for(module).norms(module, a, g.detach(), self.monitor.variance, scale)
+                norms = self.rules[name].norms(module, a, g.detach(), self.monitor.variance, scale)
+                prefix = f"{name}." if name else ""
                 for local, (sq, s2) in norms.items():
-                    self.sq.setdefault(f"{name}.{local}" if name else local, []).append(sq)
+                    key = prefix + local
+                    self.sq.setdefault(key, []).append(sq)
                     if s2 is not None:
-                        key = f"{name}.{local}" if name else local
                         acc = self.sum_sq.setdefault(key, {})
                         acc["v"] = acc["v"] + s2 if "v" in acc else s2
             except Exception as exc:  # never break the user's backward pass
