@@ -51,7 +51,7 @@ from gradnoise._functional import (
 )
 from gradnoise._rules import rule_for
 from gradnoise.per_sample import needs_loop, vmap_grads_and_losses
-from gradnoise.stats import Moments, moments_from_grads
+from gradnoise.stats import Moments, centred_m2, centred_sums, moments_from_grads
 
 __all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
 
@@ -522,14 +522,12 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
     if sq:
         names = list(sq)
         mus = [mean[n] for n in names]
-        rows = torch.stack([sq[n] for n in names]).double()  # [P, B]
-        mean_sq = torch.stack(torch._foreach_norm(mus)).double().square_()
-        tm2 = (rows.sum(1) - B * mean_sq).clamp_min_(0)
+        rows, mean_sq, tm2 = centred_sums([sq[n] for n in names], mus, B)  # [P, B], [P], [P]
         _check_finite(tm2 + rows.sum(1), names)
         for n, mu, row, t, msq in zip(names, mus, rows, tm2, mean_sq, strict=True):
             out_mean[n], out_sq[n], out_tm2[n], out_msq[n] = mu, row, t, msq
             if out_m2 is not None:
-                out_m2[n] = torch.addcmul(sum_sq[n], mu, mu, value=-B).clamp_min_(0)
+                out_m2[n] = centred_m2(sum_sq[n], mu, B)
     for part in parts:
         out_mean.update(part.mean)
         out_tm2.update(part.trace_m2)

@@ -50,7 +50,16 @@ from gradnoise._functional import LossFn, as_tuple, is_measuring, trainable_para
 from gradnoise._rules import rule_for
 from gradnoise.noise_scale import NoiseScaleEMA, two_batch
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
-from gradnoise.stats import LayerStats, Moments, gradient_stats, summarise, summarise_scalars
+from gradnoise.stats import (
+    LayerStats,
+    Moments,
+    centred_m2,
+    centred_sums,
+    gradient_stats,
+    squared_norms,
+    summarise,
+    summarise_scalars,
+)
 
 __all__ = ["Monitor", "log_spaced"]
 
@@ -380,7 +389,7 @@ class Monitor:
                 grad_norm = math.sqrt(max(stats.grad_norm_sq + stats.trace_cov / B, 0.0))
             else:
                 grads = [p.grad.detach() for p in self._params.values() if p.grad is not None]
-                grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
+                grad_norm = math.sqrt(float(squared_norms(grads).sum())) if grads else 0.0
         if stats is not None:
             rec.update(
                 grad_norm=grad_norm, trace_cov=stats.trace_cov, grad_norm_sq=stats.grad_norm_sq,
@@ -418,11 +427,9 @@ class Monitor:
             mean[name] = g
             rows.append(s)
             if m2 is not None:
-                m2[name] = torch.addcmul(hooks.sum_sq[name]["v"], g, g, value=-B).clamp_min_(0)
+                m2[name] = centred_m2(hooks.sum_sq[name]["v"], g, B)
         # All parameters' scalars in a few stacked operations: Σ_i|g_i|² − B|ḡ|² per parameter.
-        sq_rows = torch.stack(rows).double()
-        mean_sq = torch.stack(torch._foreach_norm(list(mean.values()))).double().square_()
-        tm2 = (sq_rows.sum(1) - B * mean_sq).clamp_min_(0)
+        sq_rows, mean_sq, tm2 = centred_sums(rows, list(mean.values()), B)
         if m2 is None:  # the scalars only: one transfer, no per-parameter tensors
             total, per_layer = summarise_scalars(self._numels, tm2, mean_sq, B, "hooks")
             return _StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer)

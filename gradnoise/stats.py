@@ -105,6 +105,25 @@ class Moments:
         return Moments(n, mean, trace_m2, m2, sq, self.loss_sum + other.loss_sum, methods)
 
 
+def squared_norms(tensors: list[Tensor]) -> Tensor:
+    """``|t|²`` of each tensor, stacked (``[P]``, float64)."""
+    return torch.stack(torch._foreach_norm(tensors)).double().square_()
+
+
+def centred_sums(sq_norms: list[Tensor], means: list[Tensor], count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """From per-parameter ``|g_i|²`` (``[B]`` each) and means ``ḡ``: the stacked ``[P, B]``
+    squared norms, ``|ḡ|²`` and ``Σ_i |g_i − ḡ|² = Σ_i |g_i|² − B |ḡ|²`` (``[P]``, float64,
+    clamped at 0 against rounding)."""
+    rows = torch.stack(sq_norms).double()
+    mean_sq = squared_norms(means)
+    return rows, mean_sq, (rows.sum(1) - count * mean_sq).clamp_min_(0)
+
+
+def centred_m2(sum_sq: Tensor, mean: Tensor, count: int) -> Tensor:
+    """Elementwise ``Σ_i (g_i − ḡ)² = Σ_i g_i² − B ḡ²`` (clamped at 0 against rounding)."""
+    return torch.addcmul(sum_sq, mean, mean, value=-count).clamp_min_(0)
+
+
 def moments_from_grads(grads: dict[str, Tensor], losses: Tensor, method: str, elementwise: bool) -> Moments:
     """Moments from materialised per-example gradients ``{name: [B, ...]}`` (centred sums)."""
     count = losses.shape[0]
@@ -221,7 +240,7 @@ def _param_sums(m: Moments, dataset_size: int | None) -> dict[str, _Sums]:
     if m.mean_sq is not None and m.mean_sq.keys() == m.mean.keys():
         mean_sq = torch.stack([m.mean_sq[k] for k in names])
     else:
-        mean_sq = torch.stack(torch._foreach_norm([m.mean[k] for k in names])).double().square_()
+        mean_sq = squared_norms([m.mean[k] for k in names])
     trace_m2 = torch.stack([m.trace_m2[k].double() for k in names])
     scalars = torch.stack([trace_m2, mean_sq.to(trace_m2.device)]).tolist()
     out = {}
