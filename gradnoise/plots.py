@@ -78,6 +78,11 @@ def plot_critical_batch(fit, batch_sizes, steps, ax=None):
     ax.axhline(fit.s_min, color="0.6", ls=":", lw=1.2, label=f"$S_{{min}}$ = {fit.s_min:.0f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullLocator
+
+    ticks = np.unique(b)  # the measured batch sizes, as plain numbers (no crowded minor labels)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("batch size $B$")
     ax.set_ylabel("steps to target")
     ax.legend(frameon=False, fontsize="small")
