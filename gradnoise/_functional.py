@@ -14,8 +14,9 @@ Conventions (see DESIGN.md §1):
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,8 +39,9 @@ _MEAN_DECOMPOSABLE_LOSSES = (
 )
 
 
-def trainable_params(model: nn.Module) -> dict[str, Tensor]:
-    """The trainable parameters of ``model``, detached, by name; tied parameters once.
+def trainable_params(model: nn.Module, *, detach: bool = True) -> dict[str, Tensor]:
+    """The trainable parameters of ``model``, detached (unless ``detach=False``), by name;
+    tied parameters once.
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``.
@@ -47,7 +49,7 @@ def trainable_params(model: nn.Module) -> dict[str, Tensor]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    params = {n: p.detach() if detach else p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(
             "the model has no trainable parameters (none with requires_grad=True): "
@@ -63,13 +65,15 @@ def frozen_state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def check_no_train_batchnorm(model: nn.Module) -> None:
-    """Refuse BatchNorm in train mode: it couples the examples of a batch.
+def check_no_train_batchnorm(model: nn.Module | Iterable[tuple[str, nn.Module]]) -> None:
+    """Refuse BatchNorm in train mode: it couples the examples of a batch. Takes the model or
+    its ``named_modules()``.
 
     Raises:
         ValueError: naming the module and the fixes.
     """
-    for name, module in model.named_modules():
+    named = model.named_modules() if isinstance(model, nn.Module) else model
+    for name, module in named:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
             raise ValueError(
                 f"BatchNorm module {name or type(module).__name__!r} is in train mode: it "
@@ -152,8 +156,8 @@ def check_device(model_params: dict[str, Tensor], inputs: Batch, targets: Batch)
             )
 
 
-def check_loss_value(loss: Tensor) -> None:
-    """A mean-reduced loss is a finite scalar.
+def check_loss_value(loss: Tensor) -> float:
+    """A mean-reduced loss is a finite scalar; returns its value.
 
     Raises:
         ValueError: if the loss is not a scalar tensor.
@@ -165,11 +169,13 @@ def check_loss_value(loss: Tensor) -> None:
             f"loss_fn must return a scalar (mean over the batch), got {shape}; use a "
             "mean-reduced loss such as nn.CrossEntropyLoss() (reduction='mean')"
         )
-    if not torch.isfinite(loss.detach()).item():
+    value = float(loss.detach())
+    if not math.isfinite(value):
         raise FloatingPointError(
-            f"the loss is {loss.item()}: check the inputs, the learning rate and the model "
+            f"the loss is {value}: check the inputs, the learning rate and the model "
             "for overflow before measuring gradients"
         )
+    return value
 
 
 def check_loss_fn(loss_fn: LossFn) -> None:
@@ -225,12 +231,13 @@ def is_measuring() -> bool:
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Restore torch's global RNG state (CPU and CUDA) and all ``training`` flags on exit;
-    marks the block as a measurement (:func:`is_measuring`)."""
+def preserved_state(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[None]:
+    """Restore torch's global RNG state (CPU and CUDA) and all ``training`` flags on exit
+    (of ``model.modules()``, or of ``modules`` when the caller has them already); marks the
+    block as a measurement (:func:`is_measuring`)."""
     cpu_state = torch.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    modes = [(m, m.training) for m in model.modules()]
+    modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
     _measuring.depth = getattr(_measuring, "depth", 0) + 1
     try:
         yield

@@ -132,7 +132,7 @@ def _dense_norms(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: flo
     s2 = scale * scale
     if a.dim() == 2:
         if not elementwise:  # |g_i|² = |a_i|²|δ_i|², no squared temporaries
-            d_sq = _sq_norms(d).mul_(s2)
+            d_sq = _sq_norms(d) if s2 == 1 else _sq_norms(d).mul_(s2)
             out["weight"] = (_sq_norms(a).mul_(d_sq), None)
             if bias:
                 out["bias"] = (d_sq, None)

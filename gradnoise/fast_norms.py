@@ -25,6 +25,8 @@ the standard ``torch.nn`` losses and checked on the batch for any other callable
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -152,11 +154,12 @@ class _Recorder:
                 f"the input of module {call.module!r} was modified in place after the call; "
                 "per-example gradients need it intact (use method='vmap')"
             )
-        # The rule gets ∂L/∂out = δ/B (no scaled copy) and the scale B; grads are rescaled by B.
+        # The rule gets ∂L/∂out = δ/B (no scaled copy) and the scale B; grads are rescaled by
+        # B. Without Σ_i g_i², the squared norms are scaled by B² later, for all layers at once.
         rule, d, B = rule_for(module), g.detach(), self.batch
         a = _detached_call(call) if rule.whole_call else a.detach()
         if "norms" in self.actions[call.module]:
-            self.norms[call.module] = rule.norms(module, a, d, self.variance, B)
+            self.norms[call.module] = rule.norms(module, a, d, self.variance, B if self.variance else 1.0)
         else:
             acc = self.grads.setdefault(call.module, {})
             for local, v in rule.grads(module, a, d).items():
@@ -323,26 +326,27 @@ def fast_moments(
         NotMeanLossError: the loss is not the mean of per-example losses.
         ValueError, FloatingPointError: as :func:`gradnoise.gradient_stats`.
     """
-    params = trainable_params(model)
+    named = trainable_params(model, detach=False)
     check_loss_fn(loss_fn)
     B = batch_size_of(inputs, targets)
-    check_device(params, inputs, targets)
-    check_no_train_batchnorm(model)
+    check_device(named, inputs, targets)
     xs, ys = as_tuple(inputs), as_tuple(targets)
 
-    owners, modules, recorded = _plan(model, params)
+    owners, modules, recorded = _plan(model, named)
+    check_no_train_batchnorm(modules.items())
     recorder = _Recorder({m: modules[m] for m in recorded}, B, variance)
-    leaves = params  # detached: what per-module vmap and whole-model vmap differentiate
-    direct = _can_call_directly(model)
+    direct = _can_call_directly(model, modules.values(), named.values())
+    # What per-module and whole-model vmap differentiate: detached parameters.
+    params = {n: p.detach() for n, p in named.items()}
+    leaves = params
     if direct:  # the model's own parameters as graph leaves; autograd.grad leaves .grad alone
         state: dict[str, Tensor] = {}
-        graph_leaves = dict(model.named_parameters())
-        graph_leaves = {n: graph_leaves[n] for n in params}
+        graph_leaves = named
     else:
         state = frozen_state(model)
         graph_leaves = {n: p.requires_grad_(True) for n, p in params.items()}
 
-    with preserved_state(model), torch.enable_grad():
+    with preserved_state(model, modules.values()), torch.enable_grad():
         with recorder.installed():
             if direct:
                 outputs = model(*xs)
@@ -352,9 +356,9 @@ def fast_moments(
             paths, units = _decide(owners, modules, recorder.calls, B)
             recorder.set_actions(_actions(owners, paths, units))
             loss = loss_fn(outputs, ys[0] if len(ys) == 1 else ys)
-            check_loss_value(loss)
+            loss_value = check_loss_value(loss)
             if is_known_mean_loss(loss_fn, targets):
-                loss_sum = float(loss.detach().double()) * B
+                loss_sum = loss_value * B
             else:
                 loss_sum = float(_check_mean_loss(loss_fn, outputs, ys, loss).double().sum())
             del outputs
@@ -377,11 +381,12 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _plan(model: nn.Module, params: dict[str, Tensor]):
     """Owners of each parameter, the model's modules by name, and the modules to record.
 
-    Cached per model; the cache is keyed on the identity of every module and parameter, so a
-    changed model (a module replaced, a parameter frozen) is planned again.
+    Cached per model; the cache is keyed on the identity of every module and of every
+    trainable parameter (and its shape), so a changed model (a module replaced, a parameter
+    frozen or swapped) is planned again.
     """
     modules = dict(model.named_modules())
-    key = (tuple(map(id, modules.values())), tuple((n, p.data_ptr(), p.shape) for n, p in params.items()))
+    key = (tuple(map(id, modules.values())), tuple((n, id(p), p.shape) for n, p in params.items()))
     cached = _PLANS.get(model)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -398,21 +403,22 @@ def _plan(model: nn.Module, params: dict[str, Tensor]):
     return plan
 
 
-def _can_call_directly(model: nn.Module) -> bool:
+def _can_call_directly(model: nn.Module, modules, params) -> bool:
     """Whether the forward pass may run the caller's model as it is (faster than
     ``functional_call``): no buffers a forward could update, no gradient hooks on its
     parameters that our backward would trigger, and not a DDP wrapper (whose forward and
     backward synchronise processes)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return False
-    if next(model.buffers(), None) is not None:
+    if any(b is not None for m in modules for b in m._buffers.values()):
         return False
-    return not any(p._backward_hooks for p in model.parameters())
+    return not any(p._backward_hooks for p in params)
 
 
 def _decide(owners, modules, calls, B: int):
     """Each parameter's path ("fast", "fast-tied" or a unit module for vmap), after forward."""
 
+    @functools.cache
     def batched(mname: str) -> bool:  # a rule needs the batch dimension on input and output
         bd = _batch_dim(modules[mname])
         return all(
@@ -517,15 +523,15 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         parts.append(part)
 
     # Rule parameters: mean from the batch gradient, centred sums by subtraction; the
-    # scalars of all parameters in a few stacked operations (one finiteness check).
-    out_mean, out_tm2, out_m2, out_sq, out_msq = {}, {}, ({} if variance else None), {}, {}
+    # scalars of all parameters in a few stacked operations and one transfer.
+    out_mean, out_tm2, out_m2, out_sq, scalars = {}, {}, ({} if variance else None), {}, {}
     if sq:
         names = list(sq)
         mus = [mean[n] for n in names]
-        rows, mean_sq, tm2 = centred_sums([sq[n] for n in names], mus, B)  # [P, B], [P], [P]
-        _check_finite(tm2 + rows.sum(1), names)
-        for n, mu, row, t, msq in zip(names, mus, rows, tm2, mean_sq, strict=True):
-            out_mean[n], out_sq[n], out_tm2[n], out_msq[n] = mu, row, t, msq
+        rows, tm2, _, host = centred_sums([sq[n] for n in names], mus, B, scale=1.0 if variance else B * B)
+        _check_finite([h[0] + h[2] for h in host], names)
+        for n, mu, row, t, h in zip(names, mus, rows, tm2, host, strict=True):
+            out_mean[n], out_sq[n], out_tm2[n], scalars[n] = mu, row, t, h[:2]
             if out_m2 is not None:
                 out_m2[n] = centred_m2(sum_sq[n], mu, B)
     for part in parts:
@@ -536,7 +542,7 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         out_sq.update(part.sq_norms)
         methods.update(part.methods)
         names = list(part.mean)
-        _check_finite(torch.stack([part.trace_m2[n] + part.sq_norms[n].sum() for n in names]), names)
+        _check_finite(torch.stack([part.trace_m2[n] + part.sq_norms[n].sum() for n in names]).tolist(), names)
     order = list(params)
     return Moments(
         count=B,
@@ -546,20 +552,19 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         sq_norms={n: out_sq[n] for n in order},
         loss_sum=loss_sum,
         methods={n: methods[n] for n in order},
-        mean_sq={n: out_msq[n] for n in order} if out_msq.keys() == set(order) else None,
+        scalars={n: scalars[n] for n in order} if scalars.keys() == set(order) else None,
     )
 
 
-def _check_finite(values: Tensor, names: list[str]) -> None:
+def _check_finite(values: list[float], names: list[str]) -> None:
     """Any NaN/inf in a per-example gradient shows in its squared norm, and one in the mean
     gradient in ``|ḡ|²`` (cheaper than ``isfinite`` over every parameter)."""
-    if bool(torch.isfinite(values).all()):
-        return
-    bad = names[int((~torch.isfinite(values)).nonzero()[0])]
-    raise FloatingPointError(
-        f"gradient of parameter {bad!r} contains NaN or inf: the loss or the model "
-        "overflows on this batch"
-    )
+    for name, v in zip(names, values, strict=True):
+        if not math.isfinite(v):
+            raise FloatingPointError(
+                f"gradient of parameter {name!r} contains NaN or inf: the loss or the model "
+                "overflows on this batch"
+            )
 
 
 def _close(a: Tensor, b: Tensor) -> bool:

@@ -70,7 +70,8 @@ class Moments:
         sq_norms: per-parameter ``|g_i|²`` of each example (``[count]``).
         loss_sum: ``Σ_i loss_i``.
         methods: which engine computed each parameter ("fast", "vmap-module", "vmap").
-        mean_sq: ``|ḡ|²`` per parameter (0-d float64), when the engine has it already.
+        scalars: per parameter ``(Σ_i |g_i − ḡ|², |ḡ|²)`` as Python floats, when the engine
+            has already transferred them (one transfer for all parameters); else ``None``.
     """
 
     count: int
@@ -80,7 +81,7 @@ class Moments:
     sq_norms: dict[str, Tensor]
     loss_sum: float
     methods: dict[str, str]
-    mean_sq: dict[str, Tensor] | None = None
+    scalars: dict[str, tuple[float, float]] | None = None
 
     def merge(self, other: Moments) -> Moments:
         """Exact union of two disjoint sets of examples (Chan, Golub & LeVeque 1979)."""
@@ -110,13 +111,19 @@ def squared_norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors)).double().square_()
 
 
-def centred_sums(sq_norms: list[Tensor], means: list[Tensor], count: int) -> tuple[Tensor, Tensor, Tensor]:
-    """From per-parameter ``|g_i|²`` (``[B]`` each) and means ``ḡ``: the stacked ``[P, B]``
-    squared norms, ``|ḡ|²`` and ``Σ_i |g_i − ḡ|² = Σ_i |g_i|² − B |ḡ|²`` (``[P]``, float64,
-    clamped at 0 against rounding)."""
+def centred_sums(sq_norms: list[Tensor], means: list[Tensor], count: int, scale: float = 1.0):
+    """From per-parameter ``|g_i|²`` (``[B]`` each, times ``1/scale``) and means ``ḡ``: the
+    stacked ``[P, B]`` float64 squared norms, ``Σ_i |g_i − ḡ|² = Σ_i |g_i|² − B |ḡ|²`` and
+    ``|ḡ|²`` (``[P]`` each, clamped at 0 against rounding), and the host copies of
+    ``(Σ_i |g_i − ḡ|², |ḡ|², Σ_i |g_i|²)`` per parameter — one transfer for all."""
     rows = torch.stack(sq_norms).double()
+    if scale != 1.0:
+        rows.mul_(scale)
     mean_sq = squared_norms(means)
-    return rows, mean_sq, (rows.sum(1) - count * mean_sq).clamp_min_(0)
+    sums = rows.sum(1)
+    tm2 = torch.sub(sums, mean_sq, alpha=count).clamp_min_(0)
+    host = list(zip(*torch.stack([tm2, mean_sq, sums]).tolist(), strict=True))
+    return rows, tm2, mean_sq, host
 
 
 def centred_m2(sum_sq: Tensor, mean: Tensor, count: int) -> Tensor:
@@ -235,14 +242,15 @@ class _Sums:
 
 
 def _param_sums(m: Moments, dataset_size: int | None) -> dict[str, _Sums]:
-    """Per-parameter scalars, converted to Python numbers in one transfer."""
+    """Per-parameter scalars, converted to Python numbers in one transfer (or none, when the
+    engine has done it: ``Moments.scalars``)."""
     names = list(m.mean)
-    if m.mean_sq is not None and m.mean_sq.keys() == m.mean.keys():
-        mean_sq = torch.stack([m.mean_sq[k] for k in names])
+    if m.scalars is not None and m.scalars.keys() == m.mean.keys():
+        scalars = [[m.scalars[k][0] for k in names], [m.scalars[k][1] for k in names]]
     else:
         mean_sq = squared_norms([m.mean[k] for k in names])
-    trace_m2 = torch.stack([m.trace_m2[k].double() for k in names])
-    scalars = torch.stack([trace_m2, mean_sq.to(trace_m2.device)]).tolist()
+        trace_m2 = torch.stack([m.trace_m2[k].double() for k in names])
+        scalars = torch.stack([trace_m2, mean_sq.to(trace_m2.device)]).tolist()
     out = {}
     for j, k in enumerate(names):
         gsnr_sum, gsnr_count = 0.0, 0
@@ -279,22 +287,26 @@ def _gsnr_sums(mean: Tensor, m2: Tensor, n: int, dataset_size: int | None) -> tu
 
 
 def _group(sums: list[_Sums], n: int, dataset_size: int | None, has_gsnr: bool) -> LayerStats:
-    s2 = sum(s.trace_m2 for s in sums) / (n - 1)
+    numel, tm2, msq, gsnr_sum, gsnr_count, methods = 0, 0.0, 0.0, 0.0, 0, set()
+    for s in sums:
+        numel, tm2, msq = numel + s.numel, tm2 + s.trace_m2, msq + s.mean_sq
+        gsnr_sum, gsnr_count = gsnr_sum + s.gsnr_sum, gsnr_count + s.gsnr_count
+        methods.add(s.method)
+    s2 = tm2 / (n - 1)
     pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
     inv_n = 0.0 if dataset_size is None else 1.0 / dataset_size
     trace_cov = s2 * pop
-    grad_norm_sq = sum(s.mean_sq for s in sums) - s2 * (1.0 / n - inv_n)
+    grad_norm_sq = msq - s2 * (1.0 / n - inv_n)
     gsnr = None
     if has_gsnr:
-        count = sum(s.gsnr_count for s in sums)
-        gsnr = sum(s.gsnr_sum for s in sums) / count if count else math.nan
+        gsnr = gsnr_sum / gsnr_count if gsnr_count else math.nan
     return LayerStats(
-        num_params=sum(s.numel for s in sums),
+        num_params=numel,
         trace_cov=trace_cov,
         grad_norm_sq=grad_norm_sq,
         b_simple=_ratio(trace_cov, grad_norm_sq),
         gsnr=gsnr,
-        method="+".join(sorted({s.method for s in sums})),
+        method="+".join(sorted(methods)),
     )
 
 
@@ -307,13 +319,12 @@ def summarise(
 
 
 def summarise_scalars(
-    numels: dict[str, int], trace_m2: Tensor, mean_sq: Tensor, count: int, method: str
+    numels: dict[str, int], host: list[tuple[float, ...]], count: int, method: str
 ) -> tuple[LayerStats, dict[str, LayerStats]]:
-    """:func:`summarise` (no GSNR, infinite stream) from stacked per-parameter ``Σ|g_i − ḡ|²``
-    and ``|ḡ|²`` (``[P]`` each, in the order of ``numels``): one transfer, no per-parameter
+    """:func:`summarise` (no GSNR, infinite stream) from the host scalars of
+    :func:`centred_sums` (per parameter, in the order of ``numels``), without per-parameter
     tensors. Returns the total and the per-module statistics."""
-    tm2, msq = torch.stack([trace_m2.double(), mean_sq.double()]).tolist()
-    sums = {k: _Sums(n, t, q, 0.0, 0, method) for (k, n), t, q in zip(numels.items(), tm2, msq, strict=True)}
+    sums = {k: _Sums(n, h[0], h[1], 0.0, 0, method) for (k, n), h in zip(numels.items(), host, strict=True)}
     total, _, per_layer = _summary(sums, count, None, False, per_param=False)
     return total, per_layer
 
@@ -338,7 +349,7 @@ def stats_from_moments(
     total, per_param, per_layer = summarise(m, dataset_size)
     dtypes = dtypes or {}
     pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
-    cast = lambda k, t: t.to(dtypes.get(k, t.dtype))  # noqa: E731
+    cast = lambda k, t: t if dtypes.get(k, t.dtype) == t.dtype else t.to(dtypes[k])  # noqa: E731
     scale = pop / (m.count - 1)
     variance = None if m.m2 is None else {k: cast(k, v * scale) for k, v in m.m2.items()}
     return GradientStats(
