@@ -5,7 +5,8 @@
 
 Rows per model and batch size: the floor (plain forward + backward, ``loss.backward()``),
 gradnoise's noise-scale statistics (``gradient_stats(method="fast", variance=False)``:
-tr Σ, |G|², B_simple), the same with the per-element variance, ``method="vmap"``,
+tr Σ, |G|², B_simple), the same with the per-element variance, for Linear-only models the
+bare hooks design (tr Σ and |G|² with nothing else: the engine's lower bound), ``method="vmap"``,
 ``per_sample_grads`` (vmap), a Python loop of ``autograd.grad`` (smallest batch only), and,
 with ``--anchors`` where installed, BackPACK (BatchL2Grad, Variance) and Opacus
 (GradSampleModule, per-sample gradients then their norms). Each row: median time, ratio to
@@ -80,6 +81,45 @@ def anchors(model, loss_fn, x, y):
     return out
 
 
+def bare_hooks(model, loss_fn, x, y):
+    """The hooks design with nothing else: tr Σ and |G|² of a model made of Linear layers on
+    2-D inputs from |a_i|²|δ_i|², without checks, plans, per-layer results or a result
+    object. A lower bound for the fast engine's cost on this machine (checked against
+    ``gradient_stats`` before it is timed); ``None`` for other models."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if sum(len(list(m.parameters())) for m in linears) != len(params):
+        return None
+    B = x.shape[0]
+
+    def run():
+        a_sq, d_sq = [], []
+
+        def forward_hook(module, args, out):
+            a_sq.append(torch.linalg.vector_norm(args[0], dim=1).square())
+            out.register_hook(lambda g: d_sq.append(torch.linalg.vector_norm(g, dim=1).square()))
+
+        handles = [m.register_forward_hook(forward_hook) for m in linears]
+        try:
+            loss = loss_fn(model(x), y)
+            grads = torch.autograd.grad(loss, params)
+        finally:
+            for h in handles:
+                h.remove()
+        d = torch.stack(d_sq[::-1]) * (B * B)
+        sq = torch.cat([torch.stack(a_sq) * d, d]).double()  # weights' and biases' |g_i|²
+        mean_sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()
+        m2 = sq.sum() - B * mean_sq
+        s2 = m2 / (B - 1)
+        return torch.stack([s2, mean_sq - s2 / B]).tolist()  # tr Σ, |G|²
+
+    ref = gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=False)
+    got = run()
+    if not (abs(got[0] - ref.trace_cov) <= 1e-4 * ref.trace_cov and abs(got[1] - ref.grad_norm_sq) <= 1e-3 * abs(ref.trace_cov)):
+        raise AssertionError(f"bare hooks disagree with gradient_stats: {got} vs {ref.trace_cov}, {ref.grad_norm_sq}")
+    return run
+
+
 def model_copy(model):
     import copy
 
@@ -91,6 +131,9 @@ def calls_for(name, batch, sizes, model, loss_fn, x, y, args):
         "gradnoise fast: noise scale": lambda: gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=False),
         "gradnoise fast: + variance": lambda: gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=True).variance,
     }
+    bare = bare_hooks(model, loss_fn, x, y)
+    if bare is not None:
+        calls["bare hooks (lower bound)"] = bare
     if not args.no_vmap:
         calls["gradnoise vmap: stats"] = lambda: gn.gradient_stats(model, loss_fn, x, y, method="vmap")
         calls["per_sample_grads (vmap)"] = lambda: gn.per_sample_grads(model, loss_fn, x, y)
