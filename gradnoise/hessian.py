@@ -186,11 +186,15 @@ class HessianOperator:
 
     def _hvp_double(self, v: Tensor) -> Tensor:
         self._build_graphs()
-        out = torch.zeros_like(v)
+        out = None
         vs = list(self.unflatten(v).values())
         for leaves, gs, w in self._graphs:
             hv = torch.autograd.grad(gs, list(leaves.values()), grad_outputs=vs, retain_graph=True, allow_unused=True)
-            out += w * self.flatten([torch.zeros_like(p) if h is None else h for p, h in zip(leaves.values(), hv, strict=True)])
+            flat = self.flatten([torch.zeros_like(p) if h is None else h for p, h in zip(leaves.values(), hv, strict=True)])
+            if out is None:
+                out = flat.mul_(w) if w != 1 else flat
+            else:
+                out.add_(flat, alpha=w)
         return out
 
     def _build_graphs(self) -> None:
@@ -416,21 +420,24 @@ def _lanczos_checked(op, k, which, tol, max_iter, start):
     would build a basis of at least ``ncv`` vectors first. Returns values, vectors and these
     residuals relative to ``|θ|``.
     """
-    rows = torch.empty(min(max_iter, 64), op.dim, dtype=start.dtype, device=start.device)
-    rows[0] = start / torch.linalg.vector_norm(start)
+    rows = torch.empty(min(max_iter, 16), op.dim, dtype=start.dtype, device=start.device)
+    torch.div(start, torch.linalg.vector_norm(start), out=rows[0])
     alphas: list[float] = []
     betas: list[float] = []
     while True:
         j = len(alphas)
-        if j == rows.shape[0]:  # grow the basis storage
-            rows = torch.cat([rows, torch.empty_like(rows)])
         w = op.matvec(rows[j])
         Q = rows[: j + 1]  # orthonormal rows
-        coef = Q @ w  # classical Gram–Schmidt twice: orthogonal to working precision
+        # Classical Gram–Schmidt, repeated when the first pass cancelled more than 1 − 1/√2
+        # of the norm ("twice is enough", Giraud et al. 2005): orthogonal to working precision.
+        before = torch.linalg.vector_norm(w)
+        coef = torch.mv(Q, w)
         alphas.append(float(coef[j]))
-        w = w - coef @ Q
-        w = w - (Q @ w) @ Q
+        w = torch.addmv(w, Q.T, coef, alpha=-1)
         beta = float(torch.linalg.vector_norm(w))
+        if beta < 0.7071 * float(before):
+            w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
+            beta = float(torch.linalg.vector_norm(w))
         T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         theta, S = np.linalg.eigh(T)
         idx = _order(theta, which)[: min(k, j + 1)]
@@ -439,7 +446,9 @@ def _lanczos_checked(op, k, which, tol, max_iter, start):
         if done or j + 1 >= max_iter or beta <= np.finfo(np.float32).eps * max(abs(theta).max(), 1.0):
             break
         betas.append(beta)
-        rows[j + 1] = w / beta
+        if j + 1 == rows.shape[0]:  # grow the basis storage
+            rows = torch.cat([rows, torch.empty_like(rows)])
+        torch.div(w, beta, out=rows[j + 1])
     vecs = Q.T @ torch.as_tensor(S[:, idx], dtype=Q.dtype, device=Q.device)
     return [float(theta[i]) for i in idx], vecs, res
 
