@@ -139,11 +139,20 @@ def _dense_norms(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: flo
             return out
         d2 = d.square()
         d_sq = d2.sum(1).mul_(s2)
-        a2 = a.square()  # Σ_i g_i² = (δ²)ᵀ(a²); the scale goes on the smaller factor
-        total = d2.mul(s2).t() @ a2 if d2.numel() <= a2.numel() else d2.t() @ a2.mul_(s2)
-        out["weight"] = (a2.sum(1).mul_(d_sq) if d2.numel() <= a2.numel() else _sq_norms(a).mul_(d_sq), total)
+        bias_sum = d2.sum(0).mul_(s2) if bias else None
+        a2 = a.square()
+        a_sq = a2.sum(1)
+        # Σ_i g_i² = (δ²)ᵀ(a²); the scale goes in place on the smallest of the three.
+        smallest = min((d2, a2), key=Tensor.numel)
+        if s2 != 1 and smallest.numel() <= d2.shape[1] * a2.shape[1]:
+            smallest.mul_(s2)
+            s2 = 1.0
+        total = d2.t() @ a2
+        if s2 != 1:
+            total.mul_(s2)
+        out["weight"] = (a_sq.mul_(d_sq), total)
         if bias:
-            out["bias"] = (d_sq, d2.sum(0).mul_(s2))
+            out["bias"] = (d_sq, bias_sum)
         return out
     B = a.shape[0]
     a3, d3 = a.reshape(B, 1, -1, a.shape[-1]), d.reshape(B, 1, -1, d.shape[-1])
