@@ -410,17 +410,35 @@ def _lanczos(op, k, which, tol, max_iter, start):
     return [float(vals[i]) for i in idx], torch.as_tensor(vecs[:, idx], dtype=op.dtype, device=op.device)
 
 
-def _lanczos_checked(op, k, which, tol, max_iter, start):
+MAX_BASIS = 32  # Lanczos vectors held at once by the checked Lanczos: memory ≤ 32·P numbers
+
+
+def _lanczos_checked(op, k, which, tol, max_iter, start, max_basis: int = MAX_BASIS):
     """Lanczos from ``start`` with full reorthogonalisation, checked after every product.
 
     After ``j`` products the Ritz pairs ``(θ, Q s)`` of the tridiagonal ``T_j`` have residual
     ``‖H Q s − θ Q s‖ = β_j |s_j|`` (Saad 2011, *Numerical Methods for Large Eigenvalue
     Problems*, Prop. 6.8), so convergence is known without extra products. From a good start
     (the previous eigenvector during training) this stops after a few products, where ARPACK
-    would build a basis of at least ``ncv`` vectors first. Returns values, vectors and these
-    residuals relative to ``|θ|``.
+    would build a basis of at least ``ncv`` vectors first. The basis holds at most
+    ``max_basis`` vectors (at least ``2k + 2``): when it is full, Lanczos restarts from the
+    sum of the current Ritz vectors (explicit restart), so memory stays bounded on large
+    models. Returns values, vectors and the residuals relative to ``|θ|``.
     """
-    rows = torch.empty(min(max_iter, 16), op.dim, dtype=start.dtype, device=start.device)
+    max_basis = max(max_basis, 2 * k + 2)
+    products = 0
+    while True:
+        vals, vecs, res, n, final = _lanczos_run(op, k, which, tol, min(max_basis, max_iter - products), start)
+        products += n
+        if final or products >= max_iter:
+            return vals, vecs, res
+        start = vecs.sum(1)
+
+
+def _lanczos_run(op, k, which, tol, steps, start):
+    """One Lanczos run of at most ``steps`` products; ``final`` when converged or the Krylov
+    space is invariant (nothing left to gain from a restart)."""
+    rows = torch.empty(min(steps, 16), op.dim, dtype=start.dtype, device=start.device)
     torch.div(start, torch.linalg.vector_norm(start), out=rows[0])
     alphas: list[float] = []
     betas: list[float] = []
@@ -443,14 +461,17 @@ def _lanczos_checked(op, k, which, tol, max_iter, start):
         idx = _order(theta, which)[: min(k, j + 1)]
         res = [beta * abs(S[-1, i]) / max(abs(theta[i]), np.finfo(np.float64).tiny) for i in idx]
         done = j + 1 >= k and all(r <= tol for r in res)
-        if done or j + 1 >= max_iter or beta <= np.finfo(np.float32).eps * max(abs(theta).max(), 1.0):
+        invariant = beta <= np.finfo(np.float32).eps * max(abs(theta).max(), 1.0)
+        if done or invariant or j + 1 >= steps:
             break
         betas.append(beta)
         if j + 1 == rows.shape[0]:  # grow the basis storage
-            rows = torch.cat([rows, torch.empty_like(rows)])
+            grown = torch.empty(min(2 * rows.shape[0], steps), op.dim, dtype=rows.dtype, device=rows.device)
+            grown[: rows.shape[0]] = rows
+            rows = grown
         torch.div(w, beta, out=rows[j + 1])
     vecs = Q.T @ torch.as_tensor(S[:, idx], dtype=Q.dtype, device=Q.device)
-    return [float(theta[i]) for i in idx], vecs, res
+    return [float(theta[i]) for i in idx], vecs, res, j + 1, done or invariant
 
 
 def _power_k(op, k, which, tol, max_iter, start):

@@ -220,3 +220,23 @@ def test_warm_started_lanczos_honours_which():
     for which, want in (("LA", 2.0), ("LM", -3.0), ("SA", -3.0)):
         eig = gn.hessian_eigenvalues(model, loss, (x, y), which=which, v0=v0, tol=1e-8)
         assert eig.eigenvalues[0] == pytest.approx(want, rel=1e-9) and eig.converged
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_checked_lanczos_restarts_with_a_bounded_basis(k):
+    """With a basis of at most 2k + 2 vectors the checked Lanczos restarts (explicitly, from
+    its Ritz vectors) and still converges to the dense eigenvalues; the products it reports
+    exceed the basis size, so the restart path ran."""
+    from gradnoise.hessian import _lanczos_checked, hessian_operator
+
+    model, loss, x, y = CASES_BY_NAME["mlp"].make(torch.float64, batch=6)
+    H = exact_hessian(model, loss, x, y)
+    top = torch.linalg.eigvalsh(H).flip(0)[:k]
+    op = hessian_operator(model, loss, (x, y))
+    start = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    vals, vecs, res = _lanczos_checked(op, k, "LA", 1e-6, 2000, start, max_basis=2 * k + 2)
+    assert op.num_hvps > 2 * k + 2 and max(res) <= 1e-6
+    np.testing.assert_allclose(vals, top.numpy(), rtol=1e-6)
+    lam = torch.tensor(vals, dtype=torch.float64)
+    true_res = torch.linalg.vector_norm(H @ vecs - vecs * lam, dim=0) / lam.abs()
+    assert float(true_res.max()) <= 2e-6
