@@ -17,7 +17,8 @@ For a Linear layer on 2-D input ``g_i = δ_i a_iᵀ``, so ``|g_i|² = |a_i|²|δ
 ``|g_i|² = ⟨A_i A_iᵀ, D_i D_iᵀ⟩_F`` (Gram form, cost ``T²(I+O)``) or the per-example product
 (cost ``T·I·O``), whichever is cheaper. Convolutions are sequence Linear layers on their
 input patches (a strided view, no im2col copy), per group; their per-example gradients are
-materialised in chunks no larger than the layer's input (or the Gram form is used).
+materialised in chunks no larger than the layer's input or output gradient (or the Gram
+form is used).
 """
 
 from __future__ import annotations
@@ -77,9 +78,10 @@ def _chunks(batch: int, per_example: int, budget: int):
         yield slice(start, start + step)
 
 
-def _budget(a: Tensor) -> int:
-    """Temporaries are bounded by the layer's input size (a fraction of the step's peak)."""
-    return max(a.numel(), MIN_CHUNK_ELEMENTS)
+def _budget(a: Tensor, d: Tensor) -> int:
+    """Temporaries are bounded by the larger of the layer's input and output gradient (both
+    held by the step anyway, so a fraction of its peak)."""
+    return max(a.numel(), d.numel(), MIN_CHUNK_ELEMENTS)
 
 
 def _sq_norms(g: Tensor) -> Tensor:
@@ -156,7 +158,7 @@ def _dense_norms(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: flo
         return out
     B = a.shape[0]
     a3, d3 = a.reshape(B, 1, -1, a.shape[-1]), d.reshape(B, 1, -1, d.shape[-1])
-    sq, total = _grouped_norms(a3, d3, elementwise, _budget(a))
+    sq, total = _grouped_norms(a3, d3, elementwise, _budget(a, d))
     out["weight"] = (sq.mul_(s2), None if total is None else total[0].mul_(s2))
     if bias:
         gb2 = d3.sum(2)[:, 0].square_().mul_(s2)
@@ -259,7 +261,7 @@ def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scal
     gradients ``D_i [T, O]``; ``|g_i|² = ⟨P_i P_iᵀ, D_i D_iᵀ⟩`` (Gram) or ``|D_iᵀ P_i|²``,
     whichever needs fewer products; with ``Σ_i g_i²`` the products are always materialised.
     """
-    B, budget = a.shape[0], _budget(a)
+    B, budget = a.shape[0], _budget(a, d)
     sq = torch.empty(B, dtype=a.dtype, device=a.device)
     total = torch.zeros_like(module.weight, dtype=a.dtype) if elementwise else None
     if isinstance(module, nn.Conv1d) and module.in_channels == 1 and module.groups == 1:
