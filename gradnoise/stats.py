@@ -32,7 +32,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -229,9 +229,9 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else math.inf
 
 
-@dataclass(frozen=True)
-class _Sums:
-    """Per-parameter scalars from which any group's statistics follow by addition."""
+class _Sums(NamedTuple):
+    """Per-parameter scalars from which any group's statistics follow by addition (a tuple:
+    built for every parameter at every monitored step)."""
 
     numel: int
     trace_m2: float
