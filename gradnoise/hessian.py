@@ -14,6 +14,7 @@ Vectors are flat (``[P]``, parameters in ``named_parameters`` order, trainable o
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -336,7 +337,7 @@ def hessian_eigenvalues(
     *,
     k: int = 1,
     which: Which = "LA",
-    method: Literal["lanczos", "power"] = "lanczos",
+    method: Literal["lanczos", "arpack", "power"] = "lanczos",
     tol: float = 1e-3,
     max_iter: int = 1000,
     v0: Tensor | None = None,
@@ -349,16 +350,20 @@ def hessian_eigenvalues(
         k: number of eigenpairs.
         which: ``"LA"`` largest algebraic (the sharpness ``λ_max``), ``"LM"`` largest
             magnitude (what plain power iteration converges to), ``"SA"`` smallest algebraic.
-            On an indefinite Hessian "LA" and "LM" differ; both methods honour ``which``.
-        method: ``"lanczos"`` (``scipy.sparse.linalg.eigsh`` on a ``LinearOperator``) or
-            ``"power"`` (power iteration with shifts for "LA"/"SA" and deflation for ``k>1``).
-        tol: relative residual ``‖Hv − λv‖/|λ|`` to reach (power iteration stops on it;
-            for Lanczos it is passed to eigsh and the residual is reported).
-        v0: warm-start vector (flat, ``[P]``), e.g. the previous eigenvector; else random
-            from ``seed``. With ``method="lanczos"`` a warm start runs Lanczos with full
-            reorthogonalisation checked after every product (:func:`_lanczos_checked`;
-            the reported residuals are its exact Ritz residuals, no extra products), which
-            stops after a few products when the start is good.
+            On an indefinite Hessian "LA" and "LM" differ; every method honours ``which``.
+        method: ``"lanczos"`` (Lanczos with full reorthogonalisation, checked after every
+            product: :func:`_lanczos_checked`; the reported residuals are its exact Ritz
+            residuals, no extra products; at most 32 basis vectors, then explicit
+            restarts), ``"arpack"`` (``scipy.sparse.linalg.eigsh`` on a ``LinearOperator``,
+            implicitly restarted, in float64; residuals computed afterwards, ``k`` more
+            products) or ``"power"`` (power iteration with shifts for "LA"/"SA" and
+            deflation for ``k>1``).
+        tol: relative residual ``‖Hv − λv‖/|λ|`` to reach (the eigenvalue's error is at
+            most ``tol·|λ|``, and typically far less).
+        max_iter: at most this many products (``"lanczos"``, ``"power"``) or ARPACK
+            restarts (``"arpack"``).
+        v0: start vector (flat, ``[P]``), e.g. the previous eigenvector during training
+            (Lanczos then stops after a few products); else random from ``seed``.
 
     Returns:
         :class:`HessianEigen`.
@@ -368,18 +373,18 @@ def hessian_eigenvalues(
     """
     if which not in ("LA", "LM", "SA"):
         raise ValueError(f"unknown which={which!r}; choose 'LA', 'LM' or 'SA'")
-    if method not in ("lanczos", "power"):
-        raise ValueError(f"unknown method {method!r}; choose 'lanczos' or 'power'")
+    if method not in ("lanczos", "arpack", "power"):
+        raise ValueError(f"unknown method {method!r}; choose 'lanczos', 'arpack' or 'power'")
     op = hessian_operator(model, loss_fn, batches, method=hvp)
     if not 1 <= k < op.dim:
         raise ValueError(f"k must be in [1, {op.dim - 1}] for {op.dim} parameters, got {k}")
     g = torch.Generator(device="cpu").manual_seed(seed)
     start = (v0.detach().reshape(-1).to(op.dtype) if v0 is not None else torch.randn(op.dim, generator=g, dtype=op.dtype)).to(op.device)
-    if method == "lanczos" and v0 is not None:
+    if method == "lanczos":
         vals, vecs, residuals = _lanczos_checked(op, k, which, tol, min(max_iter, op.dim), start)
     else:
-        if method == "lanczos":
-            vals, vecs = _lanczos(op, k, which, tol, max_iter, start)
+        if method == "arpack":
+            vals, vecs = _arpack(op, k, which, tol, max_iter, start)
         else:
             vals, vecs = _power_k(op, k, which, tol, max_iter, start)
         residuals = _residuals(op, vals, vecs)
@@ -396,7 +401,7 @@ def _order(vals: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(key, kind="stable")
 
 
-def _lanczos(op, k, which, tol, max_iter, start):
+def _arpack(op, k, which, tol, max_iter, start):
     from scipy.sparse.linalg import eigsh
 
     # ARPACK stops when each Ritz pair's residual bound is ≤ tol·|θ|, the criterion reported.
@@ -418,19 +423,25 @@ def _lanczos_checked(op, k, which, tol, max_iter, start, max_basis: int = MAX_BA
 
     After ``j`` products the Ritz pairs ``(θ, Q s)`` of the tridiagonal ``T_j`` have residual
     ``‖H Q s − θ Q s‖ = β_j |s_j|`` (Saad 2011, *Numerical Methods for Large Eigenvalue
-    Problems*, Prop. 6.8), so convergence is known without extra products. From a good start
+    Problems*, Prop. 6.8), so convergence is known without extra products (reported no
+    smaller than the rounding level ``8 ε max|θ|`` of the operator's dtype). From a good start
     (the previous eigenvector during training) this stops after a few products, where ARPACK
     would build a basis of at least ``ncv`` vectors first. The basis holds at most
     ``max_basis`` vectors (at least ``2k + 2``): when it is full, Lanczos restarts from the
     sum of the current Ritz vectors (explicit restart), so memory stays bounded on large
-    models. Returns values, vectors and the residuals relative to ``|θ|``.
+    models; it stops when a restart no longer reduces the residual. Returns values,
+    vectors and the residuals relative to ``|θ|``.
     """
     max_basis = max(max_basis, 2 * k + 2)
-    products = 0
+    products, best, stalls = 0, math.inf, 0
     while True:
         vals, vecs, res, n, final = _lanczos_run(op, k, which, tol, min(max_basis, max_iter - products), start)
         products += n
-        if final or products >= max_iter:
+        # Two restarts in a row without a smaller residual: the operator's precision is
+        # reached (e.g. tol below float32 rounding), so stop, not converged.
+        stalls = stalls + 1 if max(res) >= best else 0
+        best = min(best, max(res))
+        if final or products >= max_iter or stalls >= 2:
             return vals, vecs, res
         start = vecs.sum(1)
 
@@ -438,6 +449,7 @@ def _lanczos_checked(op, k, which, tol, max_iter, start, max_basis: int = MAX_BA
 def _lanczos_run(op, k, which, tol, steps, start):
     """One Lanczos run of at most ``steps`` products; ``final`` when converged or the Krylov
     space is invariant (nothing left to gain from a restart)."""
+    eps = torch.finfo(start.dtype).eps
     rows = torch.empty(min(steps, 16), op.dim, dtype=start.dtype, device=start.device)
     torch.div(start, torch.linalg.vector_norm(start), out=rows[0])
     alphas: list[float] = []
@@ -459,9 +471,11 @@ def _lanczos_run(op, k, which, tol, steps, start):
         T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         theta, S = np.linalg.eigh(T)
         idx = _order(theta, which)[: min(k, j + 1)]
-        res = [beta * abs(S[-1, i]) / max(abs(theta[i]), np.finfo(np.float64).tiny) for i in idx]
+        # Exact in exact arithmetic; floored at the rounding level of the products.
+        floor = 8 * eps * abs(theta).max()
+        res = [max(beta * abs(S[-1, i]), floor) / max(abs(theta[i]), np.finfo(np.float64).tiny) for i in idx]
         done = j + 1 >= k and all(r <= tol for r in res)
-        invariant = beta <= np.finfo(np.float32).eps * max(abs(theta).max(), 1.0)
+        invariant = beta <= eps * max(abs(theta).max(), 1.0)
         if done or invariant or j + 1 >= steps:
             break
         betas.append(beta)
