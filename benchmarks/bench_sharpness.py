@@ -57,7 +57,7 @@ def main(argv=None):
     ref = gn.hessian_eigenvalues(model, loss_fn, (x, y), tol=1e-10, method="arpack")
     lam = ref.eigenvalues[0]
     print(f"# {platform.machine()}, {args.threads} threads, torch {torch.__version__}, device {device}")
-    print(f"# reference λ_max = {lam:.10g} (Lanczos, residual {ref.residuals[0]:.1e}), MNIST-1D MLP, 4000 examples")
+    print(f"# reference λ_max = {lam:.10g} (ARPACK Lanczos, residual {ref.residuals[0]:.1e}), MNIST-1D MLP, 4000 examples")
     rows = {}
 
     def run(label, fn):
