@@ -24,6 +24,7 @@ form is used).
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -253,13 +254,42 @@ def _patch_matrix(module: nn.Module, a: Tensor) -> Tensor:
     return patches.permute(perm).reshape(B, G, -1, module.weight[0].numel())
 
 
+def _input_gram(module: nn.Module, a: Tensor, out_shape: torch.Size) -> Tensor:
+    """The patch Gram ``P_i P_iᵀ`` (``[B, G, T, T]``) without patch matrices.
+
+    Two patches at output positions ``t, t'`` overlap the input at positions
+    ``s·t + dil·κ`` and ``s·t' + dil·κ`` for each kernel offset ``κ``, so
+    ``(P Pᵀ)_{tt'} = Σ_κ S[s·t + dil·κ, s·t' + dil·κ]`` with ``S = Xᵀ X`` the channel Gram of
+    the (zero-padded) input over its positions: one batched product on the input as it is,
+    then ``Πk`` strided slices.
+    """
+    pads = _conv_padding(module)
+    if any(p for lr in pads for p in lr):
+        a = F.pad(a, [p for lr in reversed(pads) for p in lr])
+    B, C, G, spatial = a.shape[0], a.shape[1], module.groups, a.shape[2:]
+    x = a.reshape(B, G, C // G, -1)
+    S = (x.transpose(-1, -2) @ x).view(B, G, *spatial, *spatial)
+    ga = None
+    for offsets in itertools.product(*(range(k) for k in module.kernel_size)):
+        idx = tuple(
+            slice(o * dl, o * dl + st * (n - 1) + 1, st)
+            for o, dl, st, n in zip(offsets, module.dilation, module.stride, out_shape, strict=True)
+        )
+        view = S[(slice(None), slice(None), *idx, *idx)]
+        ga = view.clone() if ga is None else ga.add_(view)
+    T = math.prod(out_shape)
+    return ga.reshape(B, G, T, T)
+
+
 def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0) -> Norms:
     """Per-example squared norms (and ``Σ_i g_i²``) of a convolution's weight and bias.
 
     One input channel: the per-example gradients by one grouped convolution (cheapest).
-    Otherwise per chunk of examples: contiguous patch matrices ``P_i [T, I]`` and output
-    gradients ``D_i [T, O]``; ``|g_i|² = ⟨P_i P_iᵀ, D_i D_iᵀ⟩`` (Gram) or ``|D_iᵀ P_i|²``,
-    whichever needs fewer products; with ``Σ_i g_i²`` the products are always materialised.
+    Otherwise per chunk of examples, with output gradients ``D_i [T, O]`` and input patches
+    ``P_i [T, I]``: ``|g_i|² = ⟨P_i P_iᵀ, D_i D_iᵀ⟩`` (Gram form; ``P_i P_iᵀ`` from the
+    input's own Gram when that is cheaper than building patch matrices, see
+    :func:`_input_gram`) or ``|D_iᵀ P_i|²`` on contiguous patch matrices, whichever needs
+    fewer products; with ``Σ_i g_i²`` the products are always materialised.
     """
     B, budget = a.shape[0], _budget(a, d)
     sq = torch.empty(B, dtype=a.dtype, device=a.device)
@@ -272,15 +302,22 @@ def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scal
             if total is not None:
                 total += g2.sum(0).view_as(total)
     else:
-        G = module.groups
-        T, I, Og = math.prod(d.shape[2:]), module.weight[0].numel(), d.shape[1] // G
+        G, out_shape = module.groups, d.shape[2:]
+        T, I, Og = math.prod(out_shape), module.weight[0].numel(), d.shape[1] // G
         gram = not elementwise and T * (I + Og) < I * Og
-        per_example = G * T * (I + (2 * T if gram else 0)) + (0 if gram else G * Og * I)
+        # Input Gram: L² products per input channel, no copy; patch Gram: T² per patch
+        # element plus the patch copy (counted twice: copies are slow next to products).
+        L = math.prod(n + sum(lr) for n, lr in zip(a.shape[2:], _conv_padding(module), strict=True))
+        from_input = gram and L * L * (a.shape[1] // G) <= 2 * (T * T * I + 2 * T * I)
+        per_example = G * (L * L + 2 * T * T if from_input else T * (I + (2 * T if gram else 0)) + (0 if gram else Og * I))
         for s in _chunks(B, per_example, budget):
-            pm = _patch_matrix(module, a[s])  # [b, G, T, I]
             dm = d[s].reshape(-1, G, Og, T)
+            if from_input:
+                ga = _input_gram(module, a[s], out_shape)
+            else:
+                pm = _patch_matrix(module, a[s])  # [b, G, T, I]
             if gram:
-                ga = pm @ pm.transpose(-1, -2)
+                ga = ga if from_input else pm @ pm.transpose(-1, -2)
                 gd = dm.transpose(-1, -2) @ dm
                 sq[s] = ga.mul_(gd).flatten(1).sum(1)
             else:

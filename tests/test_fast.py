@@ -124,3 +124,33 @@ def test_custom_mean_loss_uses_fast():
     s = gn.gradient_stats(model, loss, x, y)
     assert {v.method for v in s.per_param.values()} == {"fast"}
     assert s.trace_cov == pytest.approx(gn.gradient_stats(model, loss, x, y, method="vmap").trace_cov, rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (nn.Conv1d(4, 6, 3, stride=2, padding=1), (5, 4, 19)),
+        (nn.Conv1d(4, 6, 3, dilation=2, padding="same"), (5, 4, 11)),
+        (nn.Conv1d(6, 6, 5, stride=3, groups=3, padding="valid"), (5, 6, 20)),
+        (nn.Conv2d(2, 4, 3, stride=(1, 2), padding=1), (5, 2, 6, 7)),
+        (nn.Conv2d(4, 4, (2, 3), dilation=(2, 1), groups=2, padding=(1, 0)), (5, 4, 7, 6)),
+        # shapes where the rule itself takes the input-Gram path (few output positions)
+        (nn.Conv1d(25, 25, 3, stride=2, padding=1), (5, 25, 10)),
+        (nn.Conv2d(16, 32, 3, padding=1), (5, 16, 3, 3)),
+        (nn.Conv2d(32, 64, 3, padding=1, groups=2), (5, 32, 3, 3)),
+    ],
+)
+def test_input_gram_equals_patch_gram(conv, shape):
+    """P_i P_iᵀ from the input's own Gram equals the Gram of the patch matrices (float64),
+    for strides, dilations, groups and every padding mode; and the rule's norms with it
+    equal |D_iᵀ P_i|² from materialised per-example gradients."""
+    from gradnoise._rules import _conv_norms, _input_gram, _patch_matrix
+
+    conv = conv.double()
+    a = torch.randn(*shape, dtype=torch.float64)
+    d = torch.randn_like(conv(a))
+    pm = _patch_matrix(conv, a)
+    torch.testing.assert_close(_input_gram(conv, a, d.shape[2:]), pm @ pm.transpose(-1, -2), rtol=1e-12, atol=1e-12)
+    G, Og = conv.groups, d.shape[1] // conv.groups
+    g = d.reshape(shape[0], G, Og, -1) @ pm  # per-example weight gradients [B, G, O/G, I]
+    torch.testing.assert_close(_conv_norms(conv, a, d, False)["weight"][0], g.flatten(1).square().sum(1), rtol=1e-10, atol=0)
