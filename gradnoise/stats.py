@@ -468,7 +468,9 @@ def gradient_stats(
     m = compute_moments(
         model, loss_fn, inputs, targets, method=method, variance=variance, chunk_size=chunk_size
     )
-    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    # Results in the parameters' dtypes; only merged (chunked) moments are promoted to float64.
+    promoted = any(t.dtype == torch.float64 for t in m.mean.values())
+    dtypes = {n: p.dtype for n, p in model.named_parameters()} if promoted else None
     return stats_from_moments(m, dataset_size=dataset_size, dtypes=dtypes)
 
 
