@@ -23,6 +23,7 @@ form is used).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
@@ -270,15 +271,24 @@ def _input_gram(module: nn.Module, a: Tensor, out_shape: torch.Size) -> Tensor:
     x = a.reshape(B, G, C // G, -1)
     S = (x.transpose(-1, -2) @ x).view(B, G, *spatial, *spatial)
     ga = None
-    for offsets in itertools.product(*(range(k) for k in module.kernel_size)):
-        idx = tuple(
-            slice(o * dl, o * dl + st * (n - 1) + 1, st)
-            for o, dl, st, n in zip(offsets, module.dilation, module.stride, out_shape, strict=True)
-        )
-        view = S[(slice(None), slice(None), *idx, *idx)]
+    for idx in _offset_slices(module.kernel_size, module.dilation, module.stride, tuple(out_shape)):
+        view = S[idx]
         ga = view.clone() if ga is None else ga.add_(view)
     T = math.prod(out_shape)
     return ga.reshape(B, G, T, T)
+
+
+@functools.lru_cache(maxsize=256)
+def _offset_slices(kernel, dilation, stride, out_shape) -> list[tuple[slice, ...]]:
+    """Index of ``S[b, g, *p, *q]`` at ``p = q = s·t + dil·κ`` for each kernel offset ``κ``."""
+    out = []
+    for offsets in itertools.product(*(range(k) for k in kernel)):
+        idx = tuple(
+            slice(o * dl, o * dl + st * (n - 1) + 1, st)
+            for o, dl, st, n in zip(offsets, dilation, stride, out_shape, strict=True)
+        )
+        out.append((slice(None), slice(None), *idx, *idx))
+    return out
 
 
 def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0) -> Norms:
@@ -326,9 +336,15 @@ def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scal
                 if total is not None:
                     total += g2.sum(0).view_as(total)
     s2 = scale * scale
-    out: Norms = {"weight": (sq.mul_(s2), None if total is None else total.mul_(s2))}
+    if s2 != 1:
+        sq.mul_(s2)
+        if total is not None:
+            total.mul_(s2)
+    out: Norms = {"weight": (sq, total)}
     if module.bias is not None:
-        gb2 = d.flatten(2).sum(2).square_().mul_(s2)
+        gb2 = d.flatten(2).sum(2).square_()
+        if s2 != 1:
+            gb2.mul_(s2)
         out["bias"] = (gb2.sum(1), gb2.sum(0) if elementwise else None)
     return out
 
