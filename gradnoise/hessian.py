@@ -476,16 +476,23 @@ def _lanczos_run(op, k, which, tol, steps, start):
         res = [max(beta * abs(S[-1, i]), floor) / max(abs(theta[i]), np.finfo(np.float64).tiny) for i in idx]
         done = j + 1 >= k and all(r <= tol for r in res)
         invariant = beta <= eps * max(abs(theta).max(), 1.0)
-        if done or invariant or j + 1 >= steps:
+        if done or (invariant and j + 1 >= k) or j + 1 >= steps:
             break
+        if invariant:  # the Krylov space closed with fewer than k vectors: continue from a
+            # seeded random direction orthogonal to it (T becomes block diagonal, β = 0)
+            g = torch.Generator(device="cpu").manual_seed(j)
+            w = torch.randn(op.dim, generator=g, dtype=w.dtype).to(w.device)
+            for _ in range(2):
+                w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
+            beta, w = 0.0, w / torch.linalg.vector_norm(w)
         betas.append(beta)
         if j + 1 == rows.shape[0]:  # grow the basis storage
             grown = torch.empty(min(2 * rows.shape[0], steps), op.dim, dtype=rows.dtype, device=rows.device)
             grown[: rows.shape[0]] = rows
             rows = grown
-        torch.div(w, beta, out=rows[j + 1])
+        torch.div(w, beta if beta else 1.0, out=rows[j + 1])
     vecs = Q.T @ torch.as_tensor(S[:, idx], dtype=Q.dtype, device=Q.device)
-    return [float(theta[i]) for i in idx], vecs, res, j + 1, done or invariant
+    return [float(theta[i]) for i in idx], vecs, res, j + 1, done or (invariant and j + 1 >= k)
 
 
 def _power_k(op, k, which, tol, max_iter, start):

@@ -252,3 +252,13 @@ def test_checked_lanczos_stops_when_the_tolerance_is_below_the_precision():
     eig = gn.hessian_eigenvalues(model.float(), loss, (x.float(), y32), tol=1e-12, max_iter=1000)
     assert not eig.converged and eig.num_hvps < 200
     assert eig.residuals[0] < 1e-4 and eig.eigenvalues[0] == pytest.approx(lam, rel=1e-4)
+
+
+def test_lanczos_from_an_exact_eigenvector_still_returns_k_pairs():
+    """A start vector that is an eigenvector spans an invariant space of dimension 1; asked
+    for k=2, Lanczos continues from a new orthogonal direction and returns both."""
+    model = Quadratic(h=[-3.0, 1.0, 2.0, 0.5], c=[0.0] * 4, theta=[0.3, -0.2, 0.1, 0.4])
+    x, y, loss = torch.zeros(2, 1), torch.zeros(2), quad_loss(model)
+    v0 = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64)  # eigenvector of 2.0
+    eig = gn.hessian_eigenvalues(model, loss, (x, y), k=2, which="LA", v0=v0, tol=1e-8)
+    assert eig.eigenvalues == pytest.approx((2.0, 1.0), rel=1e-9) and eig.converged
