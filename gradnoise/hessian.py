@@ -458,12 +458,16 @@ def _lanczos_run(op, k, which, tol, steps, start):
         j = len(alphas)
         w = op.matvec(rows[j])
         Q = rows[: j + 1]  # orthonormal rows
-        # Classical Gram–Schmidt, repeated when the first pass cancelled more than 1 − 1/√2
-        # of the norm ("twice is enough", Giraud et al. 2005): orthogonal to working precision.
+        # The three-term recurrence, then one classical Gram–Schmidt pass against the whole
+        # basis (full reorthogonalisation), repeated when that pass cancelled more than
+        # 1 − 1/√2 of the norm ("twice is enough", Giraud et al. 2005).
+        alpha = float(torch.dot(rows[j], w))
+        alphas.append(alpha)
+        w.add_(rows[j], alpha=-alpha)
+        if j:
+            w.add_(rows[j - 1], alpha=-betas[-1])
         before = torch.linalg.vector_norm(w)
-        coef = torch.mv(Q, w)
-        alphas.append(float(coef[j]))
-        w = torch.addmv(w, Q.T, coef, alpha=-1)
+        w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
         beta = float(torch.linalg.vector_norm(w))
         if beta < 0.7071 * float(before):
             w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
