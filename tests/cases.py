@@ -166,6 +166,9 @@ CASES = [
     Case("seq-linear-gram", lambda: SeqHead(nn.Linear(16, 16), 16), randn(3, 16), labels(3)),
     Case("conv1d", lambda: nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1, dilation=1), nn.Tanh(), nn.Conv1d(4, 6, 3, groups=2, dilation=2, padding="same"), nn.Flatten(), nn.Linear(30, 3)), randn(2, 9), labels(3)),
     Case("conv1d-single-channel", lambda: nn.Sequential(nn.Unflatten(1, (1, 11)), nn.Conv1d(1, 3, 3, stride=2, dilation=2, padding=2), nn.Flatten(), nn.Linear(18, 3)), randn(11), labels(3)),
+    # few output positions, many channels: the rules take the input-Gram path (no variance)
+    Case("conv1d-gram", lambda: nn.Sequential(nn.Conv1d(4, 16, 3, stride=2, padding=1), nn.Tanh(), nn.Conv1d(16, 16, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(48, 3)), randn(4, 10), labels(3)),
+    Case("conv2d-gram", lambda: nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Flatten(), nn.Linear(144, 3)), randn(8, 3, 3), labels(3)),
     Case("conv2d", lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, stride=(1, 2)), nn.Tanh(), nn.Conv2d(4, 4, 2, groups=4, bias=False), nn.Flatten(), nn.Linear(4 * 4 * 2, 3)), randn(2, 5, 6), labels(3)),
     Case("embedding", lambda: nn.Sequential(nn.Embedding(10, 4, padding_idx=0), nn.Flatten(), nn.Linear(20, 3)), ids(10, 5), labels(3)),
     Case("layernorm", lambda: SeqHead(nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6)), 6), randn(5, 4), labels(3)),

@@ -68,11 +68,18 @@ def test_fast_equals_vmap(case, dtype, rtol):
         assert {s.method for s in fast.per_param.values()} == EXPECTED_METHODS[case.name]
 
 
-def test_fast_without_variance_equals_vmap(case):
+def test_fast_without_variance_equals_vmap(case, monkeypatch):
     """Without Σ_i g_i² the rules take other paths (Gram forms, the input Gram of
     convolutions, norms scaled once for all layers): same statistics as vmap in float64."""
+    from gradnoise import _rules
+
     model, loss, x, y = case.make(torch.float64, batch=8)
+    calls = []
+    real = _rules._input_gram
+    monkeypatch.setattr(_rules, "_input_gram", lambda *args: (calls.append(1), real(*args))[1])
     a = gn.gradient_stats(model, loss, x, y, method="fast", variance=False)
+    if case.name.startswith("conv"):  # the "-gram" cases exist to take the input-Gram path
+        assert bool(calls) == case.name.endswith("-gram")
     b = gn.gradient_stats(model, loss, x, y, method="vmap")
     assert a.variance is None and a.gsnr is None
     assert a.trace_cov == pytest.approx(b.trace_cov, rel=1e-10)
