@@ -319,18 +319,24 @@ def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scal
         # element plus the patch copy (counted twice: copies are slow next to products).
         L = math.prod(n + sum(lr) for n, lr in zip(a.shape[2:], _conv_padding(module), strict=True))
         from_input = gram and L * L * (a.shape[1] // G) <= 2 * (T * T * I + 2 * T * I)
-        per_example = G * (L * L + 2 * T * T if from_input else T * (I + (2 * T if gram else 0)) + (0 if gram else Og * I))
+        if from_input:
+            per_example = G * (L * L + 2 * T * T)
+        elif gram:
+            per_example = G * T * (I + 2 * T)
+        else:
+            per_example = G * (T * I + Og * I)
         for s in _chunks(B, per_example, budget):
             dm = d[s].reshape(-1, G, Og, T)
-            if from_input:
-                ga = _input_gram(module, a[s], out_shape)
-            else:
-                pm = _patch_matrix(module, a[s])  # [b, G, T, I]
             if gram:
-                ga = ga if from_input else pm @ pm.transpose(-1, -2)
+                if from_input:
+                    ga = _input_gram(module, a[s], out_shape)
+                else:
+                    pm = _patch_matrix(module, a[s])  # [b, G, T, I]
+                    ga = pm @ pm.transpose(-1, -2)
                 gd = dm.transpose(-1, -2) @ dm
                 sq[s] = ga.mul_(gd).flatten(1).sum(1)
             else:
+                pm = _patch_matrix(module, a[s])  # [b, G, T, I]
                 g2 = (dm @ pm).square_()  # [b, G, O/G, I]
                 sq[s] = g2.flatten(1).sum(1)
                 if total is not None:
