@@ -528,7 +528,7 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
     if sq:
         names = list(sq)
         mus = [mean[n] for n in names]
-        rows, tm2, _, host = centred_sums([sq[n] for n in names], mus, B, scale=1.0 if variance else B * B)
+        rows, tm2, host = centred_sums([sq[n] for n in names], mus, B, scale=1.0 if variance else B * B)
         _check_finite([h[0] + h[2] for h in host], names)
         for n, mu, row, t, h in zip(names, mus, rows, tm2, host, strict=True):
             out_mean[n], out_sq[n], out_tm2[n], scalars[n] = mu, row, t, h[:2]

@@ -429,7 +429,7 @@ class Monitor:
             if m2 is not None:
                 m2[name] = centred_m2(hooks.sum_sq[name]["v"], g, B)
         # All parameters' scalars in a few stacked operations: Σ_i|g_i|² − B|ḡ|² per parameter.
-        sq_rows, tm2, _, host = centred_sums(rows, list(mean.values()), B)
+        sq_rows, tm2, host = centred_sums(rows, list(mean.values()), B)
         if m2 is None:  # the scalars only: one transfer, no per-parameter tensors
             total, per_layer = summarise_scalars(self._numels, host, B, "hooks")
             return _StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer)
@@ -468,15 +468,11 @@ class Monitor:
         try:  # curvature of the deterministic (eval-mode) loss; modes restored below
             self.inner.eval()
             # The top eigenvector moves slowly during training: Lanczos started from the
-            # previous one and checked after every product stops after a few products. The
-            # first start is a seeded random vector (same checked Lanczos).
-            v0 = self._v_prev
-            if v0 is None:
-                n = sum(p.numel() for p in self._params.values())
-                v0 = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            # previous one and checked after every product stops after a few products (the
+            # first evaluation starts from hessian_eigenvalues' seeded random vector).
             eig = hessian_eigenvalues(
                 self.inner, self.loss_fn, self.sharpness_data, k=1, which="LA",
-                tol=self.sharpness_tol, v0=v0,
+                tol=self.sharpness_tol, v0=self._v_prev,
             )  # fmt: skip
         finally:
             for m, mode in modes:

@@ -112,10 +112,11 @@ def squared_norms(tensors: list[Tensor]) -> Tensor:
 
 
 def centred_sums(sq_norms: list[Tensor], means: list[Tensor], count: int, scale: float = 1.0):
-    """From per-parameter ``|g_i|²`` (``[B]`` each, times ``1/scale``) and means ``ḡ``: the
-    stacked ``[P, B]`` float64 squared norms, ``Σ_i |g_i − ḡ|² = Σ_i |g_i|² − B |ḡ|²`` and
-    ``|ḡ|²`` (``[P]`` each, clamped at 0 against rounding), and the host copies of
-    ``(Σ_i |g_i − ḡ|², |ḡ|², Σ_i |g_i|²)`` per parameter — one transfer for all."""
+    """From per-parameter squared norms ``|g_i|²`` (``[B]`` each, to be multiplied by
+    ``scale``) and means ``ḡ``: the stacked ``[P, B]`` float64 ``|g_i|²``, the ``[P]``
+    centred sums ``Σ_i |g_i − ḡ|² = Σ_i |g_i|² − B |ḡ|²`` (clamped at 0 against rounding),
+    and per parameter the host values ``(Σ_i |g_i − ḡ|², |ḡ|², Σ_i |g_i|²)`` — one transfer
+    for all parameters."""
     rows = torch.stack(sq_norms).double()
     if scale != 1.0:
         rows.mul_(scale)
@@ -123,7 +124,7 @@ def centred_sums(sq_norms: list[Tensor], means: list[Tensor], count: int, scale:
     sums = rows.sum(1)
     tm2 = torch.sub(sums, mean_sq, alpha=count).clamp_min_(0)
     host = list(zip(*torch.stack([tm2, mean_sq, sums]).tolist(), strict=True))
-    return rows, tm2, mean_sq, host
+    return rows, tm2, host
 
 
 def centred_m2(sum_sq: Tensor, mean: Tensor, count: int) -> Tensor:
