@@ -183,6 +183,8 @@ def test_curvature_refuses_dropout_and_batchnorm_in_train_mode():
         gn.hessian_eigenvalues(model, nn.CrossEntropyLoss(), (x, y))
     with pytest.raises(ValueError, match="unknown which"):
         gn.hessian_eigenvalues(model.eval(), nn.CrossEntropyLoss(), (x, y), which="BE")
+    with pytest.raises(ValueError, match="unknown method 'eigsh'; choose 'lanczos', 'arpack' or 'power'"):
+        gn.hessian_eigenvalues(model.eval(), nn.CrossEntropyLoss(), (x, y), method="eigsh")
     with pytest.raises(ValueError, match="unknown HVP method"):
         gn.hessian_operator(model, nn.CrossEntropyLoss(), (x, y), method="finite-differences")
 
