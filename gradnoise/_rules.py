@@ -168,6 +168,32 @@ def _dense_norms(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: flo
     return out
 
 
+def prefers_gram(batch: int, in_features: int, out_features: int) -> bool:
+    """Whether the Gram form of a Linear layer's mean gradient (:func:`linear_gram_norms`)
+    needs no more multiplications than the weight gradient itself: ``B²(I + O) ≤ B·I·O``.
+    Then its factors ``D [B, O]``, ``A [B, I]`` also hold no more numbers than ``ḡ [O, I]``."""
+    return batch * (in_features + out_features) <= in_features * out_features
+
+
+def linear_gram_norms(a: Tensor, d: Tensor, bias: bool) -> tuple[Norms, Tensor]:
+    """Per-example squared norms of a Linear layer on 2-D inputs, and ``|ḡ_W|²``, from the
+    two ``B × B`` Gram matrices instead of the weight gradient.
+
+    For ``d`` the gradient of the mean loss with respect to the outputs, ``ḡ_W = dᵀa`` and
+
+    .. math:: |\\bar g_W|^2 = \\sum_{ij} (a_i \\cdot a_j)(d_i \\cdot d_j) = \\langle A A^\\top, D D^\\top\\rangle_F,
+
+    while the diagonals give ``|a_i|²|d_i|²`` (to be scaled by ``B²`` to ``|g_i|²``, as in
+    the no-variance path of the rule). Returns the norms ``{"weight": ([B], None), "bias":
+    ([B], None)}`` and ``|ḡ_W|²`` (0-d, in ``a``'s dtype).
+    """
+    ga, gd = a @ a.t(), d @ d.t()
+    out: Norms = {"weight": (ga.diagonal() * gd.diagonal(), None)}
+    if bias:
+        out["bias"] = (gd.diagonal().clone(), None)
+    return out, ga.flatten().dot(gd.flatten())
+
+
 def _linear_grads(module: nn.Linear, a: Tensor, d: Tensor) -> Grads:
     return _dense_grads(a, d, module.bias is not None)
 

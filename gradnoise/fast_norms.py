@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from gradnoise._factored import FactoredGrads
 from gradnoise._functional import (
     Batch,
     LossFn,
@@ -51,9 +52,9 @@ from gradnoise._functional import (
     sdpa_math,
     trainable_params,
 )
-from gradnoise._rules import rule_for
+from gradnoise._rules import linear_gram_norms, prefers_gram, rule_for
 from gradnoise.per_sample import needs_loop, vmap_grads_and_losses
-from gradnoise.stats import Moments, centred_m2, centred_sums, moments_from_grads
+from gradnoise.stats import Moments, centred_m2, centred_sums, moments_from_grads, squared_norms
 
 __all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
 
@@ -70,6 +71,7 @@ class _Call:
     shapes: list[torch.Size | None]  # shapes of the flat tensor outputs (tensors are not kept)
     grads: list[Tensor | None]  # their gradients, kept only for modules covered by vmap
     versions: list[int] = field(default_factory=list)
+    output: Tensor | None = None  # a Linear layer's output, until the Gram path is decided
 
 
 def _flatten(obj: Any) -> list[Tensor | None]:
@@ -88,16 +90,21 @@ class _Recorder:
 
     After the forward pass, :meth:`set_actions` says what to do when the gradient of a
     call's output arrives: ``"norms"`` (apply the layer rule now, while the layer's input and
-    output gradient are alive, and drop both), ``"grads"`` (materialise per-example
-    gradients and sum over calls) or ``"store"`` (keep the gradient for ``vmap`` of the
-    module). Computing during the backward pass keeps peak memory near a plain step.
+    output gradient are alive, and drop both), ``"gram"`` (a Linear layer whose weight
+    gradient the backward pass skips: norms and ``|ḡ_W|²`` from the Gram matrices, and the
+    factors of ``ḡ_W`` kept), ``"grads"`` (materialise per-example gradients and sum over
+    calls) or ``"store"`` (keep the gradient for ``vmap`` of the module). Computing during
+    the backward pass keeps peak memory near a plain step.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], batch: int, variance: bool) -> None:
+    def __init__(self, modules: dict[str, nn.Module], batch: int, variance: bool, gram: bool = False) -> None:
         self.modules, self.batch, self.variance = modules, batch, variance
+        self.gram = gram  # keep Linear outputs for the Gram path (decided after the forward pass)
         self.calls: dict[str, list[_Call]] = {name: [] for name in modules}
         self.actions: dict[str, set[str]] = {}
         self.norms: dict[str, dict] = {}
+        self.mean_sq: dict[str, Tensor] = {}  # Gram path: |ḡ_W|²
+        self.factors: dict[str, tuple[Tensor, Tensor]] = {}  # Gram path: ḡ_W = dᵀa
         self.grads: dict[str, dict[str, Tensor]] = {}
         self.active = True
 
@@ -116,9 +123,11 @@ class _Recorder:
     def set_actions(self, actions: dict[str, set[str]]) -> None:
         self.actions = actions
         for name, calls in self.calls.items():  # release what no action needs
-            if not actions.get(name):
-                for c in calls:
+            for c in calls:
+                if not actions.get(name):
                     c.args, c.kwargs = None, {}
+                if "gram" not in actions.get(name, ()):
+                    c.output = None
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -129,6 +138,8 @@ class _Recorder:
             call = _Call(name, args, kwargs, shapes, [None] * len(outs))
             if args and isinstance(args[0], Tensor):
                 call.versions = [args[0]._version]
+            if self.gram and type(module) is nn.Linear and isinstance(output, Tensor):
+                call.output = output
             for j, t in enumerate(outs):
                 if t is not None and t.requires_grad:
                     t.register_hook(self._grad_hook(call, j))
@@ -141,7 +152,7 @@ class _Recorder:
             actions = self.actions.get(call.module, ())
             if "store" in actions:
                 call.grads[j] = g
-            if j == 0 and ("norms" in actions or "grads" in actions):
+            if j == 0 and ("norms" in actions or "grads" in actions or "gram" in actions):
                 self._apply_rule(call, g)
 
         return on_grad
@@ -158,7 +169,10 @@ class _Recorder:
         # B. Without Σ_i g_i², the squared norms are scaled by B² later, for all layers at once.
         rule, d, B = rule_for(module), g.detach(), self.batch
         a = _detached_call(call) if rule.whole_call else a.detach()
-        if "norms" in self.actions[call.module]:
+        if "gram" in self.actions[call.module]:
+            self.norms[call.module], self.mean_sq[call.module] = linear_gram_norms(a, d, module.bias is not None)
+            self.factors[call.module] = (d, a)
+        elif "norms" in self.actions[call.module]:
             self.norms[call.module] = rule.norms(module, a, d, self.variance, B if self.variance else 1.0)
         else:
             acc = self.grads.setdefault(call.module, {})
@@ -314,6 +328,7 @@ def fast_moments(
     *,
     variance: bool = True,
     chunk_size: int | None = None,
+    factored_mean: bool = False,
 ) -> Moments:
     """:class:`~gradnoise.stats.Moments` of one batch from one forward and one backward pass.
 
@@ -321,6 +336,11 @@ def fast_moments(
         model, loss_fn, inputs, targets: as in :func:`gradnoise.gradient_stats`.
         variance: also compute ``Σ_i g_i²`` per element (one extra product per layer).
         chunk_size: examples per chunk for parameters that fall back to ``vmap``.
+        factored_mean: without ``variance``, let Linear layers on 2-D inputs where
+            :func:`~gradnoise._rules.prefers_gram` holds skip the weight gradient: their
+            norms and ``|ḡ_W|²`` come from ``B × B`` Gram matrices and ``Moments.mean`` holds
+            ``ḡ_W`` as factors (:class:`~gradnoise._factored.FactoredGrads`), multiplied out
+            only if read.
 
     Raises:
         NotMeanLossError: the loss is not the mean of per-example losses.
@@ -332,9 +352,9 @@ def fast_moments(
     check_device(named, inputs, targets)
     xs, ys = as_tuple(inputs), as_tuple(targets)
 
-    owners, modules, recorded = _plan(model, named)
+    owners, modules, recorded, routes = _plan(model, named)
     check_no_train_batchnorm(modules.items())
-    recorder = _Recorder({m: modules[m] for m in recorded}, B, variance)
+    recorder = _Recorder({m: modules[m] for m in recorded}, B, variance, gram=factored_mean and not variance)
     direct = _can_call_directly(model, modules.values(), named.values())
     # What per-module and whole-model vmap differentiate: detached parameters.
     params = {n: p.detach() for n, p in named.items()}
@@ -353,8 +373,8 @@ def fast_moments(
             else:
                 outputs = functional_call(model, {**graph_leaves, **state}, xs)
             recorder.active = False
-            paths, units = _decide(owners, modules, recorder.calls, B)
-            recorder.set_actions(_actions(owners, paths, units))
+            paths, units, gram, actions = _route(routes, owners, modules, recorder.calls, B, recorder.gram)
+            recorder.set_actions(actions)
             loss = loss_fn(outputs, ys[0] if len(ys) == 1 else ys)
             loss_value = check_loss_value(loss)
             if is_known_mean_loss(loss_fn, targets):
@@ -362,16 +382,24 @@ def fast_moments(
             else:
                 loss_sum = float(_check_mean_loss(loss_fn, outputs, ys, loss).double().sum())
             del outputs
-            mean_grads = torch.autograd.grad(loss, list(graph_leaves.values()), allow_unused=True)
+            # Gram-path weights are not differentiated; their outputs are, so that the
+            # gradient reaches every Gram layer even without a bias (then dropped).
+            wanted = [n for n in graph_leaves if n not in gram]
+            outs = [c.output for m in set(gram.values()) for c in recorder.calls[m]]
+            for m in set(gram.values()):
+                recorder.calls[m][0].output = None
+            grads = torch.autograd.grad(loss, [graph_leaves[n] for n in wanted] + outs, allow_unused=True)
+            del outs
         mean = {
-            n: torch.zeros_like(p) if g is None else g
-            for (n, p), g in zip(leaves.items(), mean_grads, strict=True)
+            n: torch.zeros_like(leaves[n]) if g is None else g
+            for n, g in zip(wanted, grads[: len(wanted)], strict=True)
         }
+        del grads
         if direct and units:  # buffers for per-module vmap
             state = frozen_state(model)
         return _assemble(
             model, loss_fn, xs, ys, params, leaves, state, owners, modules, recorder, mean,
-            loss_sum, B, variance, chunk_size, paths, units,
+            loss_sum, B, variance, chunk_size, paths, units, gram,
         )  # fmt: skip
 
 
@@ -393,14 +421,38 @@ def _plan(model: nn.Module, params: dict[str, Tensor]):
     owners = _owners(model, params)
     ruled = {m for os in owners.values() for m, _ in os if rule_for(modules[m]) is not None}
     # Record rule modules, and every module containing a rule-less owner (candidate units).
-    recorded = set(ruled) | {""}
+    recorded = set(ruled)
     for os in owners.values():
         for m, _ in os:
             if m not in ruled:
                 recorded.update(_ancestors(m))
-    plan = (owners, modules, recorded)
+    plan = (owners, modules, recorded, {})  # the last: routes by call signature (_route)
     _PLANS[model] = (key, plan)
     return plan
+
+
+MAX_ROUTES = 32  # routes cached per model (batch sizes × input shapes); cleared beyond
+
+
+def _route(routes: dict, owners, modules, calls, B: int, gram_ok: bool):
+    """Paths, vmap units, Gram-path weights and recorder actions of this forward pass,
+    cached by what they depend on: the batch size, and per recorded call its input and
+    output shapes and whether the output is differentiable."""
+    sig = (B, gram_ok, tuple(
+        (name, tuple((c.args[0].shape if c.args and isinstance(c.args[0], Tensor) else None, c.shapes[0],
+                      c.output is not None and c.output.requires_grad) for c in cs))
+        for name, cs in calls.items()
+    ))  # fmt: skip
+    route = routes.get(sig)
+    if route is None:
+        paths, units = _decide(owners, modules, calls, B)
+        gram = _gram_modules(owners, modules, calls, paths, B) if gram_ok else {}
+        route = routes[sig] = (paths, units, gram, _actions(owners, paths, units, gram))
+        if len(routes) > MAX_ROUTES:
+            routes.clear()
+            routes[sig] = route
+    paths, units, gram, actions = route
+    return paths, {u: list(ns) for u, ns in units.items()}, gram, actions
 
 
 def _can_call_directly(model: nn.Module, modules, params) -> bool:
@@ -437,16 +489,37 @@ def _decide(owners, modules, calls, B: int):
         elif ruled and n_calls > 1:
             paths[name] = "fast-tied"
         else:
-            unit = next(a for a in _ancestors(_common_prefix([m for m, _ in os])) if calls.get(a))
+            unit = next((a for a in _ancestors(_common_prefix([m for m, _ in os])) if calls.get(a)), "")
             units.setdefault(unit, []).append(name)
     return paths, units
 
 
-def _actions(owners, paths: dict[str, str], units: dict[str, list[str]]) -> dict[str, set[str]]:
+def _gram_modules(owners, modules, calls, paths: dict[str, str], B: int) -> dict[str, str]:
+    """Weights (name → module) whose Linear layer takes the Gram path: called once on 2-D
+    input, all its parameters on the plain fast path, and :func:`prefers_gram`."""
+    out = {}
+    for name, path in paths.items():
+        (m, local), *rest = owners[name]
+        module = modules[m]
+        if path != "fast" or rest or local != "weight" or type(module) is not nn.Linear:
+            continue
+        call = calls[m][0]
+        if call.output is None or not call.output.requires_grad or call.args[0].dim() != 2:
+            continue
+        prefix = f"{m}." if m else ""
+        if module.bias is not None and paths.get(prefix + "bias") != "fast":
+            continue
+        if prefers_gram(B, module.in_features, module.out_features):
+            out[name] = m
+    return out
+
+
+def _actions(owners, paths: dict[str, str], units: dict[str, list[str]], gram: dict[str, str]) -> dict[str, set[str]]:
     actions: dict[str, set[str]] = {}
+    gram_modules = set(gram.values())
     for name, path in paths.items():
         for m, _ in owners[name]:
-            actions.setdefault(m, set()).add("norms" if path == "fast" else "grads")
+            actions.setdefault(m, set()).add("gram" if m in gram_modules else "norms" if path == "fast" else "grads")
     for m in actions:  # a module with any tied parameter materialises all of them
         if "grads" in actions[m]:
             actions[m].discard("norms")
@@ -457,7 +530,7 @@ def _actions(owners, paths: dict[str, str], units: dict[str, list[str]]) -> dict
 
 
 def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, recorder, mean,
-              loss_sum, B, variance, chunk_size, paths, units) -> Moments:  # fmt: skip
+              loss_sum, B, variance, chunk_size, paths, units, gram) -> Moments:  # fmt: skip
     sq: dict[str, Tensor] = {}
     sum_sq: dict[str, Tensor | None] = {}
     methods: dict[str, str] = dict(paths)
@@ -525,15 +598,22 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
     # Rule parameters: mean from the batch gradient, centred sums by subtraction; the
     # scalars of all parameters in a few stacked operations and one transfer.
     out_mean, out_tm2, out_m2, out_sq, scalars = {}, {}, ({} if variance else None), {}, {}
+    factors = {n: recorder.factors[m] for n, m in gram.items()}
     if sq:
         names = list(sq)
-        mus = [mean[n] for n in names]
-        rows, tm2, host = centred_sums([sq[n] for n in names], mus, B, scale=1.0 if variance else B * B)
+        dense = [n for n in names if n not in factors]
+        mean_sq = dict(zip(dense, squared_norms([mean[n] for n in dense]).unbind(), strict=True)) if dense else {}
+        mean_sq.update({n: recorder.mean_sq[m].double() for n, m in gram.items()})
+        rows, tm2, host = centred_sums(
+            [sq[n] for n in names], torch.stack([mean_sq[n] for n in names]), B, scale=1.0 if variance else B * B
+        )
         _check_finite([h[0] + h[2] for h in host], names)
-        for n, mu, row, t, h in zip(names, mus, rows, tm2, host, strict=True):
-            out_mean[n], out_sq[n], out_tm2[n], scalars[n] = mu, row, t, h[:2]
+        for n, row, t, h in zip(names, rows, tm2, host, strict=True):
+            out_sq[n], out_tm2[n], scalars[n] = row, t, h[:2]
+            if n not in factors:
+                out_mean[n] = mean[n]
             if out_m2 is not None:
-                out_m2[n] = centred_m2(sum_sq[n], mu, B)
+                out_m2[n] = centred_m2(sum_sq[n], mean[n], B)
     for part in parts:
         out_mean.update(part.mean)
         out_tm2.update(part.trace_m2)
@@ -546,7 +626,7 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
     order = list(params)
     return Moments(
         count=B,
-        mean={n: out_mean[n] for n in order},
+        mean=FactoredGrads(order, out_mean, factors) if factors else {n: out_mean[n] for n in order},
         trace_m2={n: out_tm2[n] for n in order},
         m2=None if out_m2 is None else {n: out_m2[n] for n in order},
         sq_norms={n: out_sq[n] for n in order},

@@ -429,7 +429,7 @@ class Monitor:
             if m2 is not None:
                 m2[name] = centred_m2(hooks.sum_sq[name]["v"], g, B)
         # All parameters' scalars in a few stacked operations: Σ_i|g_i|² − B|ḡ|² per parameter.
-        sq_rows, tm2, host = centred_sums(rows, list(mean.values()), B)
+        sq_rows, tm2, host = centred_sums(rows, squared_norms(list(mean.values())), B)
         if m2 is None:  # the scalars only: one transfer, no per-parameter tensors
             total, per_layer = summarise_scalars(self._numels, host, B, "hooks")
             return _StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer)

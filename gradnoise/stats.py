@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from gradnoise._factored import dtype_of, numel_of
 from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of
 
 __all__ = [
@@ -64,7 +65,9 @@ class Moments:
 
     Attributes:
         count: number of examples.
-        mean: per-parameter mean gradient ``ḡ``.
+        mean: per-parameter mean gradient ``ḡ`` (a dict, or a
+            :class:`~gradnoise._factored.FactoredGrads` when the fast engine kept some Linear
+            weights' means as factors).
         trace_m2: per-parameter ``Σ_i |g_i − ḡ|²`` (a 0-d tensor).
         m2: per-parameter elementwise ``Σ_i (g_i − ḡ)²``, or ``None`` if not computed.
         sq_norms: per-parameter ``|g_i|²`` of each example (``[count]``).
@@ -75,7 +78,7 @@ class Moments:
     """
 
     count: int
-    mean: dict[str, Tensor]
+    mean: Mapping[str, Tensor]
     trace_m2: dict[str, Tensor]
     m2: dict[str, Tensor] | None
     sq_norms: dict[str, Tensor]
@@ -111,16 +114,16 @@ def squared_norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors)).double().square_()
 
 
-def centred_sums(sq_norms: list[Tensor], means: list[Tensor], count: int, scale: float = 1.0):
+def centred_sums(sq_norms: list[Tensor], mean_sq: Tensor, count: int, scale: float = 1.0):
     """From per-parameter squared norms ``|g_i|²`` (``[B]`` each, to be multiplied by
-    ``scale``) and means ``ḡ``: the stacked ``[P, B]`` float64 ``|g_i|²``, the ``[P]``
+    ``scale``) and the ``[P]`` float64 squared norms ``|ḡ|²`` of the means
+    (:func:`squared_norms`): the stacked ``[P, B]`` float64 ``|g_i|²``, the ``[P]``
     centred sums ``Σ_i |g_i − ḡ|² = Σ_i |g_i|² − B |ḡ|²`` (clamped at 0 against rounding),
     and per parameter the host values ``(Σ_i |g_i − ḡ|², |ḡ|², Σ_i |g_i|²)`` — one transfer
     for all parameters."""
     rows = torch.stack(sq_norms).double()
     if scale != 1.0:
         rows.mul_(scale)
-    mean_sq = squared_norms(means)
     sums = rows.sum(1)
     tm2 = torch.sub(sums, mean_sq, alpha=count).clamp_min_(0)
     host = list(zip(*torch.stack([tm2, mean_sq, sums]).tolist(), strict=True))
@@ -171,7 +174,11 @@ class GradientStats:
         batch_size: number of examples ``B`` the statistics are computed from.
         dataset_size: ``N`` for the finite-population correction, or ``None`` (stream).
         loss: mean loss over the ``B`` examples.
-        mean: mean gradient ``ḡ`` per parameter (the usual minibatch gradient).
+        mean: mean gradient ``ḡ`` per parameter (the usual minibatch gradient), a read-only
+            mapping. Without ``variance``, the fast engine skips the weight gradient of a
+            Linear layer where its Gram form is cheaper (``B(in + out) ≤ in · out``) and keeps
+            ``ḡ_W = Dᵀ A`` as its two factors, which hold fewer numbers; reading
+            ``mean[name]`` multiplies them out once.
         variance: unbiased per-element variance of per-example gradients per parameter
             (finite-population convention as ``trace_cov``), or ``None`` if not computed.
         trace_cov: unbiased ``tr Σ``.
@@ -188,7 +195,7 @@ class GradientStats:
     batch_size: int
     dataset_size: int | None
     loss: float
-    mean: dict[str, Tensor] = field(repr=False)
+    mean: Mapping[str, Tensor] = field(repr=False)
     variance: dict[str, Tensor] | None = field(repr=False)
     trace_cov: float
     grad_norm_sq: float
@@ -258,7 +265,7 @@ def _param_sums(m: Moments, dataset_size: int | None) -> dict[str, _Sums]:
         if m.m2 is not None:
             gsnr_sum, gsnr_count = _gsnr_sums(m.mean[k], m.m2[k], m.count, dataset_size)
         out[k] = _Sums(
-            numel=m.mean[k].numel(),
+            numel=numel_of(m.mean, k),
             trace_m2=scalars[0][j],
             mean_sq=scalars[1][j],
             gsnr_sum=gsnr_sum,
@@ -348,16 +355,16 @@ def stats_from_moments(
         raise ValueError(f"batch of {m.count} example: a variance needs at least 2")
     check_dataset_size(m.count, dataset_size)
     total, per_param, per_layer = summarise(m, dataset_size)
-    dtypes = dtypes or {}
+    dtypes = {k: t for k, t in (dtypes or {}).items() if k in m.mean and t != dtype_of(m.mean, k)}
     pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
-    cast = lambda k, t: t if dtypes.get(k, t.dtype) == t.dtype else t.to(dtypes[k])  # noqa: E731
+    cast = lambda k, t: t.to(dtypes[k]) if k in dtypes else t  # noqa: E731
     scale = pop / (m.count - 1)
     variance = None if m.m2 is None else {k: cast(k, v * scale) for k, v in m.m2.items()}
     return GradientStats(
         batch_size=m.count,
         dataset_size=dataset_size,
         loss=m.loss_sum / m.count,
-        mean={k: cast(k, v) for k, v in m.mean.items()},
+        mean={k: cast(k, v) for k, v in m.mean.items()} if dtypes else m.mean,
         variance=variance,
         trace_cov=total.trace_cov,
         grad_norm_sq=total.grad_norm_sq,
@@ -398,8 +405,10 @@ def compute_moments(
     method: Method = "auto",
     variance: bool = True,
     chunk_size: int | None = None,
+    factored_mean: bool = False,
 ) -> Moments:
-    """Moments of per-example gradients of one batch with the engine ``method`` picks.
+    """Moments of per-example gradients of one batch with the engine ``method`` picks
+    (``factored_mean``: see :func:`gradnoise.fast_norms.fast_moments`).
 
     ``"auto"`` picks ``"fast"`` (one forward and one backward with hooks, see
     :mod:`gradnoise.fast_norms`) when the loss is known to be the mean of per-example
@@ -409,13 +418,14 @@ def compute_moments(
     if method != "auto" and method not in backends:
         raise ValueError(f"unknown method {method!r}; choose one of 'auto', {', '.join(map(repr, backends))}")
     kwargs = {"variance": variance, "chunk_size": chunk_size}
+    fast_kwargs = {**kwargs, "factored_mean": factored_mean}
     if method != "auto":
-        return backends[method](model, loss_fn, inputs, targets, **kwargs)
+        return backends[method](model, loss_fn, inputs, targets, **(fast_kwargs if method == "fast" else kwargs))
     from gradnoise.fast_norms import NotMeanLossError, fast_applies
 
     if fast_applies(model, loss_fn, inputs, targets):
         try:
-            return backends["fast"](model, loss_fn, inputs, targets, **kwargs)
+            return backends["fast"](model, loss_fn, inputs, targets, **fast_kwargs)
         except NotMeanLossError:
             pass  # the loss is not a plain mean of per-example losses on this batch
     return backends["vmap"](model, loss_fn, inputs, targets, **kwargs)
@@ -467,10 +477,11 @@ def gradient_stats(
     batch_size_of(inputs, targets, min_size=2)
     check_dataset_size(as_tuple(inputs)[0].shape[0], dataset_size)
     m = compute_moments(
-        model, loss_fn, inputs, targets, method=method, variance=variance, chunk_size=chunk_size
-    )
+        model, loss_fn, inputs, targets, method=method, variance=variance, chunk_size=chunk_size,
+        factored_mean=True,
+    )  # fmt: skip
     # Results in the parameters' dtypes; only merged (chunked) moments are promoted to float64.
-    promoted = any(t.dtype == torch.float64 for t in m.mean.values())
+    promoted = any(dtype_of(m.mean, k) == torch.float64 for k in m.mean)
     dtypes = {n: p.dtype for n, p in model.named_parameters()} if promoted else None
     return stats_from_moments(m, dataset_size=dataset_size, dtypes=dtypes)
 

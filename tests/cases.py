@@ -161,6 +161,8 @@ def rms_model():
 CASES = [
     Case("linear", lambda: nn.Linear(5, 3), randn(5), labels(3)),
     Case("mlp", lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)), randn(5), labels(3)),
+    # B(in + out) ≤ in·out at B=8 for the two middle layers: their means are kept factored.
+    Case("mlp-wide-gram", lambda: nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 32, bias=False), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 3)), randn(5), labels(3)),
     Case("mse-mlp", lambda: nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)), randn(5), randn(2), nn.MSELoss),
     Case("seq-linear", lambda: SeqHead(nn.Linear(4, 5), 5), randn(7, 4), labels(3)),
     Case("seq-linear-gram", lambda: SeqHead(nn.Linear(16, 16), 16), randn(3, 16), labels(3)),

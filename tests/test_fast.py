@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import gradnoise as gn
+from gradnoise._factored import FactoredGrads
 from gradnoise.fast_norms import NotMeanLossError
 from tests.cases import CASES_BY_NAME
 
@@ -68,19 +69,31 @@ def test_fast_equals_vmap(case, dtype, rtol):
         assert {s.method for s in fast.per_param.values()} == EXPECTED_METHODS[case.name]
 
 
-def test_fast_without_variance_equals_vmap(case, monkeypatch):
+@pytest.mark.parametrize("force_gram", [False, True], ids=["", "every-linear-gram"])
+def test_fast_without_variance_equals_vmap(case, force_gram, monkeypatch):
     """Without Σ_i g_i² the rules take other paths (Gram forms, the input Gram of
-    convolutions, norms scaled once for all layers): same statistics as vmap in float64."""
-    from gradnoise import _rules
+    convolutions, norms scaled once for all layers, Linear weights' means kept factored):
+    same statistics and the same mean gradient as vmap in float64."""
+    from gradnoise import _rules, fast_norms
 
     model, loss, x, y = case.make(torch.float64, batch=8)
     calls = []
     real = _rules._input_gram
     monkeypatch.setattr(_rules, "_input_gram", lambda *args: (calls.append(1), real(*args))[1])
+    if force_gram:  # every Linear layer on 2-D input that may take the Gram path takes it
+        monkeypatch.setattr(fast_norms, "prefers_gram", lambda *args: True)
     a = gn.gradient_stats(model, loss, x, y, method="fast", variance=False)
     if case.name.startswith("conv"):  # the "-gram" cases exist to take the input-Gram path
         assert bool(calls) == case.name.endswith("-gram")
+    factored = {k for k in a.mean if isinstance(a.mean, FactoredGrads) and a.mean.is_factored(k)}
+    if case.name == "mlp-wide-gram" and not force_gram:
+        assert factored == {"2.weight", "4.weight"}
+    if force_gram and case.name in ("mlp", "mlp-wide-gram", "frozen", "two-inputs"):
+        assert factored and all(k.endswith("weight") for k in factored)
     b = gn.gradient_stats(model, loss, x, y, method="vmap")
+    for k in b.mean:  # reading a factored mean multiplies it out
+        torch.testing.assert_close(a.mean[k], b.mean[k], rtol=1e-10, atol=1e-12 * float(b.mean[k].abs().max()))
+    assert not any(a.mean.is_factored(k) for k in factored)
     assert a.variance is None and a.gsnr is None
     assert a.trace_cov == pytest.approx(b.trace_cov, rel=1e-10)
     assert abs(a.grad_norm_sq - b.grad_norm_sq) <= 1e-10 * max(abs(b.grad_norm_sq), b.trace_cov / a.batch_size)
@@ -166,3 +179,57 @@ def test_input_gram_equals_patch_gram(conv, shape):
     G, Og = conv.groups, d.shape[1] // conv.groups
     g = d.reshape(shape[0], G, Og, -1) @ pm  # per-example weight gradients [B, G, O/G, I]
     torch.testing.assert_close(_conv_norms(conv, a, d, False)["weight"][0], g.flatten(1).square().sum(1), rtol=1e-10, atol=0)
+
+
+def test_factored_mean_float32_on_the_mnist1d_mlp():
+    """B=128 on the 40-512-512-10 MLP: the middle layer takes the Gram path on its own
+    (128·1024 ≤ 512²); float32 statistics agree with vmap as the other paths do."""
+    from gradnoise.tasks import mnist1d_mlp
+
+    torch.manual_seed(0)
+    model, loss = mnist1d_mlp(), nn.CrossEntropyLoss()
+    x, y = torch.randn(128, 40), torch.randint(0, 10, (128,))
+    a = gn.gradient_stats(model, loss, x, y, method="fast", variance=False)
+    assert [k for k in a.mean if a.mean.is_factored(k)] == ["2.weight"]
+    b = gn.gradient_stats(model, loss, x, y, method="vmap", variance=False)
+    assert a.trace_cov == pytest.approx(b.trace_cov, rel=1e-5)
+    assert abs(a.grad_norm_sq - b.grad_norm_sq) <= 1e-5 * max(abs(b.grad_norm_sq), b.trace_cov / 128)
+    assert a.per_layer["2"].grad_norm_sq == pytest.approx(b.per_layer["2"].grad_norm_sq, rel=1e-5, abs=1e-5 * b.per_layer["2"].trace_cov / 128)
+    torch.testing.assert_close(a.mean["2.weight"], b.mean["2.weight"], rtol=1e-5, atol=1e-6 * float(b.mean["2.weight"].abs().max()))
+
+
+def test_factored_mean_stays_out_of_variance_and_accumulation():
+    """The per-element variance needs ḡ itself, and so does merging batches: dense means."""
+    model, loss, x, y = CASES_BY_NAME["mlp-wide-gram"].make(torch.float64, batch=8)
+    assert isinstance(gn.gradient_stats(model, loss, x, y, variance=False).mean, FactoredGrads)
+    assert isinstance(gn.gradient_stats(model, loss, x, y, variance=True).mean, dict)
+    acc = gn.StatsAccumulator(model, loss, variance=False)
+    acc.update(x, y)
+    acc.update(x, y)
+    assert isinstance(acc.compute().mean, dict)
+
+
+def test_factored_mean_inf_gradient_is_caught():
+    model, loss, x, y = CASES_BY_NAME["mlp-wide-gram"].make(torch.float64, batch=8)
+
+    def sqrt_loss(out, target):  # finite value, infinite gradient at 0
+        return loss(out, target) + torch.sqrt(out[:, 0] * 0).mean()
+
+    with pytest.raises(FloatingPointError, match="gradient of parameter .* NaN or inf"):
+        gn.gradient_stats(model, sqrt_loss, x, y, method="fast", variance=False)
+
+
+def test_factored_grads_mapping():
+    from gradnoise._factored import dtype_of, numel_of
+
+    d, a = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    g = FactoredGrads(["w", "b"], {"b": torch.ones(3)}, {"w": (d, a)})
+    assert list(g) == ["w", "b"] and len(g) == 2 and "w" in g and "x" not in g
+    assert numel_of(g, "w") == 12 and dtype_of(g, "w") == torch.float64 and g.is_factored("w")
+    assert "factored (3, 4)" in repr(g)
+    torch.testing.assert_close(g["w"], d.t() @ a)
+    assert not g.is_factored("w") and g["w"] is g["w"]  # multiplied out once
+    with pytest.raises(KeyError):
+        g["x"]
+    with pytest.raises(ValueError, match="exactly once"):
+        FactoredGrads(["w"], {"w": d}, {"w": (d, a)})
