@@ -29,7 +29,6 @@ import functools
 import math
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,15 +62,16 @@ class NotMeanLossError(ValueError):
     """The batch loss is not the mean of the per-example losses; use ``method="vmap"``."""
 
 
-@dataclass
 class _Call:
-    module: str
-    args: tuple | None
-    kwargs: dict
-    shapes: list[torch.Size | None]  # shapes of the flat tensor outputs (tensors are not kept)
-    grads: list[Tensor | None]  # their gradients, kept only for modules covered by vmap
-    versions: list[int] = field(default_factory=list)
-    output: Tensor | None = None  # a Linear layer's output, until the Gram path is decided
+    """One recorded module call (a plain class with slots: one is made per layer per call)."""
+
+    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output")
+
+    def __init__(self, module: str, args: tuple, kwargs: dict, shapes: list, versions: list) -> None:
+        self.module, self.args, self.kwargs, self.versions = module, args, kwargs, versions
+        self.shapes: list[torch.Size | None] = shapes  # of the flat tensor outputs (not kept)
+        self.grads: list[Tensor | None] = [None] * len(shapes)  # kept only for vmap units
+        self.output: Tensor | None = None  # a Linear layer's output, until the Gram path is decided
 
 
 def _flatten(obj: Any) -> list[Tensor | None]:
@@ -130,32 +130,34 @@ class _Recorder:
                     c.output = None
 
     def _forward_hook(self, name: str):
+        on_grad = self._on_grad
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not self.active:
                 return
-            outs = [output] if isinstance(output, Tensor) else _flatten(output)
-            shapes = [None if t is None else t.shape for t in outs]
-            call = _Call(name, args, kwargs, shapes, [None] * len(outs))
-            if args and isinstance(args[0], Tensor):
-                call.versions = [args[0]._version]
-            if self.gram and type(module) is nn.Linear and isinstance(output, Tensor):
-                call.output = output
-            for j, t in enumerate(outs):
-                if t is not None and t.requires_grad:
-                    t.register_hook(self._grad_hook(call, j))
+            versions = [args[0]._version] if args and isinstance(args[0], Tensor) else []
+            if isinstance(output, Tensor):  # the common case, kept short: once per layer per call
+                call = _Call(name, args, kwargs, [output.shape], versions)
+                if output.requires_grad:
+                    output.register_hook(functools.partial(on_grad, call, 0))
+                    if self.gram and type(module) is nn.Linear:
+                        call.output = output
+            else:
+                outs = _flatten(output)
+                call = _Call(name, args, kwargs, [None if t is None else t.shape for t in outs], versions)
+                for j, t in enumerate(outs):
+                    if t is not None and t.requires_grad:
+                        t.register_hook(functools.partial(on_grad, call, j))
             self.calls[name].append(call)
 
         return hook
 
-    def _grad_hook(self, call: _Call, j: int):
-        def on_grad(g: Tensor) -> None:
-            actions = self.actions.get(call.module, ())
-            if "store" in actions:
-                call.grads[j] = g
-            if j == 0 and ("norms" in actions or "grads" in actions or "gram" in actions):
-                self._apply_rule(call, g)
-
-        return on_grad
+    def _on_grad(self, call: _Call, j: int, g: Tensor) -> None:
+        actions = self.actions.get(call.module, ())
+        if "store" in actions:
+            call.grads[j] = g
+        if j == 0 and ("norms" in actions or "grads" in actions or "gram" in actions):
+            self._apply_rule(call, g)
 
     def _apply_rule(self, call: _Call, g: Tensor) -> None:
         module = self.modules[call.module]
@@ -356,15 +358,14 @@ def fast_moments(
     check_no_train_batchnorm(modules.items())
     recorder = _Recorder({m: modules[m] for m in recorded}, B, variance, gram=factored_mean and not variance)
     direct = _can_call_directly(model, modules.values(), named.values())
-    # What per-module and whole-model vmap differentiate: detached parameters.
-    params = {n: p.detach() for n, p in named.items()}
-    leaves = params
     if direct:  # the model's own parameters as graph leaves; autograd.grad leaves .grad alone
         state: dict[str, Tensor] = {}
-        graph_leaves = named
-    else:
+        graph_leaves = params = named  # detached below if vmap needs them
+    else:  # what per-module and whole-model vmap differentiate: detached parameters
         state = frozen_state(model)
+        params = {n: p.detach() for n, p in named.items()}
         graph_leaves = {n: p.requires_grad_(True) for n, p in params.items()}
+    leaves = params
 
     with preserved_state(model, modules.values()), torch.enable_grad():
         with recorder.installed():
@@ -395,8 +396,9 @@ def fast_moments(
             for n, g in zip(wanted, grads[: len(wanted)], strict=True)
         }
         del grads
-        if direct and units:  # buffers for per-module vmap
+        if direct and units:  # detached parameters and buffers for vmap
             state = frozen_state(model)
+            params = leaves = {n: p.detach() for n, p in named.items()}
         return _assemble(
             model, loss_fn, xs, ys, params, leaves, state, owners, modules, recorder, mean,
             loss_sum, B, variance, chunk_size, paths, units, gram,
