@@ -6,7 +6,8 @@
 Rows per model and batch size: the floor (plain forward + backward, ``loss.backward()``),
 gradnoise's noise-scale statistics (``gradient_stats(method="fast", variance=False)``:
 tr Σ, |G|², B_simple), the same with the per-element variance, for Linear-only models the
-bare hooks design (tr Σ and |G|² with nothing else: the engine's lower bound), ``method="vmap"``,
+bare hooks design (tr Σ and |G|² with nothing else; with every weight gradient, and with the
+Gram path as the engine takes it: its lower bound), ``method="vmap"``,
 ``per_sample_grads`` (vmap), a Python loop of ``autograd.grad`` (smallest batch only), and,
 with ``--anchors`` where installed, BackPACK (BatchL2Grad, Variance) and Opacus
 (GradSampleModule, per-sample gradients then their norms). Each row: median time, ratio to
@@ -81,34 +82,56 @@ def anchors(model, loss_fn, x, y):
     return out
 
 
-def bare_hooks(model, loss_fn, x, y):
-    """The hooks design with nothing else: tr Σ and |G|² of a model made of Linear layers on
-    2-D inputs from |a_i|²|δ_i|², without checks, plans, per-layer results or a result
-    object. A lower bound for the fast engine's cost on this machine (checked against
-    ``gradient_stats`` before it is timed); ``None`` for other models."""
+def bare_hooks(model, loss_fn, x, y, gram: bool):
+    """The hooks design with nothing else: tr Σ and |G|² of a model made of Linear layers
+    (with biases) on 2-D inputs, without checks, plans, per-layer results or a result object;
+    checked against ``gradient_stats`` before it is timed; ``None`` for other models.
+
+    ``gram=False``: |g_i|² = |a_i|²|δ_i|² and every weight gradient from the backward pass
+    (the floor of the design before the Gram path). ``gram=True``: as the engine now does,
+    layers where ``prefers_gram`` holds skip the weight gradient and take |g_i|² and |ḡ_W|²
+    from the Gram matrices AAᵀ, DDᵀ (the floor of the current design)."""
+    from gradnoise._rules import prefers_gram
+
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     params = [p for p in model.parameters() if p.requires_grad]
-    if sum(len(list(m.parameters())) for m in linears) != len(params):
+    if sum(len(list(m.parameters())) for m in linears) != len(params) or any(m.bias is None for m in linears):
         return None
     B = x.shape[0]
+    use_gram = {m: gram and prefers_gram(B, m.in_features, m.out_features) for m in linears}
+    wanted = [p for m in linears for p in ([m.bias] if use_gram[m] else [m.weight, m.bias])]
 
     def run():
-        a_sq, d_sq = [], []
+        a_sq, d_sq, w_sq, g_sq = [], [], [], []
 
         def forward_hook(module, args, out):
-            a_sq.append(torch.linalg.vector_norm(args[0], dim=1).square())
-            out.register_hook(lambda g: d_sq.append(torch.linalg.vector_norm(g, dim=1).square()))
+            a = args[0]
+            if use_gram[module]:
+                def on_grad(g):
+                    ga, gd = a @ a.t(), g @ g.t()
+                    w_sq.append(ga.diagonal() * gd.diagonal())
+                    d_sq.append(gd.diagonal())
+                    g_sq.append(ga.flatten().dot(gd.flatten()))
+            else:
+                a_sq.append(torch.linalg.vector_norm(a, dim=1).square())
+
+                def on_grad(g):
+                    d = torch.linalg.vector_norm(g, dim=1).square()
+                    d_sq.append(d)
+                    w_sq.append(a_sq.pop() * d)
+            out.register_hook(on_grad)
 
         handles = [m.register_forward_hook(forward_hook) for m in linears]
         try:
             loss = loss_fn(model(x), y)
-            grads = torch.autograd.grad(loss, params)
+            grads = torch.autograd.grad(loss, wanted)
         finally:
             for h in handles:
                 h.remove()
-        d = torch.stack(d_sq[::-1]) * (B * B)
-        sq = torch.cat([torch.stack(a_sq) * d, d]).double()  # weights' and biases' |g_i|²
+        sq = torch.stack(w_sq + d_sq).double() * (B * B)  # weights' and biases' |g_i|²
         mean_sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()
+        if g_sq:
+            mean_sq = mean_sq + torch.stack(g_sq).double().sum()
         m2 = sq.sum() - B * mean_sq
         s2 = m2 / (B - 1)
         return torch.stack([s2, mean_sq - s2 / B]).tolist()  # tr Σ, |G|²
@@ -131,9 +154,10 @@ def calls_for(name, batch, sizes, model, loss_fn, x, y, args):
         "gradnoise fast: noise scale": lambda: gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=False),
         "gradnoise fast: + variance": lambda: gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=True).variance,
     }
-    bare = bare_hooks(model, loss_fn, x, y)
-    if bare is not None:
-        calls["bare hooks (lower bound)"] = bare
+    for gram, label in ((False, "bare hooks, all weight gradients"), (True, "bare hooks + Gram (lower bound)")):
+        bare = bare_hooks(model, loss_fn, x, y, gram)
+        if bare is not None:
+            calls[label] = bare
     if not args.no_vmap:
         calls["gradnoise vmap: stats"] = lambda: gn.gradient_stats(model, loss_fn, x, y, method="vmap")
         calls["per_sample_grads (vmap)"] = lambda: gn.per_sample_grads(model, loss_fn, x, y)
