@@ -65,13 +65,14 @@ class NotMeanLossError(ValueError):
 class _Call:
     """One recorded module call (a plain class with slots: one is made per layer per call)."""
 
-    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output")
+    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "output_version")
 
     def __init__(self, module: str, args: tuple, kwargs: dict, shapes: list, versions: list) -> None:
         self.module, self.args, self.kwargs, self.versions = module, args, kwargs, versions
         self.shapes: list[torch.Size | None] = shapes  # of the flat tensor outputs (not kept)
         self.grads: list[Tensor | None] = [None] * len(shapes)  # kept only for vmap units
         self.output: Tensor | None = None  # a Linear layer's output, until the Gram path is decided
+        self.output_version = 0
 
 
 def _flatten(obj: Any) -> list[Tensor | None]:
@@ -141,7 +142,7 @@ class _Recorder:
                 if output.requires_grad:
                     output.register_hook(functools.partial(on_grad, call, 0))
                     if self.gram and type(module) is nn.Linear:
-                        call.output = output
+                        call.output, call.output_version = output, output._version
             else:
                 outs = _flatten(output)
                 call = _Call(name, args, kwargs, [None if t is None else t.shape for t in outs], versions)
@@ -387,6 +388,11 @@ def fast_moments(
             # gradient reaches every Gram layer even without a bias (then dropped).
             wanted = [n for n in graph_leaves if n not in gram]
             outs = [c.output for m in set(gram.values()) for c in recorder.calls[m]]
+            if not all(map(_gram_ready, (c for m in set(gram.values()) for c in recorder.calls[m]))):
+                raise RuntimeError(
+                    "loss_fn modified the model's outputs in place, which per-example gradients "
+                    "need intact: compute the loss out of place, or use method='vmap'"
+                )
             for m in set(gram.values()):
                 recorder.calls[m][0].output = None
             grads = torch.autograd.grad(loss, [graph_leaves[n] for n in wanted] + outs, allow_unused=True)
@@ -442,7 +448,7 @@ def _route(routes: dict, owners, modules, calls, B: int, gram_ok: bool):
     output shapes and whether the output is differentiable."""
     sig = (B, gram_ok, tuple(
         (name, tuple((c.args[0].shape if c.args and isinstance(c.args[0], Tensor) else None, c.shapes[0],
-                      c.output is not None and c.output.requires_grad) for c in cs))
+                      _gram_ready(c)) for c in cs))
         for name, cs in calls.items()
     ))  # fmt: skip
     route = routes.get(sig)
@@ -496,6 +502,14 @@ def _decide(owners, modules, calls, B: int):
     return paths, units
 
 
+def _gram_ready(call: _Call) -> bool:
+    """A Linear call whose output may carry the gradient to the Gram path: kept, differentiable,
+    and not modified in place since (an in-place op after the layer, e.g. ``ReLU(inplace=True)``,
+    would make requesting it stop the gradient short of the layer)."""
+    out = call.output
+    return out is not None and out.requires_grad and out._version == call.output_version
+
+
 def _gram_modules(owners, modules, calls, paths: dict[str, str], B: int) -> dict[str, str]:
     """Weights (name → module) whose Linear layer takes the Gram path: called once on 2-D
     input, all its parameters on the plain fast path, and :func:`prefers_gram`."""
@@ -506,7 +520,7 @@ def _gram_modules(owners, modules, calls, paths: dict[str, str], B: int) -> dict
         if path != "fast" or rest or local != "weight" or type(module) is not nn.Linear:
             continue
         call = calls[m][0]
-        if call.output is None or not call.output.requires_grad or call.args[0].dim() != 2:
+        if not _gram_ready(call) or call.args[0].dim() != 2:
             continue
         prefix = f"{m}." if m else ""
         if module.bias is not None and paths.get(prefix + "bias") != "fast":
@@ -600,12 +614,14 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
     # Rule parameters: mean from the batch gradient, centred sums by subtraction; the
     # scalars of all parameters in a few stacked operations and one transfer.
     out_mean, out_tm2, out_m2, out_sq, scalars = {}, {}, ({} if variance else None), {}, {}
-    factors = {n: recorder.factors[m] for n, m in gram.items()}
+    factors = {n: recorder.factors[m] for n, m in gram.items() if m in recorder.factors}
+    for n in gram.keys() - factors.keys():  # output never reached by the backward pass
+        mean[n] = torch.zeros_like(params[n])
     if sq:
         names = list(sq)
         dense = [n for n in names if n not in factors]
         mean_sq = dict(zip(dense, squared_norms([mean[n] for n in dense]).unbind(), strict=True)) if dense else {}
-        mean_sq.update({n: recorder.mean_sq[m].double() for n, m in gram.items()})
+        mean_sq.update({n: recorder.mean_sq[gram[n]].double() for n in factors})
         rows, tm2, host = centred_sums(
             [sq[n] for n in names], torch.stack([mean_sq[n] for n in names]), B, scale=1.0 if variance else B * B
         )

@@ -233,3 +233,44 @@ def test_factored_grads_mapping():
         g["x"]
     with pytest.raises(ValueError, match="exactly once"):
         FactoredGrads(["w"], {"w": d}, {"w": (d, a)})
+
+
+def test_factored_mean_of_a_layer_whose_output_is_unused():
+    """A Gram-path layer called but not reaching the loss has zero gradient, as elsewhere."""
+
+    class Detour(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(32, 32), nn.Linear(32, 32)
+            self.head = nn.Linear(32, 3)
+
+        def forward(self, x):
+            self.unused(x)  # computed, discarded
+            return self.head(torch.tanh(self.used(x)))
+
+    torch.manual_seed(0)
+    model = Detour().double()
+    x, y = torch.randn(8, 32, dtype=torch.float64), torch.randint(0, 3, (8,))
+    a = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="fast", variance=False)
+    b = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="vmap")
+    assert a.mean.is_factored("used.weight") and not a.mean.is_factored("unused.weight")
+    assert a.per_param["unused.weight"].trace_cov == 0 and float(a.mean["unused.weight"].abs().max()) == 0
+    assert a.trace_cov == pytest.approx(b.trace_cov, rel=1e-10)
+    for k in b.mean:
+        torch.testing.assert_close(a.mean[k], b.mean[k], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_no_gram_path_through_an_inplace_op_on_the_output(bias):
+    """ReLU(inplace=True) after a Gram-size layer: exact statistics either way (without a
+    bias the layer's output cannot carry the gradient to it once modified in place)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32, bias=bias), nn.ReLU(inplace=True), nn.Linear(32, 3)).double()
+    x, y = torch.randn(8, 32, dtype=torch.float64), torch.randint(0, 3, (8,))
+    a = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="fast", variance=False)
+    b = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="vmap")
+    assert not (isinstance(a.mean, FactoredGrads) and a.mean.is_factored("0.weight"))
+    assert a.trace_cov == pytest.approx(b.trace_cov, rel=1e-10)
+    assert abs(a.grad_norm_sq - b.grad_norm_sq) <= 1e-10 * max(abs(b.grad_norm_sq), b.trace_cov / 8)
+    for k in b.mean:
+        torch.testing.assert_close(a.mean[k], b.mean[k], rtol=1e-10, atol=1e-14)
