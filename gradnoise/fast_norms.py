@@ -387,14 +387,15 @@ def fast_moments(
             # Gram-path weights are not differentiated; their outputs are, so that the
             # gradient reaches every Gram layer even without a bias (then dropped).
             wanted = [n for n in graph_leaves if n not in gram]
-            outs = [c.output for m in set(gram.values()) for c in recorder.calls[m]]
-            if not all(map(_gram_ready, (c for m in set(gram.values()) for c in recorder.calls[m]))):
+            gram_calls = [recorder.calls[m][0] for m in gram.values()]  # one call each
+            if not all(map(_gram_ready, gram_calls)):
                 raise RuntimeError(
                     "loss_fn modified the model's outputs in place, which per-example gradients "
                     "need intact: compute the loss out of place, or use method='vmap'"
                 )
-            for m in set(gram.values()):
-                recorder.calls[m][0].output = None
+            outs = [c.output for c in gram_calls]
+            for c in gram_calls:
+                c.output = None
             grads = torch.autograd.grad(loss, [graph_leaves[n] for n in wanted] + outs, allow_unused=True)
             del outs
         mean = {

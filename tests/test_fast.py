@@ -274,3 +274,15 @@ def test_no_gram_path_through_an_inplace_op_on_the_output(bias):
     assert abs(a.grad_norm_sq - b.grad_norm_sq) <= 1e-10 * max(abs(b.grad_norm_sq), b.trace_cov / 8)
     for k in b.mean:
         torch.testing.assert_close(a.mean[k], b.mean[k], rtol=1e-10, atol=1e-14)
+
+
+def test_loss_fn_modifying_outputs_in_place_is_refused_on_the_gram_path():
+    model = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 32)).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 32, (8,))
+
+    class InplaceLoss(nn.CrossEntropyLoss):  # a known mean loss, so no per-example re-check
+        def forward(self, out, target):
+            return super().forward(out.mul_(2), target)
+
+    with pytest.raises(RuntimeError, match="loss_fn modified the model's outputs in place"):
+        gn.gradient_stats(model, InplaceLoss(), x, y, method="fast", variance=False)
