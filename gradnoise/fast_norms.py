@@ -28,7 +28,7 @@ import contextlib
 import functools
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -51,9 +51,10 @@ from gradnoise._functional import (
     sdpa_math,
     trainable_params,
 )
+from gradnoise._lazy import LazyMap
 from gradnoise._rules import linear_gram_norms, prefers_gram, rule_for
 from gradnoise.per_sample import needs_loop, vmap_grads_and_losses
-from gradnoise.stats import Moments, centred_m2, centred_sums, moments_from_grads, squared_norms
+from gradnoise.stats import Moments, centred_m2, centred_sums, moments_from_grads
 
 __all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
 
@@ -613,46 +614,67 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         parts.append(part)
 
     # Rule parameters: mean from the batch gradient, centred sums by subtraction; the
-    # scalars of all parameters in a few stacked operations and one transfer.
-    out_mean, out_tm2, out_m2, out_sq, scalars = {}, {}, ({} if variance else None), {}, {}
+    # scalars of all parameters in a few stacked operations and one transfer, and the
+    # per-parameter tensors built only if read (LazyMap).
     factors = {n: recorder.factors[m] for n, m in gram.items() if m in recorder.factors}
     for n in gram.keys() - factors.keys():  # output never reached by the backward pass
         mean[n] = torch.zeros_like(params[n])
-    if sq:
-        names = list(sq)
-        dense = [n for n in names if n not in factors]
-        mean_sq = dict(zip(dense, squared_norms([mean[n] for n in dense]).unbind(), strict=True)) if dense else {}
-        mean_sq.update({n: recorder.mean_sq[gram[n]].double() for n in factors})
-        rows, tm2, host = centred_sums(
-            [sq[n] for n in names], torch.stack([mean_sq[n] for n in names]), B, scale=1.0 if variance else B * B
-        )
-        _check_finite([h[0] + h[2] for h in host], names)
-        for n, row, t, h in zip(names, rows, tm2, host, strict=True):
-            out_sq[n], out_tm2[n], scalars[n] = row, t, h[:2]
-            if n not in factors:
-                out_mean[n] = mean[n]
-            if out_m2 is not None:
-                out_m2[n] = centred_m2(sum_sq[n], mean[n], B)
-    for part in parts:
-        out_mean.update(part.mean)
-        out_tm2.update(part.trace_m2)
-        if out_m2 is not None:
-            out_m2.update(part.m2)
-        out_sq.update(part.sq_norms)
-        methods.update(part.methods)
-        names = list(part.mean)
-        _check_finite(torch.stack([part.trace_m2[n] + part.sq_norms[n].sum() for n in names]).tolist(), names)
     order = list(params)
+    scalars: dict[str, tuple[float, float]] = {}
+    sq_map: Mapping[str, Tensor] = {}
+    tm2_map: Mapping[str, Tensor] = {}
+    m2_map: dict[str, Tensor] | None = {} if variance else None
+    sq_total = None
+    if sq:
+        dense = [n for n in sq if n not in factors]
+        names = dense + [n for n in sq if n in factors]
+        rows, sq_total, host = centred_sums(
+            [sq[n] for n in names], [mean[n] for n in dense], B, scale=1.0 if variance else B * B,
+            mean_sq=[recorder.mean_sq[gram[n]] for n in names[len(dense):]],
+        )  # fmt: skip
+        _check_finite([h[1] + h[2] for h in host], names)
+        scalars = {n: h[:2] for n, h in zip(names, host, strict=True)}
+        sq_map = LazyMap(functools.partial(_rows_by_name, names, rows, order))
+        tm2_map = LazyMap(functools.partial(_values_by_name, names, [h[0] for h in host], rows.device, order))
+        if m2_map is not None:
+            for n in names:
+                m2_map[n] = centred_m2(sum_sq[n], mean[n], B)
+    out_mean = {n: mean[n] for n in sq if n not in factors}
+    if parts:  # some parameters materialised: plain dicts, merged
+        sq_map, tm2_map = dict(sq_map), dict(tm2_map)
+        for part in parts:
+            out_mean.update(part.mean)
+            tm2_map.update(part.trace_m2)
+            if m2_map is not None:
+                m2_map.update(part.m2)
+            sq_map.update(part.sq_norms)
+            methods.update(part.methods)
+            pnames = list(part.mean)
+            _check_finite(torch.stack([part.trace_m2[n] + part.sq_norms[n].sum() for n in pnames]).tolist(), pnames)
+        sq_map, tm2_map = {n: sq_map[n] for n in order}, {n: tm2_map[n] for n in order}
+        sq_total = None
     return Moments(
         count=B,
         mean=FactoredGrads(order, out_mean, factors) if factors else {n: out_mean[n] for n in order},
-        trace_m2={n: out_tm2[n] for n in order},
-        m2=None if out_m2 is None else {n: out_m2[n] for n in order},
-        sq_norms={n: out_sq[n] for n in order},
+        trace_m2=tm2_map,
+        m2=None if m2_map is None else {n: m2_map[n] for n in order},
+        sq_norms=sq_map,
         loss_sum=loss_sum,
         methods={n: methods[n] for n in order},
-        scalars={n: scalars[n] for n in order} if scalars.keys() == set(order) else None,
+        scalars=scalars if len(scalars) == len(order) else None,
+        sq_total=sq_total,
     )
+
+
+def _rows_by_name(names: list[str], rows: Tensor, order: list[str]) -> dict[str, Tensor]:
+    """``{name: rows[j]}`` in the order ``order`` (of the parameters; ``names`` is a subset)."""
+    by_name = dict(zip(names, rows.unbind(), strict=True))
+    return {n: by_name[n] for n in order if n in by_name}
+
+
+def _values_by_name(names: list[str], values: list[float], device: torch.device, order: list[str]) -> dict[str, Tensor]:
+    """0-d float64 tensors on ``device`` of host ``values``, by name in the order ``order``."""
+    return _rows_by_name(names, torch.tensor(values, dtype=torch.float64, device=device), order)
 
 
 def _check_finite(values: list[float], names: list[str]) -> None:

@@ -429,13 +429,14 @@ class Monitor:
             if m2 is not None:
                 m2[name] = centred_m2(hooks.sum_sq[name]["v"], g, B)
         # All parameters' scalars in a few stacked operations: Σ_i|g_i|² − B|ḡ|² per parameter.
-        sq_rows, tm2, host = centred_sums(rows, squared_norms(list(mean.values())), B)
+        sq_rows, _, host = centred_sums(rows, list(mean.values()), B)
         if m2 is None:  # the scalars only: one transfer, no per-parameter tensors
             total, per_layer = summarise_scalars(self._numels, host, B, "hooks")
             return _StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer)
         names = list(mean)
+        tm2 = torch.tensor([h[0] for h in host], dtype=torch.float64, device=sq_rows.device)
         m = Moments(
-            B, mean, dict(zip(names, tm2, strict=True)), m2, dict(zip(names, sq_rows, strict=True)),
+            B, mean, dict(zip(names, tm2.unbind(), strict=True)), m2, dict(zip(names, sq_rows.unbind(), strict=True)),
             0.0, dict.fromkeys(mean, "hooks"), {n: h[:2] for n, h in zip(names, host, strict=True)},
         )  # fmt: skip
         total, _, per_layer = summarise(m, per_param=False)

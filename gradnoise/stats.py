@@ -29,6 +29,7 @@ meaningless ratios).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 
 from gradnoise._factored import dtype_of, numel_of
 from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of
+from gradnoise._lazy import LazyMap
 
 __all__ = [
     "GradientStats",
@@ -75,16 +77,21 @@ class Moments:
         methods: which engine computed each parameter ("fast", "vmap-module", "vmap").
         scalars: per parameter ``(Σ_i |g_i − ḡ|², |ḡ|²)`` as Python floats, when the engine
             has already transferred them (one transfer for all parameters); else ``None``.
+        sq_total: ``|g_i|²`` of each example summed over parameters (``[count]`` float64),
+            when the engine has it; else ``None`` (summed from ``sq_norms`` when needed).
+
+    Any of the mappings may be a :class:`~gradnoise._lazy.LazyMap` (built when first read).
     """
 
     count: int
     mean: Mapping[str, Tensor]
-    trace_m2: dict[str, Tensor]
-    m2: dict[str, Tensor] | None
-    sq_norms: dict[str, Tensor]
+    trace_m2: Mapping[str, Tensor]
+    m2: Mapping[str, Tensor] | None
+    sq_norms: Mapping[str, Tensor]
     loss_sum: float
     methods: dict[str, str]
     scalars: dict[str, tuple[float, float]] | None = None
+    sq_total: Tensor | None = None
 
     def merge(self, other: Moments) -> Moments:
         """Exact union of two disjoint sets of examples (Chan, Golub & LeVeque 1979)."""
@@ -114,20 +121,37 @@ def squared_norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors)).double().square_()
 
 
-def centred_sums(sq_norms: list[Tensor], mean_sq: Tensor, count: int, scale: float = 1.0):
-    """From per-parameter squared norms ``|g_i|²`` (``[B]`` each, to be multiplied by
-    ``scale``) and the ``[P]`` float64 squared norms ``|ḡ|²`` of the means
-    (:func:`squared_norms`): the stacked ``[P, B]`` float64 ``|g_i|²``, the ``[P]``
-    centred sums ``Σ_i |g_i − ḡ|² = Σ_i |g_i|² − B |ḡ|²`` (clamped at 0 against rounding),
-    and per parameter the host values ``(Σ_i |g_i − ḡ|², |ḡ|², Σ_i |g_i|²)`` — one transfer
-    for all parameters."""
+def centred_sums(
+    sq_norms: list[Tensor], means: list[Tensor], count: int, *, scale: float = 1.0, mean_sq: list[Tensor] = ()
+) -> tuple[Tensor, Tensor, list[tuple[float, float, float]]]:
+    """Centred sums of squares of ``P`` parameters from their per-example squared norms.
+
+    Args:
+        sq_norms: per parameter ``|g_i|²`` of each example (``[B]`` each), to be multiplied
+            by ``scale``.
+        means: the mean gradients ``ḡ`` of the first ``len(means)`` parameters.
+        count: ``B``.
+        mean_sq: ``|ḡ|²`` (0-d) of the remaining parameters, whose means are not at hand
+            (the Gram path of the fast engine).
+
+    Returns:
+        The ``[P, B]`` float64 ``|g_i|²``, their per-example total over parameters (``[B]``),
+        and per parameter the host values ``(Σ_i |g_i − ḡ|², |ḡ|², Σ_i |g_i|²)``, with
+        ``Σ_i |g_i − ḡ|² = Σ_i |g_i|² − B |ḡ|²`` (clamped at 0 against rounding) — a few
+        stacked operations and one transfer for all parameters.
+    """
     rows = torch.stack(sq_norms).double()
     if scale != 1.0:
         rows.mul_(scale)
-    sums = rows.sum(1)
-    tm2 = torch.sub(sums, mean_sq, alpha=count).clamp_min_(0)
-    host = list(zip(*torch.stack([tm2, mean_sq, sums]).tolist(), strict=True))
-    return rows, tm2, host
+    small = torch.stack([*torch._foreach_norm(means), *mean_sq]) if means else torch.stack(list(mean_sq))
+    values = torch.cat([rows.sum(1), small.double()]).tolist()
+    P, k = len(sq_norms), len(means)
+    host = []
+    for j in range(P):
+        s, v = values[j], values[P + j]
+        msq = v * v if j < k else v  # norms are squared here, in float64
+        host.append((max(s - count * msq, 0.0), msq, s))
+    return rows, rows.sum(0), host
 
 
 def centred_m2(sum_sq: Tensor, mean: Tensor, count: int) -> Tensor:
@@ -187,8 +211,9 @@ class GradientStats:
         b_simple: ``trace_cov / grad_norm_sq`` of this batch (a single-batch ratio: for a
             noise scale, average numerator and denominator over batches, see
             :func:`gradnoise.noise_scale`). ``inf`` when the ``|G|²`` estimate is ``≤ 0``.
-        per_param: the same statistics per parameter name.
-        per_layer: the same statistics per module (parameters grouped by owner).
+        per_param: the same statistics per parameter name (a read-only mapping, computed
+            when first read).
+        per_layer: the same statistics per module (parameters grouped by owner; likewise).
         sq_norms: ``|g_i|²`` of each example over all parameters, ``[B]`` float64.
     """
 
@@ -201,8 +226,8 @@ class GradientStats:
     grad_norm_sq: float
     gsnr: float | None
     b_simple: float
-    per_param: dict[str, LayerStats] = field(repr=False)
-    per_layer: dict[str, LayerStats] = field(repr=False)
+    per_param: Mapping[str, LayerStats] = field(repr=False)
+    per_layer: Mapping[str, LayerStats] = field(repr=False)
     sq_norms: Tensor = field(repr=False)
 
     def to_dict(self) -> dict:
@@ -339,12 +364,19 @@ def summarise_scalars(
 
 def _summary(sums: dict[str, _Sums], count: int, dataset_size: int | None, has_gsnr: bool, per_param: bool):
     total = _group(list(sums.values()), count, dataset_size, has_gsnr)
-    params = {k: _group([v], count, dataset_size, has_gsnr) for k, v in sums.items()} if per_param else None
+    params = _per_param(sums, count, dataset_size, has_gsnr) if per_param else None
+    return total, params, _per_layer(sums, count, dataset_size, has_gsnr)
+
+
+def _per_param(sums: dict[str, _Sums], count: int, dataset_size: int | None, has_gsnr: bool) -> dict[str, LayerStats]:
+    return {k: _group([v], count, dataset_size, has_gsnr) for k, v in sums.items()}
+
+
+def _per_layer(sums: dict[str, _Sums], count: int, dataset_size: int | None, has_gsnr: bool) -> dict[str, LayerStats]:
     owners: dict[str, list[_Sums]] = {}
     for k, v in sums.items():
         owners.setdefault(k.rpartition(".")[0] or ROOT, []).append(v)
-    per_layer = {mod: _group(vs, count, dataset_size, has_gsnr) for mod, vs in owners.items()}
-    return total, params, per_layer
+    return {mod: _group(vs, count, dataset_size, has_gsnr) for mod, vs in owners.items()}
 
 
 def stats_from_moments(
@@ -354,7 +386,10 @@ def stats_from_moments(
     if m.count < 2:
         raise ValueError(f"batch of {m.count} example: a variance needs at least 2")
     check_dataset_size(m.count, dataset_size)
-    total, per_param, per_layer = summarise(m, dataset_size)
+    sums, has_gsnr = _param_sums(m, dataset_size), m.m2 is not None
+    total = _group(list(sums.values()), m.count, dataset_size, has_gsnr)
+    per_param = LazyMap(functools.partial(_per_param, sums, m.count, dataset_size, has_gsnr))
+    per_layer = LazyMap(functools.partial(_per_layer, sums, m.count, dataset_size, has_gsnr))
     dtypes = {k: t for k, t in (dtypes or {}).items() if k in m.mean and t != dtype_of(m.mean, k)}
     pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
     cast = lambda k, t: t.to(dtypes[k]) if k in dtypes else t  # noqa: E731
@@ -372,7 +407,7 @@ def stats_from_moments(
         b_simple=total.b_simple,
         per_param=per_param,
         per_layer=per_layer,
-        sq_norms=torch.stack(list(m.sq_norms.values())).sum(0),
+        sq_norms=m.sq_total if m.sq_total is not None else torch.stack(list(m.sq_norms.values())).sum(0),
     )
 
 

@@ -141,3 +141,45 @@ def test_closed_forms_agree_with_large_sample():
     assert g.loss == pytest.approx(TASK.loss, rel=0.01)
     np.testing.assert_allclose(g.mean["weight"].numpy().ravel(), TASK.gradient, atol=0.02)
     assert g.trace_cov == pytest.approx(TASK.trace_cov, rel=0.02)
+
+
+def test_lazy_map_is_a_read_only_dict_built_once():
+    import copy
+    import pickle
+
+    from gradnoise._lazy import LazyMap
+
+    built = []
+    m = LazyMap(lambda: built.append(1) or {"b": 2, "a": 1})
+    assert built == []
+    assert list(m) == ["b", "a"] and m == {"b": 2, "a": 1} and {"b": 2, "a": 1} == m
+    assert "a" in m and "c" not in m and len(m) == 2 and repr(m) == "{'b': 2, 'a': 1}"
+    with pytest.raises(KeyError):
+        m["c"]
+    assert pickle.loads(pickle.dumps(m)) == {"b": 2, "a": 1} and copy.deepcopy(m) == m
+    assert built == [1]
+    with pytest.raises(TypeError):
+        m["a"] = 3  # read-only
+
+
+@pytest.mark.parametrize("variance", [True, False])
+def test_fast_moments_mappings_equal_vmap(variance):
+    """The fast engine's per-parameter tensors (built on first read) in parameter order,
+    equal to vmap's; and the stats pickle with their per-layer breakdown."""
+    import pickle
+
+    from gradnoise.stats import compute_moments
+
+    model, loss, x, y = __import__("tests.cases", fromlist=["x"]).CASES_BY_NAME["mlp"].make(torch.float64, batch=9)
+    fast = compute_moments(model, loss, x, y, method="fast", variance=variance, factored_mean=True)
+    ref = compute_moments(model, loss, x, y, method="vmap", variance=variance)
+    order = [n for n, _ in model.named_parameters()]
+    for field in ("trace_m2", "sq_norms"):
+        got, want = getattr(fast, field), getattr(ref, field)
+        assert list(got) == order
+        for k in order:
+            torch.testing.assert_close(got[k].double(), want[k].double(), rtol=1e-10, atol=1e-12 * float(want[k].abs().max()))
+    torch.testing.assert_close(fast.sq_total, sum(ref.sq_norms[k].double() for k in order))
+    s = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
+    back = pickle.loads(pickle.dumps(s))
+    assert back.per_layer == s.per_layer and back.per_param == s.per_param and back.trace_cov == s.trace_cov
