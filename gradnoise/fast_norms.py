@@ -350,16 +350,16 @@ def fast_moments(
         NotMeanLossError: the loss is not the mean of per-example losses.
         ValueError, FloatingPointError: as :func:`gradnoise.gradient_stats`.
     """
-    named = trainable_params(model, detach=False)
+    plan = _plan(model)
+    named, modules = plan.named, plan.modules()
     check_loss_fn(loss_fn)
     B = batch_size_of(inputs, targets)
     check_device(named, inputs, targets)
     xs, ys = as_tuple(inputs), as_tuple(targets)
-
-    owners, modules, recorded, routes = _plan(model, named)
-    check_no_train_batchnorm(modules.items())
-    recorder = _Recorder({m: modules[m] for m in recorded}, B, variance, gram=factored_mean and not variance)
-    direct = _can_call_directly(model, modules.values(), named.values())
+    owners, routes = plan.owners, plan.routes
+    check_no_train_batchnorm((n, modules[n]) for n in plan.batchnorms)
+    recorder = _Recorder({m: modules[m] for m in plan.recorded}, B, variance, gram=factored_mean and not variance)
+    direct = plan.direct and not any(p._backward_hooks for p in named.values())
     if direct:  # the model's own parameters as graph leaves; autograd.grad leaves .grad alone
         state: dict[str, Tensor] = {}
         graph_leaves = params = named  # detached below if vmap needs them
@@ -413,31 +413,75 @@ def fast_moments(
         )  # fmt: skip
 
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _Plan:
+    """What :func:`fast_moments` needs to know about a model's structure, computed once and
+    checked on every call (:meth:`valid`) against a snapshot of the model: per module, its
+    children, parameters (and whether they require grad) and buffers, by identity. A changed
+    model (a module or parameter replaced or added, a parameter frozen) is planned again.
 
-
-def _plan(model: nn.Module, params: dict[str, Tensor]):
-    """Owners of each parameter, the model's modules by name, and the modules to record.
-
-    Cached per model; the cache is keyed on the identity of every module and of every
-    trainable parameter (and its shape), so a changed model (a module replaced, a parameter
-    frozen or swapped) is planned again.
+    The plan refers to the model and its modules through weak references only (it may hold
+    parameters and submodules, which never refer back), so that the cache, keyed weakly on
+    the model, never keeps a model alive.
     """
-    modules = dict(model.named_modules())
-    key = (tuple(map(id, modules.values())), tuple((n, id(p), p.shape) for n, p in params.items()))
-    cached = _PLANS.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    owners = _owners(model, params)
-    ruled = {m for os in owners.values() for m, _ in os if rule_for(modules[m]) is not None}
-    # Record rule modules, and every module containing a rule-less owner (candidate units).
-    recorded = set(ruled)
-    for os in owners.values():
-        for m, _ in os:
-            if m not in ruled:
-                recorded.update(_ancestors(m))
-    plan = (owners, modules, recorded, {})  # the last: routes by call signature (_route)
-    _PLANS[model] = (key, plan)
+
+    __slots__ = ("_refs", "_snapshot", "named", "owners", "recorded", "batchnorms", "direct", "routes")
+
+    def __init__(self, model: nn.Module) -> None:
+        modules = dict(model.named_modules())
+        self._refs = {name: weakref.ref(m) for name, m in modules.items()}
+        self._snapshot = [(ref, _state_of(ref())) for ref in self._refs.values()]
+        self.named = trainable_params(model, detach=False)  # raises if there are none
+        self.owners = _owners(model, self.named)
+        ruled = {m for os in self.owners.values() for m, _ in os if rule_for(modules[m]) is not None}
+        # Record rule modules, and every module containing a rule-less owner (candidate units).
+        recorded = set(ruled)
+        for os in self.owners.values():
+            for m, _ in os:
+                if m not in ruled:
+                    recorded.update(_ancestors(m))
+        self.recorded = [m for m in modules if m in recorded]
+        self.batchnorms = [n for n, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        # Whether the forward pass may run the caller's model as it is (faster than
+        # ``functional_call``): no buffers that a forward could update, and not a DDP wrapper
+        # (whose forward and backward synchronise processes). Parameter hooks: per call.
+        self.direct = not isinstance(model, nn.parallel.DistributedDataParallel) and not any(
+            b is not None for m in modules.values() for b in m._buffers.values()
+        )
+        self.routes: dict = {}  # by call signature (_route)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {name: ref() for name, ref in self._refs.items()}
+
+    def valid(self) -> bool:
+        for ref, state in self._snapshot:
+            m = ref()
+            if m is None or _state_of(m) != state:
+                return False
+        return True
+
+
+def _state_of(m: nn.Module) -> tuple:
+    """A module's children and buffers, and its parameters with their ``requires_grad``, by
+    identity (ids: ``==`` on tensors would compare values)."""
+    return (
+        *map(id, m._modules.values()),
+        None,
+        *[(id(p), p is not None and p.requires_grad) for p in m._parameters.values()],
+        None,
+        *map(id, m._buffers.values()),
+    )
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
+
+
+def _plan(model: nn.Module) -> _Plan:
+    """The model's :class:`_Plan`, from the cache when still valid."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    plan = _PLANS.get(model)
+    if plan is None or not plan.valid():
+        plan = _PLANS[model] = _Plan(model)
     return plan
 
 
@@ -463,18 +507,6 @@ def _route(routes: dict, owners, modules, calls, B: int, gram_ok: bool):
             routes[sig] = route
     paths, units, gram, actions = route
     return paths, {u: list(ns) for u, ns in units.items()}, gram, actions
-
-
-def _can_call_directly(model: nn.Module, modules, params) -> bool:
-    """Whether the forward pass may run the caller's model as it is (faster than
-    ``functional_call``): no buffers a forward could update, no gradient hooks on its
-    parameters that our backward would trigger, and not a DDP wrapper (whose forward and
-    backward synchronise processes)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return False
-    if any(b is not None for m in modules for b in m._buffers.values()):
-        return False
-    return not any(p._backward_hooks for p in params)
 
 
 def _decide(owners, modules, calls, B: int):

@@ -286,3 +286,47 @@ def test_loss_fn_modifying_outputs_in_place_is_refused_on_the_gram_path():
 
     with pytest.raises(RuntimeError, match="loss_fn modified the model's outputs in place"):
         gn.gradient_stats(model, InplaceLoss(), x, y, method="fast", variance=False)
+
+
+def test_plan_follows_changes_to_the_model_and_does_not_keep_it_alive():
+    """The engine caches what it knows about a model's structure; every change that matters
+    (a parameter frozen or swapped, a module replaced, a buffer added) is seen on the next
+    call, and the cache never keeps a model alive."""
+    import gc
+    import weakref
+
+    def fresh(model, x, y):  # the same measurement without any cached plan
+        from gradnoise import fast_norms
+
+        fast_norms._PLANS.clear()
+        return gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="fast")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    loss = nn.CrossEntropyLoss()
+
+    def check(model):
+        got = gn.gradient_stats(model, loss, x, y, method="fast")
+        ref = fresh(model, x, y)
+        assert list(got.mean) == list(ref.mean)
+        assert got.trace_cov == pytest.approx(ref.trace_cov, rel=1e-12)
+        return got
+
+    check(model)
+    model[0].weight.requires_grad_(False)
+    assert "0.weight" not in check(model).mean
+    model[0].weight.requires_grad_(True)
+    model[2].weight = nn.Parameter(torch.randn(3, 7, dtype=torch.float64))
+    check(model)
+    model[2] = nn.Linear(7, 3, bias=False).double()
+    assert "2.bias" not in check(model).mean
+    model[1].register_buffer("unused", torch.zeros(1))  # a buffer: the engine must not run the model directly
+    check(model)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        gn.gradient_stats(model.requires_grad_(False), loss, x, y, method="fast")
+
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
