@@ -415,21 +415,26 @@ def fast_moments(
 
 class _Plan:
     """What :func:`fast_moments` needs to know about a model's structure, computed once and
-    checked on every call (:meth:`valid`) against a snapshot of the model: per module, its
-    children, parameters (and whether they require grad) and buffers, by identity. A changed
-    model (a module or parameter replaced or added, a parameter frozen) is planned again.
+    checked on every call (:meth:`valid`) against a snapshot of the model: the identities of
+    every module's children, parameters and buffers, and which parameters require grad. A
+    changed model (a module or parameter replaced, added or removed, a parameter frozen or
+    unfrozen) is planned again.
 
-    The plan refers to the model and its modules through weak references only (it may hold
-    parameters and submodules, which never refer back), so that the cache, keyed weakly on
-    the model, never keeps a model alive.
+    The plan refers to modules through weak references, and otherwise holds only their
+    registries of children, parameters and buffers (which never refer back to a parent), so
+    the cache, keyed weakly on the model, never keeps a model alive.
     """
 
-    __slots__ = ("_refs", "_snapshot", "named", "owners", "recorded", "batchnorms", "direct", "routes")
+    __slots__ = ("_refs", "_registries", "_ids", "_params", "_flags", "named", "owners", "recorded",
+                 "batchnorms", "direct", "routes")  # fmt: skip
 
     def __init__(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
         self._refs = {name: weakref.ref(m) for name, m in modules.items()}
-        self._snapshot = [(ref, _state_of(ref())) for ref in self._refs.values()]
+        self._registries = [d for m in modules.values() for d in (m._modules, m._parameters, m._buffers)]
+        self._ids = self._current_ids()
+        self._params = [p for m in modules.values() for p in m._parameters.values() if p is not None]
+        self._flags = [p.requires_grad for p in self._params]
         self.named = trainable_params(model, detach=False)  # raises if there are none
         self.owners = _owners(model, self.named)
         ruled = {m for os in self.owners.values() for m, _ in os if rule_for(modules[m]) is not None}
@@ -449,27 +454,14 @@ class _Plan:
         )
         self.routes: dict = {}  # by call signature (_route)
 
+    def _current_ids(self) -> list[int]:  # ids: == on tensors would compare values
+        return [id(v) for d in self._registries for v in d.values()]
+
     def modules(self) -> dict[str, nn.Module]:
         return {name: ref() for name, ref in self._refs.items()}
 
     def valid(self) -> bool:
-        for ref, state in self._snapshot:
-            m = ref()
-            if m is None or _state_of(m) != state:
-                return False
-        return True
-
-
-def _state_of(m: nn.Module) -> tuple:
-    """A module's children and buffers, and its parameters with their ``requires_grad``, by
-    identity (ids: ``==`` on tensors would compare values)."""
-    return (
-        *map(id, m._modules.values()),
-        None,
-        *[(id(p), p is not None and p.requires_grad) for p in m._parameters.values()],
-        None,
-        *map(id, m._buffers.values()),
-    )
+        return self._current_ids() == self._ids and [p.requires_grad for p in self._params] == self._flags
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
