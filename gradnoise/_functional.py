@@ -169,7 +169,7 @@ def check_loss_value(loss: Tensor) -> float:
             f"loss_fn must return a scalar (mean over the batch), got {shape}; use a "
             "mean-reduced loss such as nn.CrossEntropyLoss() (reduction='mean')"
         )
-    value = float(loss.detach())
+    value = loss.item()
     if not math.isfinite(value):
         raise FloatingPointError(
             f"the loss is {value}: check the inputs, the learning rate and the model "
@@ -213,9 +213,12 @@ def is_known_mean_loss(loss_fn: LossFn, targets: Batch) -> bool:
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         if loss_fn.weight is not None:
             return False
-        t = as_tuple(targets)[0]
-        if not t.is_floating_point() and (t == loss_fn.ignore_index).any():
-            return False
+        t, ignore = as_tuple(targets)[0], loss_fn.ignore_index
+        # Class indices are ≥ 0, so a negative ignore_index (the default, -100) can only be
+        # present if the smallest target is negative: one reduction instead of two.
+        if not t.is_floating_point() and (t.min() < 0 if ignore < 0 else (t == ignore).any()):
+            if (t == ignore).any():
+                return False
     if isinstance(loss_fn, (nn.BCELoss, nn.BCEWithLogitsLoss)) and loss_fn.weight is not None:
         return False
     return True

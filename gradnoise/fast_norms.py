@@ -333,6 +333,7 @@ def fast_moments(
     variance: bool = True,
     chunk_size: int | None = None,
     factored_mean: bool = False,
+    known_mean: bool = False,
 ) -> Moments:
     """:class:`~gradnoise.stats.Moments` of one batch from one forward and one backward pass.
 
@@ -345,6 +346,9 @@ def fast_moments(
             norms and ``|ḡ_W|²`` come from ``B × B`` Gram matrices and ``Moments.mean`` holds
             ``ḡ_W`` as factors (:class:`~gradnoise._factored.FactoredGrads`), multiplied out
             only if read.
+        known_mean: the caller has checked with
+            :func:`~gradnoise._functional.is_known_mean_loss` that the loss is a plain mean on
+            these targets (``method="auto"`` does); otherwise checked here.
 
     Raises:
         NotMeanLossError: the loss is not the mean of per-example losses.
@@ -380,7 +384,7 @@ def fast_moments(
             recorder.set_actions(actions)
             loss = loss_fn(outputs, ys[0] if len(ys) == 1 else ys)
             loss_value = check_loss_value(loss)
-            if is_known_mean_loss(loss_fn, targets):
+            if known_mean or is_known_mean_loss(loss_fn, targets):
                 loss_sum = loss_value * B
             else:
                 loss_sum = float(_check_mean_loss(loss_fn, outputs, ys, loss).double().sum())

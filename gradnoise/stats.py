@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from gradnoise._factored import dtype_of, numel_of
-from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of
+from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of, is_known_mean_loss
 from gradnoise._lazy import LazyMap
 
 __all__ = [
@@ -458,9 +458,10 @@ def compute_moments(
         return backends[method](model, loss_fn, inputs, targets, **(fast_kwargs if method == "fast" else kwargs))
     from gradnoise.fast_norms import NotMeanLossError, fast_applies
 
-    if fast_applies(model, loss_fn, inputs, targets):
+    known = is_known_mean_loss(loss_fn, targets)  # then fast_moments need not check it again
+    if known or fast_applies(model, loss_fn, inputs, targets):
         try:
-            return backends["fast"](model, loss_fn, inputs, targets, **fast_kwargs)
+            return backends["fast"](model, loss_fn, inputs, targets, **fast_kwargs, known_mean=known)
         except NotMeanLossError:
             pass  # the loss is not a plain mean of per-example losses on this batch
     return backends["vmap"](model, loss_fn, inputs, targets, **kwargs)

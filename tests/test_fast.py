@@ -330,3 +330,22 @@ def test_plan_follows_changes_to_the_model_and_does_not_keep_it_alive():
     del model
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("ignore", [-100, 2])
+def test_ignored_targets_are_not_a_plain_mean(ignore):
+    """Cross-entropy averages over the non-ignored targets only: with an ignored target in
+    the batch it is not a mean of per-example losses (auto takes vmap), without one it is."""
+    from gradnoise._functional import is_known_mean_loss
+
+    loss = nn.CrossEntropyLoss(ignore_index=ignore)
+    assert is_known_mean_loss(loss, torch.tensor([0, 1, 1, 0]))
+    with_ignored = torch.tensor([0, ignore, 1, 0])
+    assert not is_known_mean_loss(loss, with_ignored)
+    model, _, x, y = CASES_BY_NAME["mlp"].make(torch.float64)
+    y = y.clone()
+    y[1] = ignore
+    auto = gn.gradient_stats(model, loss, x, y)
+    assert {s.method for s in auto.per_param.values()} == {"vmap"}
+    with pytest.raises(NotMeanLossError):
+        gn.gradient_stats(model, loss, x, y, method="fast")
