@@ -301,7 +301,11 @@ class Monitor:
         return mode
 
     def attach(self) -> None:
-        """Install the hooks (done at construction; :meth:`close` removes them)."""
+        """Install the hooks (done at construction; :meth:`close` removes them). Without a
+        noise schedule (``every=None``) there is nothing for them to do: none is installed."""
+        if self.every is None:
+            self._armed = False
+            return
         if self.mode == "hooks" and self._hooks is None:
             modules = {m: mod for m, mod in self.inner.named_modules() if rule_for(mod) is not None}
             self._hooks = _LayerHooks(modules, self)

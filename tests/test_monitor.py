@@ -130,6 +130,25 @@ def test_schedules_and_sharpness(tmp_path):
     assert len(rows) == 6 and "lambda_max" in rows[0]
 
 
+def test_sharpness_only_installs_no_hooks():
+    """With no noise schedule the monitor adds nothing to the user's forward and backward."""
+    torch.manual_seed(0)
+    model, data = mlp(), (torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    before = [(len(m._forward_hooks), len(m._backward_hooks)) for m in model.modules()]
+    mon = gn.Monitor(model, nn.CrossEntropyLoss(), every=None, sharpness_every=2, sharpness_data=data)
+    assert [(len(m._forward_hooks), len(m._backward_hooks)) for m in model.modules()] == before
+    assert all(not p._backward_hooks for p in model.parameters())
+    x, y = data
+    for _ in range(3):
+        loss = nn.CrossEntropyLoss()(model(x), y)
+        loss.backward()
+        mon.step(x, y, loss=loss)
+        model.zero_grad()
+    mon.close()
+    assert [r["step"] for r in mon.history.records] == [0, 2]
+    assert all(r["lambda_max"] > 0 and "trace_cov" not in r for r in mon.history.records)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="sharpness_data"):
         gn.Monitor(mlp(), nn.CrossEntropyLoss(), sharpness_every=10)
