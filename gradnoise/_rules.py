@@ -88,7 +88,7 @@ def _budget(a: Tensor, d: Tensor) -> int:
 
 def _sq_norms(g: Tensor) -> Tensor:
     """``|g_i|²`` of ``[B, ...]`` rows in one pass (no squared temporary)."""
-    return torch.linalg.vector_norm(g.flatten(1), dim=1).square()
+    return torch.linalg.vector_norm(g if g.dim() == 2 else g.flatten(1), dim=1).square_()
 
 
 def _grouped_grads(a: Tensor, d: Tensor) -> Tensor:

@@ -423,7 +423,7 @@ class Monitor:
         for name, p in self._params.items():
             if p.grad is None or name not in hooks.sq:
                 raise RuntimeError(f"no gradient recorded for {name!r}: call step() after backward() and before zero_grad()")
-            g = p.grad.detach() if factor == 1 else p.grad.detach() / factor
+            g = p.grad if not p.grad.requires_grad else p.grad.detach()
             parts = hooks.sq[name]
             s = parts[0] if len(parts) == 1 else torch.cat(parts)
             if s.shape[0] != B:
@@ -431,9 +431,12 @@ class Monitor:
             mean[name] = g
             rows.append(s)
             if m2 is not None:
+                mean[name] = g = g if factor == 1 else g / factor
                 m2[name] = centred_m2(hooks.sum_sq[name]["v"], g, B)
-        # All parameters' scalars in a few stacked operations: Σ_i|g_i|² − B|ḡ|² per parameter.
-        sq_rows, _, host = centred_sums(rows, list(mean.values()), B)
+        # All parameters' scalars in a few stacked operations: Σ_i|g_i|² − B|ḡ|² per parameter
+        # (.grad is the user's gradient: divided by the loss scale and accumulation steps on
+        # the host scalars, unless the variance needs the mean itself).
+        sq_rows, _, host = centred_sums(rows, list(mean.values()), B, mean_scale=1.0 if m2 is not None else 1.0 / factor)
         if m2 is None:  # the scalars only: one transfer, no per-parameter tensors
             total, per_layer = summarise_scalars(self._numels, host, B, "hooks")
             return _StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer)

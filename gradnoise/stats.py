@@ -122,14 +122,16 @@ def squared_norms(tensors: list[Tensor]) -> Tensor:
 
 
 def centred_sums(
-    sq_norms: list[Tensor], means: list[Tensor], count: int, *, scale: float = 1.0, mean_sq: list[Tensor] = ()
+    sq_norms: list[Tensor], means: list[Tensor], count: int, *, scale: float = 1.0, mean_sq: list[Tensor] = (),
+    mean_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, list[tuple[float, float, float]]]:
     """Centred sums of squares of ``P`` parameters from their per-example squared norms.
 
     Args:
         sq_norms: per parameter ``|g_i|²`` of each example (``[B]`` each), to be multiplied
             by ``scale``.
-        means: the mean gradients ``ḡ`` of the first ``len(means)`` parameters.
+        means: the mean gradients ``ḡ`` of the first ``len(means)`` parameters, each to be
+            multiplied by ``mean_scale`` (applied to the host scalars: no scaled copies).
         count: ``B``.
         mean_sq: ``|ḡ|²`` (0-d) of the remaining parameters, whose means are not at hand
             (the Gram path of the fast engine).
@@ -149,7 +151,7 @@ def centred_sums(
     host = []
     for j in range(P):
         s, v = values[j], values[P + j]
-        msq = v * v if j < k else v  # norms are squared here, in float64
+        msq = v * v * mean_scale**2 if j < k else v  # norms are squared here, in float64
         host.append((max(s - count * msq, 0.0), msq, s))
     return rows, rows.sum(0), host
 

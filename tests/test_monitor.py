@@ -65,21 +65,25 @@ def test_training_with_monitor_is_bitwise_identical(factory, mode, tmp_path):
         assert mon.errors == 0 and len(mon.history.records) == 6
 
 
-def test_hooks_mode_equals_gradient_stats():
+@pytest.mark.parametrize("variance", [True, False])
+@pytest.mark.parametrize("loss_scale", [1.0, 8.0])
+def test_hooks_mode_equals_gradient_stats(variance, loss_scale):
+    """Hooks mode on the user's own backward (of the loss times ``loss_scale``, as under a
+    gradient scaler) gives gradient_stats' numbers."""
     torch.manual_seed(0)
     model = mlp().double()
     loss_fn = nn.CrossEntropyLoss()
     x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
-    mon = gn.Monitor(model, loss_fn, variance=True)
+    mon = gn.Monitor(model, loss_fn, variance=variance, loss_scale=loss_scale)
     assert mon.mode == "hooks"
-    loss_fn(model(x), y).backward()
+    (loss_fn(model(x), y) * loss_scale).backward()
     rec = mon.step(x, y, loss=0.0)
     ref = gn.gradient_stats(model, loss_fn, x, y)
     assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-10)
     assert rec["grad_norm_sq"] == pytest.approx(ref.grad_norm_sq, rel=1e-10)
-    assert rec["gsnr"] == pytest.approx(ref.gsnr, rel=1e-8)
+    assert rec["gsnr"] == (pytest.approx(ref.gsnr, rel=1e-8) if variance else None)
     assert rec["b_simple/0"] == pytest.approx(ref.per_layer["0"].b_simple, rel=1e-10)
-    grad_norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    grad_norm = torch.cat([p.grad.flatten() for p in model.parameters()]).norm() / loss_scale
     assert rec["grad_norm"] == pytest.approx(float(grad_norm), rel=1e-10)
     mon.close()
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
