@@ -54,7 +54,7 @@ from gradnoise._functional import (
 from gradnoise._lazy import LazyMap
 from gradnoise._rules import linear_gram_norms, prefers_gram, rule_for
 from gradnoise.per_sample import needs_loop, vmap_grads_and_losses
-from gradnoise.stats import Moments, centred_m2, centred_sums, moments_from_grads
+from gradnoise.stats import Moments, centred_m2, centred_sums, moments_from_grads, scaled_rows
 
 __all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
 
@@ -656,13 +656,14 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
     if sq:
         dense = [n for n in sq if n not in factors]
         names = dense + [n for n in sq if n in factors]
+        scale = 1.0 if variance else B * B
         rows, sq_total, host = centred_sums(
-            [sq[n] for n in names], [mean[n] for n in dense], B, scale=1.0 if variance else B * B,
-            mean_sq=[recorder.mean_sq[gram[n]] for n in names[len(dense):]],
+            [sq[n] for n in names], [mean[n] for n in dense], B, scale=scale,
+            mean_sq=[recorder.mean_sq[gram[n]] for n in names[len(dense):]], total=True,
         )  # fmt: skip
         _check_finite([h[1] + h[2] for h in host], names)
         scalars = {n: h[:2] for n, h in zip(names, host, strict=True)}
-        sq_map = LazyMap(functools.partial(_rows_by_name, names, rows, order))
+        sq_map = LazyMap(lambda: _rows_by_name(names, scaled_rows(rows, scale), order))
         tm2_map = LazyMap(functools.partial(_values_by_name, names, [h[0] for h in host], rows.device, order))
         if m2_map is not None:
             for n in names:

@@ -56,6 +56,7 @@ from gradnoise.stats import (
     centred_m2,
     centred_sums,
     gradient_stats,
+    scaled_rows,
     squared_norms,
     summarise,
     summarise_scalars,
@@ -443,7 +444,8 @@ class Monitor:
         names = list(mean)
         tm2 = torch.tensor([h[0] for h in host], dtype=torch.float64, device=sq_rows.device)
         m = Moments(
-            B, mean, dict(zip(names, tm2.unbind(), strict=True)), m2, dict(zip(names, sq_rows.unbind(), strict=True)),
+            B, mean, dict(zip(names, tm2.unbind(), strict=True)), m2,
+            dict(zip(names, scaled_rows(sq_rows).unbind(), strict=True)),
             0.0, dict.fromkeys(mean, "hooks"), {n: h[:2] for n, h in zip(names, host, strict=True)},
         )  # fmt: skip
         total, _, per_layer = summarise(m, per_param=False)
