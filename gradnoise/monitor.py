@@ -117,8 +117,20 @@ def _dist():
     return None
 
 
+DEFER_ELEMENTS = 1 << 20  # a layer's input + output gradient up to this size: rule applied after backward
+
+
 class _LayerHooks:
-    """Persistent hooks: per-example norms of the supported layers in the user's backward."""
+    """Persistent hooks: per-example norms of the supported layers in the user's backward.
+
+    A layer's rule needs its input and its output gradient. For small layers both are kept
+    and the rules run together after the backward pass (:meth:`flush`, from
+    ``Monitor.step``): each kind of operation run between the backward pass's matrix
+    products costs several times more than the same operation run again right after it
+    (cold caches), and small layers' tensors cost little to keep. Layers larger than
+    ``DEFER_ELEMENTS`` are done during the backward pass, so that their output gradients
+    are not kept.
+    """
 
     def __init__(self, modules: dict[str, nn.Module], monitor: Monitor) -> None:
         self.modules, self.monitor = modules, monitor
@@ -132,6 +144,7 @@ class _LayerHooks:
         self.sum_sq: dict[str, dict[str, Tensor]] = {}
         self.calls: dict[str, int] = {}
         self.failed: str | None = None
+        self.pending: list[tuple] = []  # (name, module, input, output gradient), for flush()
 
     def install(self) -> None:
         for name, m in self.modules.items():
@@ -163,24 +176,37 @@ class _LayerHooks:
         def hook(g: Tensor) -> None:
             # Counted when the gradient arrives: a forward without backward (evaluation) is ignored.
             self.calls[name] = self.calls.get(name, 0) + 1
+            first = a[0][0] if isinstance(a, tuple) else a
+            if first.numel() + g.numel() <= DEFER_ELEMENTS:
+                self.pending.append((name, module, a, g.detach()))
+                return
             try:
-                first = a[0][0] if isinstance(a, tuple) else a
-                B = first.shape[self.batch_dims[name]]
-                scale = B / self.monitor.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
-                norms = self.rules[name].norms(module, a, g.detach(), self.monitor.variance, scale)
-                prefix = f"{name}." if name else ""
-                for local, (sq, s2) in norms.items():
-                    key = prefix + local
-                    self.sq.setdefault(key, []).append(sq)
-                    if s2 is not None:
-                        acc = self.sum_sq.setdefault(key, {})
-                        acc["v"] = acc["v"] + s2 if "v" in acc else s2
+                self._apply(name, module, a, g.detach())
             except Exception as exc:  # never break the user's backward pass
                 if self.monitor.strict:
                     raise
                 self.failed = f"{type(exc).__name__}: {exc}"
 
         return hook
+
+    def flush(self) -> None:
+        """Apply the rules of the layers kept for after the backward pass (in call order)."""
+        pending, self.pending = self.pending, []
+        for item in pending:
+            self._apply(*item)
+
+    def _apply(self, name: str, module: nn.Module, a, g: Tensor) -> None:
+        first = a[0][0] if isinstance(a, tuple) else a
+        B = first.shape[self.batch_dims[name]]
+        scale = B / self.monitor.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
+        norms = self.rules[name].norms(module, a, g, self.monitor.variance, scale)
+        prefix = f"{name}." if name else ""
+        for local, (sq, s2) in norms.items():
+            key = prefix + local
+            self.sq.setdefault(key, []).append(sq)
+            if s2 is not None:
+                acc = self.sum_sq.setdefault(key, {})
+                acc["v"] = acc["v"] + s2 if "v" in acc else s2
 
 
 class Monitor:
@@ -416,6 +442,7 @@ class Monitor:
         hooks = self._hooks
         if hooks.failed:
             raise RuntimeError(f"a layer hook failed during backward: {hooks.failed}")
+        hooks.flush()
         several = [m for m, c in hooks.calls.items() if c > self.accumulation_steps]
         if several:
             raise RuntimeError(f"modules called more than once per forward {several[:3]}: use Monitor(mode='separate')")

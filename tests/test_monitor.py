@@ -67,9 +67,15 @@ def test_training_with_monitor_is_bitwise_identical(factory, mode, tmp_path):
 
 @pytest.mark.parametrize("variance", [True, False])
 @pytest.mark.parametrize("loss_scale", [1.0, 8.0])
-def test_hooks_mode_equals_gradient_stats(variance, loss_scale):
+@pytest.mark.parametrize("defer", [True, False], ids=["after-backward", "during-backward"])
+def test_hooks_mode_equals_gradient_stats(variance, loss_scale, defer, monkeypatch):
     """Hooks mode on the user's own backward (of the loss times ``loss_scale``, as under a
-    gradient scaler) gives gradient_stats' numbers."""
+    gradient scaler) gives gradient_stats' numbers, with the layer rules applied after the
+    backward pass (small layers) or during it (large ones)."""
+    from gradnoise import monitor
+
+    if not defer:
+        monkeypatch.setattr(monitor, "DEFER_ELEMENTS", 0)
     torch.manual_seed(0)
     model = mlp().double()
     loss_fn = nn.CrossEntropyLoss()
@@ -117,6 +123,41 @@ def test_metric_exception_is_counted_not_raised_unless_strict():
     strict = gn.Monitor(model, bad_loss, mode="separate", strict=True)
     with pytest.raises(RuntimeError, match="metric boom"):
         strict.step(x, y)
+
+
+@pytest.mark.parametrize("defer", [True, False], ids=["after-backward", "during-backward"])
+def test_failing_layer_rule_never_breaks_training(defer, monkeypatch):
+    """A layer rule that raises (after or during the user's backward) is counted, not
+    raised; strict=True raises it."""
+    from gradnoise import monitor
+
+    if not defer:
+        monkeypatch.setattr(monitor, "DEFER_ELEMENTS", 0)
+
+    class Boom:
+        whole_call = False
+
+        def norms(self, *args):
+            raise RuntimeError("rule boom")
+
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    for strict in (False, True):
+        model = mlp()
+        mon = gn.Monitor(model, nn.CrossEntropyLoss(), strict=strict)
+        mon._hooks.rules["0"] = Boom()
+        loss = nn.CrossEntropyLoss()(model(x), y)
+        if strict and not defer:
+            with pytest.raises(RuntimeError, match="rule boom"):
+                loss.backward()
+            continue
+        loss.backward()  # the user's backward pass completes
+        if strict:
+            with pytest.raises(RuntimeError, match="rule boom"):
+                mon.step(x, y)
+        else:
+            assert mon.step(x, y) is None and mon.errors == 1
+            assert all(p.grad is not None for p in model.parameters())
+        mon.close()
 
 
 def test_schedules_and_sharpness(tmp_path):
