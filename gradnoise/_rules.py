@@ -47,7 +47,10 @@ class Rule:
     ``whole_call``: the rule gets the call's ``(args, kwargs)`` instead of its first input
     (attention needs query, key, value and masks). ``owns_children``: the parameters of the
     module's children belong to this rule (under dotted local names), for modules that use
-    a child's parameters without calling it (``MultiheadAttention.out_proj``).
+    a child's parameters without calling it (``MultiheadAttention.out_proj``). ``moments``
+    (optional): the norms of ``norms`` and the module's mean gradient ``Σ_i g_i`` (of ``d``,
+    unscaled) at about the cost of the parameters' own gradients, which the backward pass
+    then skips.
     """
 
     accepts: Callable[[nn.Module], bool]
@@ -55,6 +58,7 @@ class Rule:
     grads: Callable[[nn.Module, Tensor, Tensor], Grads]
     whole_call: bool = False
     owns_children: bool = False
+    moments: Callable[[nn.Module, Tensor, Tensor, bool, float], tuple[Norms, Grads]] | None = None
 
 
 def _small(grads_fn: Callable[[nn.Module, Tensor, Tensor], Grads]):
@@ -381,6 +385,63 @@ def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scal
     return out
 
 
+def _patch_columns(module: nn.Module, a: Tensor) -> Tensor:
+    """Contiguous transposed patch matrices ``[B, G, I, T]`` (``I = C_in/G·Πk`` in the
+    order of the weight's trailing dimensions, ``T`` output positions)."""
+    nd = a.dim() - 2
+    patches = _conv_patches(module, a)  # [B, G, C', *L, *k] view
+    perm = (0, 1, 2, *range(3 + nd, 3 + 2 * nd), *range(3, 3 + nd))
+    B, G = patches.shape[:2]
+    # contiguous: a strided view (overlapping windows) would send the batched product to a
+    # slow per-example path
+    return patches.permute(perm).reshape(B, G, module.weight[0].numel(), -1).contiguous()
+
+
+def conv_moments(
+    module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0
+) -> tuple[Norms, Grads]:
+    """Per-example squared norms (and ``Σ_i g_i²``) of a convolution's weight and bias, and
+    their **mean gradient**, from per-example gradients materialised in chunks.
+
+    With output gradients ``D_i [O, T]`` and transposed input patches ``P_iᵀ [I, T]``,
+    ``g_iᵀ = P_iᵀ D_iᵀ`` is one batched product per chunk (no larger than the layer's input
+    or output gradient); ``ḡ = Σ_i g_i`` for ``d`` the gradient of the mean loss. It costs
+    the multiplications of the weight gradient itself, so the backward pass can skip that
+    (on CPU, convolution weight gradients of small layers are slow next to a batched
+    product). Norms are of ``scale · d`` as in the other rules; the mean is of ``d``.
+    """
+    B, G, O = a.shape[0], module.groups, d.shape[1]
+    Og, T = O // G, math.prod(d.shape[2:])
+    I = module.weight[0].numel()
+    sq = torch.empty(B, dtype=a.dtype, device=a.device)
+    mean = torch.zeros(G, I, Og, dtype=a.dtype, device=a.device)
+    total = torch.zeros(G, I, Og, dtype=a.dtype, device=a.device) if elementwise else None
+    for s in _chunks(B, G * (I * T + I * Og), _budget(a, d)):
+        dm = d[s].reshape(-1, G, Og, T).transpose(-1, -2)  # [b, G, T, O/G]
+        g = _patch_columns(module, a[s]) @ dm  # [b, G, I, O/G]
+        mean += g.sum(0)
+        g2 = g.square_()
+        sq[s] = g2.flatten(1).sum(1)
+        if total is not None:
+            total += g2.sum(0)
+    s2 = scale * scale
+    if s2 != 1:
+        sq.mul_(s2)
+        if total is not None:
+            total.mul_(s2)
+    weight_shape = module.weight.shape
+    out: Norms = {"weight": (sq, None if total is None else total.transpose(-1, -2).reshape(weight_shape))}
+    means: Grads = {"weight": mean.transpose(-1, -2).reshape(weight_shape)}
+    if module.bias is not None:
+        gb = d.flatten(2).sum(2)  # [B, O]
+        means["bias"] = gb.sum(0)
+        gb2 = gb.square_()
+        if s2 != 1:
+            gb2.mul_(s2)
+        out["bias"] = (gb2.sum(1), gb2.sum(0) if elementwise else None)
+    return out, means
+
+
 def _conv_grads(module: nn.Module, a: Tensor, d: Tensor) -> Grads:
     out = {"weight": _conv_grads_grouped(module, a, d)}
     if module.bias is not None:
@@ -547,8 +608,8 @@ def _always(module: nn.Module) -> bool:
 
 RULES: dict[type[nn.Module], Rule] = {
     nn.Linear: Rule(_always, _linear_norms, _linear_grads),
-    nn.Conv1d: Rule(_conv_accepts, _conv_norms, _conv_grads),
-    nn.Conv2d: Rule(_conv_accepts, _conv_norms, _conv_grads),
+    nn.Conv1d: Rule(_conv_accepts, _conv_norms, _conv_grads, moments=conv_moments),
+    nn.Conv2d: Rule(_conv_accepts, _conv_norms, _conv_grads, moments=conv_moments),
     nn.Embedding: Rule(_embedding_accepts, _embedding_norms, _embedding_grads),
     nn.LayerNorm: Rule(_always, _small(_layer_norm_grads), _layer_norm_grads),
     nn.GroupNorm: Rule(_always, _small(_group_norm_grads), _group_norm_grads),

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, grad, vmap
 
 from gradnoise._factored import FactoredGrads
@@ -72,7 +73,7 @@ class _Call:
         self.module, self.args, self.kwargs, self.versions = module, args, kwargs, versions
         self.shapes: list[torch.Size | None] = shapes  # of the flat tensor outputs (not kept)
         self.grads: list[Tensor | None] = [None] * len(shapes)  # kept only for vmap units
-        self.output: Tensor | None = None  # a Linear layer's output, until the Gram path is decided
+        self.output: Tensor | None = None  # kept until the Gram or moments path is decided
         self.output_version = 0
 
 
@@ -94,7 +95,8 @@ class _Recorder:
     call's output arrives: ``"norms"`` (apply the layer rule now, while the layer's input and
     output gradient are alive, and drop both), ``"gram"`` (a Linear layer whose weight
     gradient the backward pass skips: norms and ``|ḡ_W|²`` from the Gram matrices, and the
-    factors of ``ḡ_W`` kept), ``"grads"`` (materialise per-example gradients and sum over
+    factors of ``ḡ_W`` kept), ``"moments"`` (a layer whose parameters' gradients the
+    backward pass skips: norms and the mean gradient from the rule's ``moments``), ``"grads"`` (materialise per-example gradients and sum over
     calls) or ``"store"`` (keep the gradient for ``vmap`` of the module). Computing during
     the backward pass keeps peak memory near a plain step.
     """
@@ -102,11 +104,17 @@ class _Recorder:
     def __init__(self, modules: dict[str, nn.Module], batch: int, variance: bool, gram: bool = False) -> None:
         self.modules, self.batch, self.variance = modules, batch, variance
         self.gram = gram  # keep Linear outputs for the Gram path (decided after the forward pass)
+        # Outputs kept until the path is decided: Linear layers (Gram path) and rules with moments.
+        self.keep_output = {
+            name for name, m in modules.items()
+            if (gram and type(m) is nn.Linear) or getattr(rule_for(m), "moments", None) is not None
+        }  # fmt: skip
         self.calls: dict[str, list[_Call]] = {name: [] for name in modules}
         self.actions: dict[str, set[str]] = {}
         self.norms: dict[str, dict] = {}
         self.mean_sq: dict[str, Tensor] = {}  # Gram path: |ḡ_W|²
         self.factors: dict[str, tuple[Tensor, Tensor]] = {}  # Gram path: ḡ_W = dᵀa
+        self.means: dict[str, dict[str, Tensor]] = {}  # moments path: ḡ per local parameter
         self.grads: dict[str, dict[str, Tensor]] = {}
         self.active = True
 
@@ -128,11 +136,11 @@ class _Recorder:
             for c in calls:
                 if not actions.get(name):
                     c.args, c.kwargs = None, {}
-                if "gram" not in actions.get(name, ()):
+                if not actions.get(name, set()) & {"gram", "moments"}:
                     c.output = None
 
     def _forward_hook(self, name: str):
-        on_grad = self._on_grad
+        on_grad, keep = self._on_grad, name in self.keep_output
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not self.active:
@@ -142,7 +150,7 @@ class _Recorder:
                 call = _Call(name, args, kwargs, [output.shape], versions)
                 if output.requires_grad:
                     output.register_hook(functools.partial(on_grad, call, 0))
-                    if self.gram and type(module) is nn.Linear:
+                    if keep:
                         call.output, call.output_version = output, output._version
             else:
                 outs = _flatten(output)
@@ -158,7 +166,7 @@ class _Recorder:
         actions = self.actions.get(call.module, ())
         if "store" in actions:
             call.grads[j] = g
-        if j == 0 and ("norms" in actions or "grads" in actions or "gram" in actions):
+        if j == 0 and ("norms" in actions or "grads" in actions or "gram" in actions or "moments" in actions):
             self._apply_rule(call, g)
 
     def _apply_rule(self, call: _Call, g: Tensor) -> None:
@@ -176,6 +184,9 @@ class _Recorder:
         if "gram" in self.actions[call.module]:
             self.norms[call.module], self.mean_sq[call.module] = linear_gram_norms(a, d, module.bias is not None)
             self.factors[call.module] = (d, a)
+        elif "moments" in self.actions[call.module]:
+            moments = rule.moments(module, a, d, self.variance, B if self.variance else 1.0)
+            self.norms[call.module], self.means[call.module] = moments
         elif "norms" in self.actions[call.module]:
             self.norms[call.module] = rule.norms(module, a, d, self.variance, B if self.variance else 1.0)
         else:
@@ -380,7 +391,7 @@ def fast_moments(
             else:
                 outputs = functional_call(model, {**graph_leaves, **state}, xs)
             recorder.active = False
-            paths, units, gram, actions = _route(routes, owners, modules, recorder.calls, B, recorder.gram)
+            paths, units, gram, owned, actions = _route(routes, owners, modules, recorder.calls, B, recorder.gram, variance)
             recorder.set_actions(actions)
             loss = loss_fn(outputs, ys[0] if len(ys) == 1 else ys)
             loss_value = check_loss_value(loss)
@@ -389,25 +400,29 @@ def fast_moments(
             else:
                 loss_sum = float(_check_mean_loss(loss_fn, outputs, ys, loss).double().sum())
             del outputs
-            # Gram-path weights are not differentiated; their outputs are, so that the
-            # gradient reaches every Gram layer even without a bias (then dropped).
-            wanted = [n for n in graph_leaves if n not in gram]
-            gram_calls = [recorder.calls[m][0] for m in gram.values()]  # one call each
-            if not all(map(_gram_ready, gram_calls)):
+            # Gram-path weights and moments-path parameters are not differentiated; the
+            # outputs of their layers are (as gradient edges: the outputs themselves are not
+            # kept alive), so that the gradient reaches those layers' hooks.
+            wanted = [n for n in graph_leaves if n not in gram and n not in owned]
+            skip_calls = [recorder.calls[m][0] for m in dict.fromkeys([*gram.values(), *owned.values()])]
+            if not all(map(_gram_ready, skip_calls)):
                 raise RuntimeError(
                     "loss_fn modified the model's outputs in place, which per-example gradients "
                     "need intact: compute the loss out of place, or use method='vmap'"
                 )
-            outs = [c.output for c in gram_calls]
-            for c in gram_calls:
+            edges = [get_gradient_edge(c.output) for c in skip_calls]
+            for c in skip_calls:
                 c.output = None
-            grads = torch.autograd.grad(loss, [graph_leaves[n] for n in wanted] + outs, allow_unused=True)
-            del outs
+            grads = torch.autograd.grad(loss, [graph_leaves[n] for n in wanted] + edges, allow_unused=True)
+            del edges
         mean = {
             n: torch.zeros_like(leaves[n]) if g is None else g
             for n, g in zip(wanted, grads[: len(wanted)], strict=True)
         }
         del grads
+        for n, m in owned.items():
+            local = owners[n][0][1]
+            mean[n] = recorder.means[m][local] if m in recorder.means else torch.zeros_like(leaves[n])
         if direct and units:  # detached parameters and buffers for vmap
             state = frozen_state(model)
             params = leaves = {n: p.detach() for n, p in named.items()}
@@ -484,25 +499,27 @@ def _plan(model: nn.Module) -> _Plan:
 MAX_ROUTES = 32  # routes cached per model (batch sizes × input shapes); cleared beyond
 
 
-def _route(routes: dict, owners, modules, calls, B: int, gram_ok: bool):
-    """Paths, vmap units, Gram-path weights and recorder actions of this forward pass,
+def _route(routes: dict, owners, modules, calls, B: int, gram_ok: bool, variance: bool):
+    """Paths, vmap units, Gram-path weights, moments-path parameters and recorder actions of
+    this forward pass,
     cached by what they depend on: the batch size, and per recorded call its input and
     output shapes and whether the output is differentiable."""
-    sig = (B, gram_ok, tuple(
+    sig = (B, gram_ok, variance, tuple(
         (name, tuple((c.args[0].shape if c.args and isinstance(c.args[0], Tensor) else None, c.shapes[0],
-                      _gram_ready(c)) for c in cs))
+                      _gram_ready(c), bool(c.args) and getattr(c.args[0], "requires_grad", False)) for c in cs))
         for name, cs in calls.items()
     ))  # fmt: skip
     route = routes.get(sig)
     if route is None:
         paths, units = _decide(owners, modules, calls, B)
         gram = _gram_modules(owners, modules, calls, paths, B) if gram_ok else {}
-        route = routes[sig] = (paths, units, gram, _actions(owners, paths, units, gram))
+        owned = _moments_params(owners, modules, calls, paths, set(gram.values()), variance)
+        route = routes[sig] = (paths, units, gram, owned, _actions(owners, paths, units, gram, owned))
         if len(routes) > MAX_ROUTES:
             routes.clear()
             routes[sig] = route
-    paths, units, gram, actions = route
-    return paths, {u: list(ns) for u, ns in units.items()}, gram, actions
+    paths, units, gram, owned, actions = route
+    return paths, {u: list(ns) for u, ns in units.items()}, gram, owned, actions
 
 
 def _decide(owners, modules, calls, B: int):
@@ -560,12 +577,41 @@ def _gram_modules(owners, modules, calls, paths: dict[str, str], B: int) -> dict
     return out
 
 
-def _actions(owners, paths: dict[str, str], units: dict[str, list[str]], gram: dict[str, str]) -> dict[str, set[str]]:
+def _moments_ready(module: nn.Module, call: _Call, variance: bool) -> bool:
+    """Whether a layer takes the moments path: its rule has ``moments``, its output may carry
+    the gradient (:func:`_gram_ready`), and skipping its parameters' gradients saves work:
+    with ``Σ_i g_i²`` (per-example gradients are formed anyway), or when its input needs
+    no gradient (the backward pass then skips the layer entirely). Otherwise the Gram forms
+    of the norms and the backward pass's own weight gradient are cheaper (measured on the
+    MNIST-1D CNN: the convolution's weight gradient costs about what a batched product of
+    per-example gradients does, and the Gram forms less)."""
+    if getattr(rule_for(module), "moments", None) is None or not _gram_ready(call):
+        return False
+    return variance or not (isinstance(call.args[0], Tensor) and call.args[0].requires_grad)
+
+
+def _moments_params(owners, modules, calls, paths: dict[str, str], taken: set[str], variance: bool) -> dict[str, str]:
+    """Parameters (name → module) on the moments path: every trainable parameter of a layer
+    that is called once, owns them alone on the plain fast path, and :func:`_moments_ready`."""
+    by_module: dict[str, list[str]] = {}
+    for name, path in paths.items():
+        (m, _), *rest = owners[name]
+        by_module.setdefault(m, []).append(name if path == "fast" and not rest else "")
+    return {
+        n: m for m, names in by_module.items()
+        if m not in taken and all(names) and len(calls.get(m, ())) == 1 and _moments_ready(modules[m], calls[m][0], variance)
+        for n in names
+    }  # fmt: skip
+
+
+def _actions(owners, paths: dict[str, str], units: dict[str, list[str]], gram: dict[str, str],
+             owned: dict[str, str]) -> dict[str, set[str]]:  # fmt: skip
     actions: dict[str, set[str]] = {}
-    gram_modules = set(gram.values())
+    gram_modules, owned_modules = set(gram.values()), set(owned.values())
     for name, path in paths.items():
         for m, _ in owners[name]:
-            actions.setdefault(m, set()).add("gram" if m in gram_modules else "norms" if path == "fast" else "grads")
+            kind = "gram" if m in gram_modules else "moments" if m in owned_modules else "norms" if path == "fast" else "grads"
+            actions.setdefault(m, set()).add(kind)
     for m in actions:  # a module with any tied parameter materialises all of them
         if "grads" in actions[m]:
             actions[m].discard("norms")

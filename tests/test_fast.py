@@ -1,5 +1,7 @@
 """The fast engine (hooks, one backward) against materialised per-example gradients."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -69,22 +71,33 @@ def test_fast_equals_vmap(case, dtype, rtol):
         assert {s.method for s in fast.per_param.values()} == EXPECTED_METHODS[case.name]
 
 
-@pytest.mark.parametrize("force_gram", [False, True], ids=["", "every-linear-gram"])
-def test_fast_without_variance_equals_vmap(case, force_gram, monkeypatch):
+@pytest.mark.parametrize("force", ["", "every-linear-gram", "no-moments"])
+def test_fast_without_variance_equals_vmap(case, force, monkeypatch):
     """Without Σ_i g_i² the rules take other paths (Gram forms, the input Gram of
-    convolutions, norms scaled once for all layers, Linear weights' means kept factored):
-    same statistics and the same mean gradient as vmap in float64."""
+    convolutions, norms scaled once for all layers, Linear weights' means kept factored,
+    convolutions' means from their own per-example gradients or, with ``no-moments``, from
+    the backward pass): same statistics and the same mean gradient as vmap in float64."""
     from gradnoise import _rules, fast_norms
 
+    force_gram = force == "every-linear-gram"
     model, loss, x, y = case.make(torch.float64, batch=8)
-    calls = []
+    calls, moments = [], []
     real = _rules._input_gram
     monkeypatch.setattr(_rules, "_input_gram", lambda *args: (calls.append(1), real(*args))[1])
+    real_moments = _rules.conv_moments
+    for kind in (nn.Conv1d, nn.Conv2d):
+        counted = lambda *args: (moments.append(1), real_moments(*args))[1]  # noqa: E731
+        monkeypatch.setitem(_rules.RULES, kind, dataclasses.replace(_rules.RULES[kind], moments=counted))
     if force_gram:  # every Linear layer on 2-D input that may take the Gram path takes it
         monkeypatch.setattr(fast_norms, "prefers_gram", lambda *args: True)
+    if force == "no-moments":
+        monkeypatch.setattr(fast_norms, "_moments_ready", lambda *args: False)
     a = gn.gradient_stats(model, loss, x, y, method="fast", variance=False)
     if case.name.startswith("conv"):  # the "-gram" cases exist to take the input-Gram path
-        assert bool(calls) == case.name.endswith("-gram")
+        # a first convolution (input needs no gradient) takes the moments path
+        assert bool(moments) == (force != "no-moments")
+        if force == "no-moments":
+            assert bool(calls) == case.name.endswith("-gram")
     factored = {k for k in a.mean if isinstance(a.mean, FactoredGrads) and a.mean.is_factored(k)}
     if case.name == "mlp-wide-gram" and not force_gram:
         assert factored == {"2.weight", "4.weight"}
@@ -349,3 +362,28 @@ def test_ignored_targets_are_not_a_plain_mean(ignore):
     assert {s.method for s in auto.per_param.values()} == {"vmap"}
     with pytest.raises(NotMeanLossError):
         gn.gradient_stats(model, loss, x, y, method="fast")
+
+
+@pytest.mark.parametrize("name", ["conv1d", "conv1d-single-channel", "conv1d-gram", "conv2d", "conv2d-gram"])
+def test_conv_norms_path_equals_vmap(name, monkeypatch):
+    """Convolutions whose output cannot carry the gradient to the moments path (an in-place
+    operation after them) take the norms path with the backward's weight gradient: forced
+    here, with and without Σ_i g_i²."""
+    from gradnoise import fast_norms
+
+    monkeypatch.setattr(fast_norms, "_moments_ready", lambda *args: False)
+    model, loss, x, y = CASES_BY_NAME[name].make(torch.float64, batch=8)
+    ref = gn.gradient_stats(model, loss, x, y, method="vmap")
+    _compare(gn.gradient_stats(model, loss, x, y, method="fast"), ref, 1e-10)
+    nv = gn.gradient_stats(model, loss, x, y, method="fast", variance=False)
+    assert nv.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
+    for k in ref.mean:
+        torch.testing.assert_close(nv.mean[k], ref.mean[k], rtol=1e-10, atol=1e-12 * float(ref.mean[k].abs().max()))
+
+
+def test_conv_followed_by_inplace_relu_takes_the_norms_path():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 5, 3)).double()
+    x, y = torch.randn(6, 2, 7, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss()
+    fast = gn.gradient_stats(model, loss, x, y, method="fast")
+    _compare(fast, gn.gradient_stats(model, loss, x, y, method="vmap"), 1e-10)
