@@ -413,17 +413,21 @@ def conv_moments(
     B, G, O = a.shape[0], module.groups, d.shape[1]
     Og, T = O // G, math.prod(d.shape[2:])
     I = module.weight[0].numel()
-    sq = torch.empty(B, dtype=a.dtype, device=a.device)
-    mean = torch.zeros(G, I, Og, dtype=a.dtype, device=a.device)
-    total = torch.zeros(G, I, Og, dtype=a.dtype, device=a.device) if elementwise else None
+    rows: list[Tensor] = []
+    mean = total = None
     for s in _chunks(B, G * (I * T + I * Og), _budget(a, d)):
         dm = d[s].reshape(-1, G, Og, T).transpose(-1, -2)  # [b, G, T, O/G]
         g = _patch_columns(module, a[s]) @ dm  # [b, G, I, O/G]
-        mean += g.sum(0)
-        g2 = g.square_()
-        sq[s] = g2.flatten(1).sum(1)
-        if total is not None:
-            total += g2.sum(0)
+        part = g.sum(0)
+        mean = part if mean is None else mean.add_(part)
+        if elementwise:
+            g2 = g.square_()
+            rows.append(g2.flatten(1).sum(1))
+            part = g2.sum(0)
+            total = part if total is None else total.add_(part)
+        else:
+            rows.append(_sq_norms(g))
+    sq = rows[0] if len(rows) == 1 else torch.cat(rows)
     s2 = scale * scale
     if s2 != 1:
         sq.mul_(s2)
