@@ -18,6 +18,13 @@ Which path each parameter takes (visible in ``GradientStats.per_param[name].meth
   layers, inputs without a leading batch dimension), or the smallest owner is the model
   itself: per-example gradients of the whole model, for these parameters only.
 
+Within ``"fast"``, two layer kinds skip their parameters' gradients in the backward pass (the
+gradient of their output is requested instead, as a gradient edge): Linear layers on 2-D
+inputs where the Gram form is cheaper, without ``Σ_i g_i²`` (``|ḡ_W|²`` from two ``B × B``
+Grams, ``ḡ_W`` kept as factors), and convolutions with ``Σ_i g_i²`` or whose input needs no
+gradient (per-example gradients in chunks give the norms, ``Σ_i g_i²`` and ``ḡ``; the first
+convolution of a network then costs no backward pass of its own).
+
 The fast path assumes the batch loss is the mean of per-example losses; this is known for
 the standard ``torch.nn`` losses and checked on the batch for any other callable.
 """
@@ -96,9 +103,10 @@ class _Recorder:
     output gradient are alive, and drop both), ``"gram"`` (a Linear layer whose weight
     gradient the backward pass skips: norms and ``|ḡ_W|²`` from the Gram matrices, and the
     factors of ``ḡ_W`` kept), ``"moments"`` (a layer whose parameters' gradients the
-    backward pass skips: norms and the mean gradient from the rule's ``moments``), ``"grads"`` (materialise per-example gradients and sum over
-    calls) or ``"store"`` (keep the gradient for ``vmap`` of the module). Computing during
-    the backward pass keeps peak memory near a plain step.
+    backward pass skips: norms and the mean gradient from the rule's ``moments``),
+    ``"grads"`` (materialise per-example gradients and sum over calls) or ``"store"`` (keep
+    the gradient for ``vmap`` of the module). Computing during the backward pass keeps peak
+    memory near a plain step.
     """
 
     def __init__(self, modules: dict[str, nn.Module], batch: int, variance: bool, gram: bool = False) -> None:
@@ -501,9 +509,9 @@ MAX_ROUTES = 32  # routes cached per model (batch sizes × input shapes); cleare
 
 def _route(routes: dict, owners, modules, calls, B: int, gram_ok: bool, variance: bool):
     """Paths, vmap units, Gram-path weights, moments-path parameters and recorder actions of
-    this forward pass,
-    cached by what they depend on: the batch size, and per recorded call its input and
-    output shapes and whether the output is differentiable."""
+    this forward pass, cached by what they depend on: the batch size, whether Σ_i g_i² is
+    asked, and per recorded call its input and output shapes, whether the output may carry
+    the gradient and whether the input needs one."""
     sig = (B, gram_ok, variance, tuple(
         (name, tuple((c.args[0].shape if c.args and isinstance(c.args[0], Tensor) else None, c.shapes[0],
                       _gram_ready(c), bool(c.args) and getattr(c.args[0], "requires_grad", False)) for c in cs))
