@@ -74,7 +74,7 @@ class NotMeanLossError(ValueError):
 class _Call:
     """One recorded module call (a plain class with slots: one is made per layer per call)."""
 
-    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "output_version")
+    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "output_version", "last")
 
     def __init__(self, module: str, args: tuple, kwargs: dict, shapes: list, versions: list) -> None:
         self.module, self.args, self.kwargs, self.versions = module, args, kwargs, versions
@@ -82,6 +82,7 @@ class _Call:
         self.grads: list[Tensor | None] = [None] * len(shapes)  # kept only for vmap units
         self.output: Tensor | None = None  # kept until the Gram or moments path is decided
         self.output_version = 0
+        self.last = False  # the backward pass goes no further than this call's output
 
 
 def _flatten(obj: Any) -> list[Tensor | None]:
@@ -170,12 +171,18 @@ class _Recorder:
 
         return hook
 
-    def _on_grad(self, call: _Call, j: int, g: Tensor) -> None:
+    def _on_grad(self, call: _Call, j: int, g: Tensor) -> Tensor | None:
         actions = self.actions.get(call.module, ())
         if "store" in actions:
             call.grads[j] = g
         if j == 0 and ("norms" in actions or "grads" in actions or "gram" in actions or "moments" in actions):
             self._apply_rule(call, g)
+        if call.last:
+            # The gradient of this output is requested (a gradient edge) only so that this
+            # hook runs; nothing is propagated below it, and what autograd.grad would hold
+            # until the end of the backward pass is replaced by a zero without storage.
+            return g.new_zeros(()).expand(g.shape)
+        return None
 
     def _apply_rule(self, call: _Call, g: Tensor) -> None:
         module = self.modules[call.module]
@@ -419,8 +426,14 @@ def fast_moments(
                     "need intact: compute the loss out of place, or use method='vmap'"
                 )
             edges = [get_gradient_edge(c.output) for c in skip_calls]
+            differentiated = {m for n in wanted for m, _ in owners[n]}
             for c in skip_calls:
                 c.output = None
+                # No input needs a gradient and no parameter is differentiated: the
+                # backward pass stops at this layer's output.
+                c.last = c.module not in differentiated and not any(
+                    isinstance(t, Tensor) and t.requires_grad for t in c.args
+                )
             grads = torch.autograd.grad(loss, [graph_leaves[n] for n in wanted] + edges, allow_unused=True)
             del edges
         mean = {
