@@ -387,3 +387,29 @@ def test_conv_followed_by_inplace_relu_takes_the_norms_path():
     loss = nn.CrossEntropyLoss()
     fast = gn.gradient_stats(model, loss, x, y, method="fast")
     _compare(fast, gn.gradient_stats(model, loss, x, y, method="vmap"), 1e-10)
+
+
+@pytest.mark.parametrize("variance", [False, True])
+def test_conv_moments_path_with_an_unused_branch(variance):
+    """A convolution on the moments path whose output never reaches the loss has zero
+    gradients (its output's gradient edge is unused), like vmap says."""
+
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Conv1d(1, 3, 3), nn.Conv1d(1, 2, 3)
+            self.head = nn.Linear(3 * 6, 3)
+
+        def forward(self, x):
+            self.unused(x)  # computed, not used
+            return self.head(self.used(x).tanh().flatten(1))
+
+    model = TwoBranches().double()
+    x, y = torch.randn(5, 1, 8, dtype=torch.float64), torch.randint(0, 3, (5,))
+    loss = nn.CrossEntropyLoss()
+    fast = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
+    ref = gn.gradient_stats(model, loss, x, y, method="vmap", variance=variance)
+    assert fast.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
+    for k in ref.mean:
+        torch.testing.assert_close(fast.mean[k], ref.mean[k], rtol=1e-10, atol=1e-14)
+    assert not fast.mean["unused.weight"].any() and fast.per_param["unused.weight"].trace_cov == 0
