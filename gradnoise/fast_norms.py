@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import weakref
 from collections.abc import Iterator, Mapping
@@ -74,7 +75,7 @@ class NotMeanLossError(ValueError):
 class _Call:
     """One recorded module call (a plain class with slots: one is made per layer per call)."""
 
-    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "output_version", "last")
+    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "output_version", "last", "seq")
 
     def __init__(self, module: str, args: tuple, kwargs: dict, shapes: list, versions: list) -> None:
         self.module, self.args, self.kwargs, self.versions = module, args, kwargs, versions
@@ -83,6 +84,7 @@ class _Call:
         self.output: Tensor | None = None  # kept until the Gram or moments path is decided
         self.output_version = 0
         self.last = False  # the backward pass goes no further than this call's output
+        self.seq = 0  # position in the forward pass
 
 
 def _flatten(obj: Any) -> list[Tensor | None]:
@@ -124,6 +126,7 @@ class _Recorder:
         self.mean_sq: dict[str, Tensor] = {}  # Gram path: |ḡ_W|²
         self.factors: dict[str, tuple[Tensor, Tensor]] = {}  # Gram path: ḡ_W = dᵀa
         self.means: dict[str, dict[str, Tensor]] = {}  # moments path: ḡ per local parameter
+        self._seq = itertools.count()
         self.grads: dict[str, dict[str, Tensor]] = {}
         self.active = True
 
@@ -149,7 +152,7 @@ class _Recorder:
                     c.output = None
 
     def _forward_hook(self, name: str):
-        on_grad, keep = self._on_grad, name in self.keep_output
+        on_grad, keep, seq = self._on_grad, name in self.keep_output, self._seq
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not self.active:
@@ -160,7 +163,7 @@ class _Recorder:
                 if output.requires_grad:
                     output.register_hook(functools.partial(on_grad, call, 0))
                     if keep:
-                        call.output, call.output_version = output, output._version
+                        call.output, call.output_version, call.seq = output, output._version, next(seq)
             else:
                 outs = _flatten(output)
                 call = _Call(name, args, kwargs, [None if t is None else t.shape for t in outs], versions)
@@ -416,25 +419,18 @@ def fast_moments(
                 loss_sum = float(_check_mean_loss(loss_fn, outputs, ys, loss).double().sum())
             del outputs
             # Gram-path weights and moments-path parameters are not differentiated; the
-            # outputs of their layers are (as gradient edges: the outputs themselves are not
-            # kept alive), so that the gradient reaches those layers' hooks.
+            # outputs of their layers are where needed (:func:`_hook_edges`), so that the
+            # gradient reaches those layers' hooks.
             wanted = [n for n in graph_leaves if n not in gram and n not in owned]
-            skip_calls = [recorder.calls[m][0] for m in dict.fromkeys([*gram.values(), *owned.values()])]
+            skip_calls = sorted((recorder.calls[m][0] for m in {*gram.values(), *owned.values()}), key=lambda c: c.seq)
             if not all(map(_gram_ready, skip_calls)):
                 raise RuntimeError(
                     "loss_fn modified the model's outputs in place, which per-example gradients "
                     "need intact: compute the loss out of place, or use method='vmap'"
                 )
-            edges = [get_gradient_edge(c.output) for c in skip_calls]
-            differentiated = {m for n in wanted for m, _ in owners[n]}
-            for c in skip_calls:
-                c.output = None
-                # No input needs a gradient and no parameter is differentiated: the
-                # backward pass stops at this layer's output.
-                c.last = c.module not in differentiated and not any(
-                    isinstance(t, Tensor) and t.requires_grad for t in c.args
-                )
-            grads = torch.autograd.grad(loss, [graph_leaves[n] for n in wanted] + edges, allow_unused=True)
+            wanted_leaves = [graph_leaves[n] for n in wanted]
+            edges = _hook_edges(skip_calls, wanted_leaves, {m for n in wanted for m, _ in owners[n]})
+            grads = torch.autograd.grad(loss, wanted_leaves + edges, allow_unused=True)
             del edges
         mean = {
             n: torch.zeros_like(leaves[n]) if g is None else g
@@ -596,6 +592,43 @@ def _gram_modules(owners, modules, calls, paths: dict[str, str], B: int) -> dict
         if prefers_gram(B, module.in_features, module.out_features):
             out[name] = m
     return out
+
+
+def _hook_edges(calls: list[_Call], wanted_leaves: list[Tensor], differentiated: set[str]) -> list:
+    """Gradient edges of skipped layers' outputs (``calls``, in forward order) to request
+    from ``autograd.grad`` so that every such layer's output hook runs.
+
+    The engine runs a node, and the hooks on its output, only if a requested input lies
+    below it. A layer with a requested parameter or layer below it needs no request of its
+    own (then its output gradient is not held until the backward pass ends, as requested
+    ones are); one with nothing below (``last``: no input needs a gradient and none of its
+    parameters is differentiated) is requested, and its hook releases what is captured.
+    Releases the calls' outputs (only edges are kept).
+    """
+    targets = {get_gradient_edge(t).node for t in wanted_leaves}  # their AccumulateGrad nodes
+    edges = []
+    for c in calls:
+        c.last = c.module not in differentiated and not any(isinstance(t, Tensor) and t.requires_grad for t in c.args)
+        edge = get_gradient_edge(c.output)
+        c.output = None
+        if c.last or not _reaches(edge.node, targets):
+            edges.append(edge)
+            targets.add(edge.node)
+    return edges
+
+
+def _reaches(node, targets: set) -> bool:
+    """Whether one of ``targets`` (autograd nodes) lies below ``node`` in the graph."""
+    stack, seen = [node], {node}
+    while stack:
+        for child, _ in stack.pop().next_functions:
+            if child is None or child in seen:
+                continue
+            if child in targets:
+                return True
+            seen.add(child)
+            stack.append(child)
+    return False
 
 
 def _moments_ready(module: nn.Module, call: _Call, variance: bool) -> bool:

@@ -413,3 +413,42 @@ def test_conv_moments_path_with_an_unused_branch(variance):
     for k in ref.mean:
         torch.testing.assert_close(fast.mean[k], ref.mean[k], rtol=1e-10, atol=1e-14)
     assert not fast.mean["unused.weight"].any() and fast.per_param["unused.weight"].trace_cov == 0
+
+
+def test_only_the_lowest_skipped_layers_are_requested(monkeypatch):
+    """With Σ_i g_i² every convolution of the MNIST-1D CNN skips its parameters; only the
+    first one's output is requested from autograd.grad (the others lie above it, so the
+    engine runs their hooks anyway, and their output gradients are not held to the end)."""
+    from gradnoise import fast_norms
+    from gradnoise.tasks import mnist1d_cnn
+
+    seen = []
+    real = fast_norms._hook_edges
+    monkeypatch.setattr(fast_norms, "_hook_edges", lambda *a: (seen.append(real(*a)), seen[-1])[1])
+    torch.manual_seed(0)
+    model = mnist1d_cnn(channels=4).double()
+    x, y = torch.randn(6, 40, dtype=torch.float64), torch.randint(0, 10, (6,))
+    loss = nn.CrossEntropyLoss()
+    fast = gn.gradient_stats(model, loss, x, y, method="fast")
+    assert len(seen[-1]) == 1
+    assert {fast.per_param[k].method for k in fast.per_param} == {"fast"}
+    _compare(fast, gn.gradient_stats(model, loss, x, y, method="vmap"), 1e-10)
+
+
+def test_inputs_that_require_grad_with_skipped_layers():
+    """Inputs that require grad: the first convolution's input needs a gradient, so its
+    output is requested because nothing requested lies below it."""
+    from gradnoise.tasks import mnist1d_cnn
+
+    torch.manual_seed(0)
+    model = mnist1d_cnn(channels=4).double()
+    x = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 10, (6,))
+    loss = nn.CrossEntropyLoss()
+    for variance in (False, True):
+        fast = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
+        ref = gn.gradient_stats(model, loss, x.detach(), y, method="vmap", variance=variance)
+        assert fast.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
+        for k in ref.mean:
+            torch.testing.assert_close(fast.mean[k], ref.mean[k], rtol=1e-10, atol=1e-14)
+    assert x.grad is None
