@@ -258,6 +258,8 @@ DDP_SCRIPT = textwrap.dedent(
     rec = mon.step(xl, yl)
     if rank == 0:
         print(json.dumps(rec), flush=True)
+    mon.close()
+    del mon, ddp  # the DDP reducer goes before the process group, not at interpreter exit
     dist.barrier()  # both ranks done communicating before gloo tears down
     dist.destroy_process_group()
     """
