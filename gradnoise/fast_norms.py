@@ -115,10 +115,14 @@ class _Recorder:
     def __init__(self, modules: dict[str, nn.Module], batch: int, variance: bool, gram: bool = False) -> None:
         self.modules, self.batch, self.variance = modules, batch, variance
         self.gram = gram  # keep Linear outputs for the Gram path (decided after the forward pass)
-        # Outputs kept until the path is decided: Linear layers (Gram path) and rules with moments.
+        # Outputs kept until the path is decided (otherwise freed as in a plain forward pass):
+        # Linear layers that may take the Gram path at this batch size, and layers whose rule
+        # has moments (with Σ_i g_i², or when their input needs no gradient).
         self.keep_output = {
-            name for name, m in modules.items()
-            if (gram and type(m) is nn.Linear) or getattr(rule_for(m), "moments", None) is not None
+            name: type(m) is nn.Linear
+            for name, m in modules.items()
+            if (gram and type(m) is nn.Linear and prefers_gram(batch, m.in_features, m.out_features))
+            or getattr(rule_for(m), "moments", None) is not None
         }  # fmt: skip
         self.calls: dict[str, list[_Call]] = {name: [] for name in modules}
         self.actions: dict[str, set[str]] = {}
@@ -152,7 +156,8 @@ class _Recorder:
                     c.output = None
 
     def _forward_hook(self, name: str):
-        on_grad, keep, seq = self._on_grad, name in self.keep_output, self._seq
+        on_grad, seq, variance = self._on_grad, self._seq, self.variance
+        keep, always = name in self.keep_output, self.keep_output.get(name, False)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if not self.active:
@@ -162,7 +167,7 @@ class _Recorder:
                 call = _Call(name, args, kwargs, [output.shape], versions)
                 if output.requires_grad:
                     output.register_hook(functools.partial(on_grad, call, 0))
-                    if keep:
+                    if keep and (always or variance or not (args and getattr(args[0], "requires_grad", False))):
                         call.output, call.output_version, call.seq = output, output._version, next(seq)
             else:
                 outs = _flatten(output)
@@ -601,18 +606,25 @@ def _hook_edges(calls: list[_Call], wanted_leaves: list[Tensor], differentiated:
     The engine runs a node, and the hooks on its output, only if a requested input lies
     below it. A layer with a requested parameter or layer below it needs no request of its
     own (then its output gradient is not held until the backward pass ends, as requested
-    ones are); one with nothing below (``last``: no input needs a gradient and none of its
-    parameters is differentiated) is requested, and its hook releases what is captured.
-    Releases the calls' outputs (only edges are kept).
+    ones are), nor one with a parameter of its own differentiated; one with nothing below
+    (``last``: no input needs a gradient) is requested, and its hook releases what is
+    captured. Releases the calls' outputs (only edges are kept).
     """
-    targets = {get_gradient_edge(t).node for t in wanted_leaves}  # their AccumulateGrad nodes
+    targets = None  # AccumulateGrad nodes of the wanted leaves and requested nodes, if needed
     edges = []
     for c in calls:
-        c.last = c.module not in differentiated and not any(isinstance(t, Tensor) and t.requires_grad for t in c.args)
-        edge = get_gradient_edge(c.output)
-        c.output = None
-        if c.last or not _reaches(edge.node, targets):
-            edges.append(edge)
+        output, c.output = c.output, None
+        if c.module in differentiated:  # its node runs for its own parameters
+            continue
+        c.last = not any(isinstance(t, Tensor) and t.requires_grad for t in c.args)
+        edge = get_gradient_edge(output)
+        if not c.last:
+            if targets is None:
+                targets = {get_gradient_edge(t).node for t in wanted_leaves} | {e.node for e in edges}
+            if _reaches(edge.node, targets):
+                continue
+        edges.append(edge)
+        if targets is not None:
             targets.add(edge.node)
     return edges
 
