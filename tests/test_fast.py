@@ -452,3 +452,23 @@ def test_inputs_that_require_grad_with_skipped_layers():
         for k in ref.mean:
             torch.testing.assert_close(fast.mean[k], ref.mean[k], rtol=1e-10, atol=1e-14)
     assert x.grad is None
+
+
+@pytest.mark.parametrize("frozen", ["1.weight", "1.bias", "4.weight"])
+@pytest.mark.parametrize("variance", [False, True])
+def test_conv_paths_with_a_frozen_parameter(frozen, variance):
+    """A frozen weight or bias of a convolution on the moments path (the first) or the
+    norms path (a middle one): the trainable rest equals vmap."""
+    from gradnoise.tasks import mnist1d_cnn
+
+    torch.manual_seed(0)
+    model = mnist1d_cnn(channels=4).double()
+    model.get_parameter(frozen).requires_grad_(False)
+    x, y = torch.randn(6, 40, dtype=torch.float64), torch.randint(0, 10, (6,))
+    loss = nn.CrossEntropyLoss()
+    fast = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
+    ref = gn.gradient_stats(model, loss, x, y, method="vmap", variance=variance)
+    assert frozen not in fast.mean and fast.mean.keys() == ref.mean.keys()
+    assert fast.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
+    for k in ref.mean:
+        torch.testing.assert_close(fast.mean[k], ref.mean[k], rtol=1e-10, atol=1e-14)
