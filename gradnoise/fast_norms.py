@@ -117,7 +117,10 @@ class _Recorder:
         self.gram = gram  # keep Linear outputs for the Gram path (decided after the forward pass)
         # Outputs kept until the path is decided (otherwise freed as in a plain forward pass):
         # Linear layers that may take the Gram path at this batch size, and layers whose rule
-        # has moments (with Σ_i g_i², or when their input needs no gradient).
+        # has moments where skipping their parameters' gradients saves work: with Σ_i g_i²
+        # (per-example gradients are formed anyway), or when their input needs no gradient
+        # (the backward pass then skips the layer). Otherwise the Gram forms of the norms and
+        # the backward's own weight gradient are cheaper (measured on the MNIST-1D CNN).
         self.keep_output = {
             name: type(m) is nn.Linear
             for name, m in modules.items()
@@ -414,7 +417,7 @@ def fast_moments(
             else:
                 outputs = functional_call(model, {**graph_leaves, **state}, xs)
             recorder.active = False
-            paths, units, gram, owned, actions = _route(routes, owners, modules, recorder.calls, B, recorder.gram, variance)
+            paths, units, gram, owned, actions = _route(routes, owners, modules, recorder.calls, B, recorder.gram)
             recorder.set_actions(actions)
             loss = loss_fn(outputs, ys[0] if len(ys) == 1 else ys)
             loss_value = check_loss_value(loss)
@@ -521,21 +524,21 @@ def _plan(model: nn.Module) -> _Plan:
 MAX_ROUTES = 32  # routes cached per model (batch sizes × input shapes); cleared beyond
 
 
-def _route(routes: dict, owners, modules, calls, B: int, gram_ok: bool, variance: bool):
+def _route(routes: dict, owners, modules, calls, B: int, gram_ok: bool):
     """Paths, vmap units, Gram-path weights, moments-path parameters and recorder actions of
-    this forward pass, cached by what they depend on: the batch size, whether Σ_i g_i² is
-    asked, and per recorded call its input and output shapes, whether the output may carry
-    the gradient and whether the input needs one."""
-    sig = (B, gram_ok, variance, tuple(
+    this forward pass, cached by what they depend on: the batch size, and per recorded call
+    its input and output shapes and whether its output was kept and may carry the gradient
+    (which the recorder decides from Σ_i g_i² and whether the input needs a gradient)."""
+    sig = (B, gram_ok, tuple(
         (name, tuple((c.args[0].shape if c.args and isinstance(c.args[0], Tensor) else None, c.shapes[0],
-                      _gram_ready(c), bool(c.args) and getattr(c.args[0], "requires_grad", False)) for c in cs))
+                      _gram_ready(c)) for c in cs))
         for name, cs in calls.items()
     ))  # fmt: skip
     route = routes.get(sig)
     if route is None:
         paths, units = _decide(owners, modules, calls, B)
         gram = _gram_modules(owners, modules, calls, paths, B) if gram_ok else {}
-        owned = _moments_params(owners, modules, calls, paths, set(gram.values()), variance)
+        owned = _moments_params(owners, modules, calls, paths, set(gram.values()))
         route = routes[sig] = (paths, units, gram, owned, _actions(owners, paths, units, gram, owned))
         if len(routes) > MAX_ROUTES:
             routes.clear()
@@ -643,20 +646,14 @@ def _reaches(node, targets: set) -> bool:
     return False
 
 
-def _moments_ready(module: nn.Module, call: _Call, variance: bool) -> bool:
-    """Whether a layer takes the moments path: its rule has ``moments``, its output may carry
-    the gradient (:func:`_gram_ready`), and skipping its parameters' gradients saves work:
-    with ``Σ_i g_i²`` (per-example gradients are formed anyway), or when its input needs
-    no gradient (the backward pass then skips the layer entirely). Otherwise the Gram forms
-    of the norms and the backward pass's own weight gradient are cheaper (measured on the
-    MNIST-1D CNN: the convolution's weight gradient costs about what a batched product of
-    per-example gradients does, and the Gram forms less)."""
-    if getattr(rule_for(module), "moments", None) is None or not _gram_ready(call):
-        return False
-    return variance or not (isinstance(call.args[0], Tensor) and call.args[0].requires_grad)
+def _moments_ready(module: nn.Module, call: _Call) -> bool:
+    """Whether a layer takes the moments path: its rule has ``moments`` and its output may
+    carry the gradient (:func:`_gram_ready`) — the recorder keeps it only where skipping
+    the parameters' gradients saves work (see ``_Recorder.keep_output``)."""
+    return getattr(rule_for(module), "moments", None) is not None and _gram_ready(call)
 
 
-def _moments_params(owners, modules, calls, paths: dict[str, str], taken: set[str], variance: bool) -> dict[str, str]:
+def _moments_params(owners, modules, calls, paths: dict[str, str], taken: set[str]) -> dict[str, str]:
     """Parameters (name → module) on the moments path: every trainable parameter of a layer
     that is called once, owns them alone on the plain fast path, and :func:`_moments_ready`."""
     by_module: dict[str, list[str]] = {}
@@ -665,7 +662,7 @@ def _moments_params(owners, modules, calls, paths: dict[str, str], taken: set[st
         by_module.setdefault(m, []).append(name if path == "fast" and not rest else "")
     return {
         n: m for m, names in by_module.items()
-        if m not in taken and all(names) and len(calls.get(m, ())) == 1 and _moments_ready(modules[m], calls[m][0], variance)
+        if m not in taken and all(names) and len(calls.get(m, ())) == 1 and _moments_ready(modules[m], calls[m][0])
         for n in names
     }  # fmt: skip
 
