@@ -776,7 +776,7 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         tm2_map = LazyMap(functools.partial(_values_by_name, names, [h[0] for h in host], rows.device, order))
         if m2_map is not None:
             for n in names:
-                m2_map[n] = centred_m2(sum_sq[n], mean[n], B)
+                m2_map[n] = centred_m2(sum_sq[n], mean[n], B, inplace=True)  # the rules' own buffers
     out_mean = {n: mean[n] for n in sq if n not in factors}
     if parts:  # some parameters materialised: plain dicts, merged
         sq_map, tm2_map = dict(sq_map), dict(tm2_map)

@@ -183,3 +183,29 @@ def test_fast_moments_mappings_equal_vmap(variance):
     s = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
     back = pickle.loads(pickle.dumps(s))
     assert back.per_layer == s.per_layer and back.per_param == s.per_param and back.trace_cov == s.trace_cov
+
+
+def test_gsnr_sums_keeps_and_drops_the_documented_elements():
+    from gradnoise.stats import NOISE_FREE, _gsnr_sums
+
+    n = 8
+    # kept, kept with ḡ = 0, noise-free (M2 = 0, ḡ ≠ 0), dead (0/0), negligible M2, noise-free by ratio
+    mean = torch.tensor([0.5, 0.0, 1.0, 0.0, 0.3, 2.0], dtype=torch.float64)
+    m2 = torch.tensor([2.0, 1.5, 0.0, 0.0, 1e-14, 1e-7], dtype=torch.float64)
+    total, count = _gsnr_sums(mean, m2, n, None)
+    q = mean[:2].square() / m2[:2]
+    assert count == 2
+    assert total == pytest.approx(float(((n - 1) * q - 1 / n).sum()), rel=1e-12)
+    assert float(mean[5] ** 2 / m2[5]) >= (1 - NOISE_FREE) / (NOISE_FREE * n)  # really noise-free
+    # inputs untouched
+    assert m2[2] == 0 and mean[3] == 0 and torch.isfinite(m2).all()
+
+
+def test_accumulator_compute_is_repeatable():
+    model, loss = TASK.model(), TASK.loss_fn()
+    x, y = TASK.sample(30, torch.Generator().manual_seed(7))
+    acc = gn.StatsAccumulator(model, loss)
+    acc.update(x, y)
+    first, second = acc.compute(), acc.compute()
+    torch.testing.assert_close(first.variance["weight"], second.variance["weight"], rtol=0, atol=0)
+    assert first.gsnr == second.gsnr
