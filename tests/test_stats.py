@@ -185,16 +185,21 @@ def test_fast_moments_mappings_equal_vmap(variance):
     assert back.per_layer == s.per_layer and back.per_param == s.per_param and back.trace_cov == s.trace_cov
 
 
-def test_gsnr_sums_keeps_and_drops_the_documented_elements():
+@pytest.mark.parametrize("chunk", [2, 4, 1 << 16])
+def test_gsnr_sums_keeps_and_drops_the_documented_elements(chunk, monkeypatch):
+    import gradnoise.stats as stats
     from gradnoise.stats import NOISE_FREE, _gsnr_sums
+
+    monkeypatch.setattr(stats, "GSNR_CHUNK", chunk)  # several passes, the last one short
 
     n = 8
     # kept, kept with ḡ = 0, noise-free (M2 = 0, ḡ ≠ 0), dead (0/0), negligible M2, noise-free by ratio
-    mean = torch.tensor([0.5, 0.0, 1.0, 0.0, 0.3, 2.0], dtype=torch.float64)
-    m2 = torch.tensor([2.0, 1.5, 0.0, 0.0, 1e-14, 1e-7], dtype=torch.float64)
+    mean = torch.tensor([0.5, 0.0, 1.0, 0.0, 0.3, 2.0, 0.25], dtype=torch.float64)
+    m2 = torch.tensor([2.0, 1.5, 0.0, 0.0, 1e-14, 1e-7, 1.0], dtype=torch.float64)
     total, count = _gsnr_sums(mean, m2, n, None)
-    q = mean[:2].square() / m2[:2]
-    assert count == 2
+    kept = torch.tensor([0, 1, 6])
+    q = mean[kept].square() / m2[kept]
+    assert count == 3
     assert total == pytest.approx(float(((n - 1) * q - 1 / n).sum()), rel=1e-12)
     assert float(mean[5] ** 2 / m2[5]) >= (1 - NOISE_FREE) / (NOISE_FREE * n)  # really noise-free
     # inputs untouched
