@@ -359,7 +359,9 @@ def _gsnr_sums(
     size = min(GSNR_CHUNK, m2.numel())
     if scratch is None or scratch.shape[1] < size or scratch.dtype != m2.dtype or scratch.device != m2.device:
         scratch = torch.empty(2, size, dtype=m2.dtype, device=m2.device)
-    count = q_sum = None
+    # float64 accumulators: the per-pass float32 sums are exact counts (≤ 2²⁴ per pass) and
+    # stay exact across passes
+    count, q_sum = torch.zeros(2, dtype=torch.float64, device=m2.device).unbind()
     for start in range(0, m2.numel(), size):
         mu, v = mean[start : start + size], m2[start : start + size]  # noqa: E203
         q, w = scratch[0, : v.numel()], scratch[1, : v.numel()]
@@ -368,8 +370,8 @@ def _gsnr_sums(
         # bool on CPU).
         q.add_(torch.le(v, thr, out=w), alpha=limit).clamp_(max=limit)
         keep = torch.lt(q, limit, out=w)
-        c, s = keep.sum(), q.mul_(keep).sum()  # pairwise float32 sums: accurate enough
-        count, q_sum = (c, s) if count is None else (count.add_(c), q_sum.add_(s))
+        count.add_(keep.sum())
+        q_sum.add_(q.mul_(keep).sum())  # pairwise float32 within a pass
     count, q_sum = int(count), float(q_sum)
     return ((n - 1) * q_sum - count * (1.0 / n - inv_n)) / pop, count
 
