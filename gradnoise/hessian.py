@@ -484,15 +484,7 @@ def _lanczos_run(op, k, which, tol, steps, start):
         w.add_(rows[j], alpha=-alpha)
         if j:
             w.add_(rows[j - 1], alpha=-betas[-1])
-        if full:
-            before = torch.linalg.vector_norm(w)
-            w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
-            beta = float(torch.linalg.vector_norm(w))
-            if beta < 0.7071 * float(before):
-                w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
-                beta = float(torch.linalg.vector_norm(w))
-        else:
-            beta = float(torch.linalg.vector_norm(w))
+        beta = _reorthogonalise(w, Q) if full else float(torch.linalg.vector_norm(w))
         T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         theta, S = np.linalg.eigh(T)
         scale = abs(theta).max()
@@ -500,9 +492,7 @@ def _lanczos_run(op, k, which, tol, steps, start):
             # A Ritz pair has converged: from here on the basis needs reorthogonalising,
             # this step's vector included (against the whole basis, twice).
             full = True
-            for _ in range(2):
-                w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
-            beta = float(torch.linalg.vector_norm(w))
+            beta = _reorthogonalise(w, Q, twice=True)
         idx = _order(theta, which)[: min(k, j + 1)]
         # Exact in exact arithmetic; floored at the rounding level of the products.
         floor = 8 * eps * scale
@@ -515,13 +505,25 @@ def _lanczos_run(op, k, which, tol, steps, start):
             # seeded random direction orthogonal to it (T becomes block diagonal, β = 0)
             g = torch.Generator(device="cpu").manual_seed(j)
             w = torch.randn(op.dim, generator=g, dtype=w.dtype).to(w.device)
-            for _ in range(2):
-                w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
-            beta, w = 0.0, w / torch.linalg.vector_norm(w)
+            beta = _reorthogonalise(w, Q, twice=True)
+            w, beta = w / beta, 0.0
         betas.append(beta)
         torch.div(w, beta if beta else 1.0, out=rows[j + 1])
     vecs = Q.T @ torch.as_tensor(S[:, idx], dtype=Q.dtype, device=Q.device)
     return [float(theta[i]) for i in idx], vecs, res, j + 1, done or (invariant and j + 1 >= k)
+
+
+def _reorthogonalise(w: Tensor, Q: Tensor, *, twice: bool = False) -> float:
+    """One classical Gram–Schmidt pass of ``w`` against the rows of ``Q`` (in place),
+    repeated when it cancelled more than ``1 − 1/√2`` of the norm ("twice is enough",
+    Giraud et al. 2005) or when ``twice``; returns ``‖w‖``."""
+    before = float(torch.linalg.vector_norm(w))
+    w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
+    norm = float(torch.linalg.vector_norm(w))
+    if twice or norm < 0.7071 * before:
+        w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
+        norm = float(torch.linalg.vector_norm(w))
+    return norm
 
 
 def _power_k(op, k, which, tol, max_iter, start):

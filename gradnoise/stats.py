@@ -358,7 +358,7 @@ def _gsnr_sums(
     mean, m2 = mean.reshape(-1), m2.reshape(-1)
     size = min(GSNR_CHUNK, m2.numel())
     if scratch is None or scratch.shape[1] < size or scratch.dtype != m2.dtype or scratch.device != m2.device:
-        scratch = torch.empty(2, size, dtype=m2.dtype, device=m2.device)
+        scratch = _gsnr_scratch([m2])
     # float64 accumulators: the per-pass float32 sums are exact counts (≤ 2²⁴ per pass) and
     # stay exact across passes
     count, q_sum = torch.zeros(2, dtype=torch.float64, device=m2.device).unbind()
