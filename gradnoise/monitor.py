@@ -170,6 +170,7 @@ class _LayerHooks:
                     a = args[0].detach()
                 out.register_hook(self._backward(name, module, a))
 
+        hook._gradnoise_observer = True  # reads only: the closed-form Hessian path may ignore it
         return hook
 
     def _backward(self, name: str, module: nn.Module, a: Tensor):
