@@ -223,8 +223,10 @@ class ChainBatch:
             seen = seen or (isinstance(step, _Linear) and (step.weight_name or step.bias_name) is not None)
         return need
 
-    def hvp_into(self, v: dict[str, Tensor], out: dict[str, Tensor], weight: float) -> None:
-        """``out[name] += weight · [H v]_name`` for this batch's Hessian."""
+    def hvp_into(self, v: dict[str, Tensor], out: dict[str, Tensor], weight: float, *, first: bool) -> None:
+        """``out[name] += weight · [H v]_name`` for this batch's Hessian; ``first``: write
+        (``out`` is not read, so it needs no zeroing)."""
+        beta = 0.0 if first else 1.0
         chain, cache = self.chain, self.cache
         ra, r_in = None, []  # R of the current activation (None: zero), and of each step's input
         for step, c in zip(chain.steps, cache, strict=True):
@@ -260,11 +262,15 @@ class ChainBatch:
                 rows_in = None if rin is None else rin.reshape(-1, rin.shape[-1])
                 if step.weight_name is not None:
                     o = out[step.weight_name]
-                    o.addmm_(rg.T, c, alpha=weight)
+                    torch.addmm(o, rg.T, c, beta=beta, alpha=weight, out=o)
                     if rows_in is not None:
                         o.addmm_(delta.T, rows_in, alpha=weight)
                 if step.bias_name is not None:
-                    out[step.bias_name].add_(rg.sum(0), alpha=weight)
+                    o = out[step.bias_name]
+                    if first:
+                        torch.sum(rg, 0, out=o).mul_(weight)
+                    else:
+                        o.add_(rg.sum(0), alpha=weight)
                 if not self.need[i]:
                     return
                 rg_in = rg @ step.weight

@@ -215,10 +215,10 @@ class HessianOperator:
         return True
 
     def _hvp_chain(self, v: Tensor, out: Tensor | None) -> Tensor:
-        out = torch.zeros_like(v) if out is None else out.zero_()
+        out = torch.empty_like(v) if out is None else out
         vs, views = self.unflatten(v), self.unflatten(out)
-        for batch, w in self._chain_batches:
-            batch.hvp_into(vs, views, w)
+        for i, (batch, w) in enumerate(self._chain_batches):
+            batch.hvp_into(vs, views, w, first=i == 0)  # the first batch writes every block
         return out
 
     def _hvp_double(self, v: Tensor, out: Tensor | None = None) -> Tensor:
