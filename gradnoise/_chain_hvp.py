@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
+from gradnoise._functional import check_loss_value
+
 __all__ = ["Chain", "ChainBatch", "Unsupported", "plan_chain"]
 
 
@@ -86,6 +88,7 @@ class Chain:
     """The layers of a supported model and its loss, with the operator's parameter values."""
 
     steps: tuple
+    loss_fn: nn.Module
     loss: str  # "ce" or "mse", both reduction="mean"
     label_smoothing: float = 0.0
     ignore_index: int = -100
@@ -136,9 +139,9 @@ def plan_chain(model: nn.Module, params: dict[str, Tensor], loss_fn) -> Chain:
     if covered != set(params):
         raise Unsupported(f"parameters outside the chain's Linear layers: {sorted(set(params) - covered)}")
     if type(loss_fn) is nn.CrossEntropyLoss and loss_fn.weight is None and loss_fn.reduction == "mean":
-        return Chain(tuple(steps), "ce", loss_fn.label_smoothing, loss_fn.ignore_index)
+        return Chain(tuple(steps), loss_fn, "ce", loss_fn.label_smoothing, loss_fn.ignore_index)
     if type(loss_fn) is nn.MSELoss and loss_fn.reduction == "mean":
-        return Chain(tuple(steps), "mse")
+        return Chain(tuple(steps), loss_fn, "mse")
     raise Unsupported(f"loss {loss_fn!r} has no closed-form Hessian here (CrossEntropyLoss or MSELoss)")
 
 
@@ -185,6 +188,10 @@ class ChainBatch:
                 raise Unsupported("cross-entropy with logits [B, C] and class-index targets [B] only")
             if bool((y == chain.ignore_index).any()):
                 raise Unsupported("targets contain ignore_index")
+        elif y.shape != z.shape:
+            raise Unsupported(f"MSELoss with target shape {tuple(y.shape)} != output shape {tuple(z.shape)}")
+        check_loss_value(chain.loss_fn(z, y))  # finite, as on the autograd paths
+        if chain.loss == "ce":
             n = z.shape[0]
             p = torch.softmax(z, dim=1)
             q = F.one_hot(y, z.shape[1]).to(z.dtype)
@@ -193,8 +200,6 @@ class ChainBatch:
             self.p, self.scale = p, 1.0 / n
             g = (p - q) / n
         else:
-            if y.shape != z.shape:
-                raise Unsupported(f"MSELoss with target shape {tuple(y.shape)} != output shape {tuple(z.shape)}")
             self.scale = 2.0 / z.numel()
             g = (z - y.to(z.dtype)) * self.scale
         # Backward: δ at each Linear output (rows), d = ∂L/∂a where σ'' is needed.

@@ -147,3 +147,27 @@ def test_user_hooks_force_autograd_monitor_hooks_do_not():
         assert gn.hessian_operator(model, loss, (x, y)).method == "closed-form"
     finally:
         mon.close()
+
+
+@pytest.mark.parametrize("method", ["closed-form", "double-backward"])
+def test_nan_loss_refused_on_both_paths(method):
+    model = chain("relu")
+    loss = nn.CrossEntropyLoss()
+    x, y = data(loss)
+    x[0, 0, 0] = float("nan")
+    op = gn.hessian_operator(model, loss, (x, y), method=method)
+    with pytest.raises(FloatingPointError, match="loss is nan"):
+        op.matvec(torch.ones(op.dim, dtype=torch.float64))
+
+
+def test_mse_broadcast_target_falls_back():
+    model = chain("tanh")
+    loss = nn.MSELoss()
+    x, _ = data(loss)
+    y = torch.randn(7, 1, dtype=torch.float64)  # broadcast against [7, 3]: MSELoss warns, autograd handles it
+    op = gn.hessian_operator(model, loss, (x, y))
+    with pytest.warns(UserWarning, match="target size"):
+        H = exact_hessian(model, loss, x, y)
+        v = torch.randn(op.dim, dtype=torch.float64)
+        torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
+    assert op.method == "double-backward"
