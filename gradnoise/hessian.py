@@ -112,7 +112,7 @@ class HessianOperator:
     _graphs: list | None = field(default=None, repr=False)
     _chain: Chain | None = field(default=None, repr=False)
     _chain_batches: list | None = field(default=None, repr=False)
-    _requested: str = field(default="", repr=False)
+    _requested: str = field(default="", repr=False)  # the method asked of hessian_operator
 
     @property
     def names(self) -> list[str]:
@@ -204,12 +204,14 @@ class HessianOperator:
         now on) if a batch is outside it and the method was chosen by ``"auto"``."""
         if self._chain_batches is None:
             try:
+                if self._chain is None:  # an operator built directly, not by hessian_operator
+                    self._chain = plan_chain(self.model, self.params, self.loss_fn)
                 self._chain_batches = [
                     (ChainBatch(self._chain, *_single(x, y)), x[0].shape[0] / self.num_examples) for x, y in self.batches
                 ]
             except Unsupported as e:
-                if self._requested == "closed-form":
-                    raise ValueError(f"method='closed-form' cannot handle these batches: {e}; use method='auto'") from None
+                if self._requested != "auto":
+                    raise ValueError(f"method='closed-form' cannot handle these batches or this model: {e}; use method='auto'") from None
                 self.method = "double-backward"
                 return False
         return True
@@ -291,7 +293,7 @@ def hessian_operator(
         method: ``"auto"`` (default): ``"closed-form"`` where the model and loss allow it,
             else ``"double-backward"`` (on CPU measured faster and lighter than
             ``"forward-over-reverse"``). The closed form is exact like the others and
-            measured 1.3–1.4× cheaper per product on the MNIST-1D MLP (benchmarks/README.md).
+            measured 1.2–1.7× cheaper per product on the MNIST-1D MLP (benchmarks/README.md).
 
     Raises:
         ValueError: BatchNorm or dropout in train mode, no batches, unknown method,

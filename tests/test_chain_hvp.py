@@ -126,7 +126,7 @@ def test_batch_outside_the_closed_form_falls_back_on_first_product():
     torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
     assert op.method == "double-backward"
     strict = gn.hessian_operator(model, loss, (x, y), method="closed-form")
-    with pytest.raises(ValueError, match="cannot handle these batches: targets contain ignore_index"):
+    with pytest.raises(ValueError, match="cannot handle these batches or this model: targets contain ignore_index"):
         strict.matvec(v)
 
 
@@ -171,3 +171,19 @@ def test_mse_broadcast_target_falls_back():
         v = torch.randn(op.dim, dtype=torch.float64)
         torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
     assert op.method == "double-backward"
+
+
+def test_operator_built_directly():
+    model = chain("sigmoid")
+    loss = nn.MSELoss()
+    x, y = data(loss)
+    ref = gn.hessian_operator(model, loss, (x, y), method="double-backward")
+    direct = gn.HessianOperator(model, loss, ref.batches, ref.params, ref.state, "closed-form")
+    v = torch.randn(ref.dim, dtype=torch.float64)
+    torch.testing.assert_close(direct.matvec(v), ref.matvec(v), rtol=1e-10, atol=1e-12)
+    assert direct.method == "closed-form"
+    gelu = nn.Sequential(nn.Linear(6, 3), nn.GELU()).double()
+    ref = gn.hessian_operator(gelu, loss, (x.flatten(1), y), method="double-backward")
+    direct = gn.HessianOperator(gelu, loss, ref.batches, ref.params, ref.state, "closed-form")
+    with pytest.raises(ValueError, match="cannot handle these batches or this model: module '1' \\(GELU\\)"):
+        direct.matvec(torch.ones(ref.dim, dtype=torch.float64))
