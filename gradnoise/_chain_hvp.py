@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-from gradnoise._functional import check_loss_value
+from gradnoise._functional import check_loss_value, has_ignored_targets
 
 __all__ = ["Chain", "ChainBatch", "Unsupported", "plan_chain"]
 
@@ -186,7 +186,7 @@ class ChainBatch:
         if chain.loss == "ce":
             if z.dim() != 2 or y.dim() != 1 or y.dtype.is_floating_point:
                 raise Unsupported("cross-entropy with logits [B, C] and class-index targets [B] only")
-            if bool((y == chain.ignore_index).any()):
+            if has_ignored_targets(y, chain.ignore_index):
                 raise Unsupported("targets contain ignore_index")
         elif y.shape != z.shape:
             raise Unsupported(f"MSELoss with target shape {tuple(y.shape)} != output shape {tuple(z.shape)}")

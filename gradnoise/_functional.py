@@ -200,6 +200,17 @@ def check_finite_grads(grads: dict[str, Tensor]) -> None:
             )
 
 
+def has_ignored_targets(targets: Tensor, ignore_index: int) -> bool:
+    """Whether class-index ``targets`` contain ``ignore_index`` (the mean then runs over the
+    other rows only). Class indices are ≥ 0, so a negative ``ignore_index`` (the default,
+    -100) needs a look only when the smallest target is negative: one reduction, not two."""
+    if targets.is_floating_point():
+        return False
+    if ignore_index < 0 and not bool(targets.min() < 0):
+        return False
+    return bool((targets == ignore_index).any())
+
+
 def is_known_mean_loss(loss_fn: LossFn, targets: Batch) -> bool:
     """True if ``loss_fn`` is known to equal the mean of its per-example losses on ``targets``.
 
@@ -213,12 +224,8 @@ def is_known_mean_loss(loss_fn: LossFn, targets: Batch) -> bool:
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         if loss_fn.weight is not None:
             return False
-        t, ignore = as_tuple(targets)[0], loss_fn.ignore_index
-        # Class indices are ≥ 0, so a negative ignore_index (the default, -100) can only be
-        # present if the smallest target is negative: one reduction instead of two.
-        if not t.is_floating_point() and (t.min() < 0 if ignore < 0 else (t == ignore).any()):
-            if (t == ignore).any():
-                return False
+        if has_ignored_targets(as_tuple(targets)[0], loss_fn.ignore_index):
+            return False
     if isinstance(loss_fn, (nn.BCELoss, nn.BCEWithLogitsLoss)) and loss_fn.weight is not None:
         return False
     return True
