@@ -167,6 +167,7 @@ class ChainBatch:
 
     def __init__(self, chain: Chain, x: Tensor, y: Tensor):
         self.chain = chain
+        self._work: dict[tuple[int, str], Tensor] = {}
         with torch.no_grad():
             self._forward_backward(x, y)
 
@@ -183,6 +184,7 @@ class ChainBatch:
                 cache.append(a.shape)
                 a = step.module(a)
         z = a
+        self.p_dtype, self.device = z.dtype, z.device
         if chain.loss == "ce":
             if z.dim() != 2 or y.dim() != 1 or y.dtype.is_floating_point:
                 raise Unsupported("cross-entropy with logits [B, C] and class-index targets [B] only")
@@ -228,28 +230,42 @@ class ChainBatch:
             seen = seen or (isinstance(step, _Linear) and (step.weight_name or step.bias_name) is not None)
         return need
 
+    def _buffer(self, key: tuple[int, str], shape: tuple[int, ...]) -> Tensor:
+        """A work buffer kept across products (one per step and role), so that a product
+        allocates nothing after the first (on CPU a fresh ``[128, 512]`` output was measured
+        at ≈ 0.1 ms more than writing into an existing one)."""
+        b = self._work.get(key)
+        if b is None or b.shape != shape:
+            b = self._work[key] = torch.empty(shape, dtype=self.p_dtype, device=self.device)
+        return b
+
     def hvp_into(self, v: dict[str, Tensor], out: dict[str, Tensor], weight: float, *, first: bool) -> None:
         """``out[name] += weight · [H v]_name`` for this batch's Hessian; ``first``: write
         (``out`` is not read, so it needs no zeroing)."""
         beta = 0.0 if first else 1.0
         chain, cache = self.chain, self.cache
         ra, r_in = None, []  # R of the current activation (None: zero), and of each step's input
-        for step, c in zip(chain.steps, cache, strict=True):
+        for i, (step, c) in enumerate(zip(chain.steps, cache, strict=True)):
             r_in.append(ra)
             if isinstance(step, _Linear):
-                rz = None
+                rz = self._buffer((i, "forward"), (c.shape[0], step.weight.shape[0]))  # rows [n, out]
                 if step.weight_name is not None:
-                    rz = c @ v[step.weight_name].T
+                    torch.mm(c, v[step.weight_name].T, out=rz)
                 if ra is not None:
-                    rows = ra.reshape(-1, ra.shape[-1]) @ step.weight.T
-                    rz = rows if rz is None else rz.add_(rows)
+                    rows = ra.reshape(-1, ra.shape[-1])
+                    rz.addmm_(rows, step.weight.T, beta=1.0 if step.weight_name is not None else 0.0)
                 if step.bias_name is not None:
-                    rz = v[step.bias_name].expand(c.shape[0], -1).clone() if rz is None else rz.add_(v[step.bias_name])
-                ra = rz  # rows [n, out]; reshaped lazily where a shape matters
+                    if step.weight_name is None and ra is None:
+                        rz.copy_(v[step.bias_name].expand_as(rz))
+                    else:
+                        rz.add_(v[step.bias_name])
+                elif step.weight_name is None and ra is None:
+                    rz = None  # frozen layer on a zero R-input: R z stays zero
+                ra = rz  # reshaped lazily where a shape matters
             elif isinstance(step, _Activation):
                 if ra is not None:  # in place unless σ'' needs R z again in the backward
                     ra = ra.reshape(c[0].shape)
-                    ra = ra.mul_(c[0]) if c[1] is None else ra * c[0]
+                    ra = ra.mul_(c[0]) if c[1] is None else torch.mul(ra, c[0], out=self._buffer((i, "act"), ra.shape))
             else:
                 ra = None if ra is None else step.module(ra.reshape(c))
         rz = ra.reshape(-1, ra.shape[-1])
@@ -278,15 +294,15 @@ class ChainBatch:
                         o.add_(rg.sum(0), alpha=weight)
                 if not self.need[i]:
                     return
-                rg_in = rg @ step.weight
+                rg_in = torch.mm(rg, step.weight, out=self._buffer((i, "backward"), (rg.shape[0], step.weight.shape[1])))
                 if step.weight_name is not None:
                     rg_in.addmm_(delta, v[step.weight_name])
                 rg = rg_in
             elif isinstance(step, _Activation):
                 d1, d2 = c
-                rg = rg.reshape(d1.shape) * d1
+                rg = rg.reshape(d1.shape).mul_(d1)  # rg is this product's own buffer
                 if d2 is not None and rin is not None:
-                    rg.add_(d2 * rin.reshape(d1.shape) * self.grads[i])
+                    rg.addcmul_(d2 * rin.reshape(d1.shape), self.grads[i])
             else:
                 rg = rg.reshape(c)
 
