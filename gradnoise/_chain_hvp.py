@@ -248,20 +248,20 @@ class ChainBatch:
         for i, (step, c) in enumerate(zip(chain.steps, cache, strict=True)):
             r_in.append(ra)
             if isinstance(step, _Linear):
+                trained = step.weight_name is not None
+                if ra is None and not trained and step.bias_name is None:
+                    continue  # a frozen layer on a zero R-input: R z stays zero (None)
                 rz = self._buffer((i, "forward"), (c.shape[0], step.weight.shape[0]))  # rows [n, out]
-                if step.weight_name is not None:
+                if trained:
                     torch.mm(c, v[step.weight_name].T, out=rz)
-                if ra is not None:
-                    rows = ra.reshape(-1, ra.shape[-1])
-                    rz.addmm_(rows, step.weight.T, beta=1.0 if step.weight_name is not None else 0.0)
+                if ra is not None:  # beta=0: the buffer's stale values are not read
+                    rz.addmm_(ra.reshape(-1, ra.shape[-1]), step.weight.T, beta=1.0 if trained else 0.0)
                 if step.bias_name is not None:
-                    if step.weight_name is None and ra is None:
+                    if ra is None and not trained:
                         rz.copy_(v[step.bias_name].expand_as(rz))
                     else:
                         rz.add_(v[step.bias_name])
-                elif step.weight_name is None and ra is None:
-                    rz = None  # frozen layer on a zero R-input: R z stays zero
-                ra = rz  # reshaped lazily where a shape matters
+                ra = rz  # rows [n, out]; reshaped lazily where a shape matters
             elif isinstance(step, _Activation):
                 if ra is not None:  # in place unless σ'' needs R z again in the backward
                     ra = ra.reshape(c[0].shape)
