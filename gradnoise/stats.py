@@ -29,7 +29,6 @@ meaningless ratios).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -246,19 +245,40 @@ class GradientStats:
     variance: dict[str, Tensor] | None = field(repr=False)
     trace_cov: float
     grad_norm_sq: float
-    gsnr: float | None
     b_simple: float
     per_param: Mapping[str, LayerStats] = field(repr=False)
     per_layer: Mapping[str, LayerStats] = field(repr=False)
     sq_norms: Tensor = field(repr=False)
+    # the GSNR, or a function that computes it from ``mean`` and ``variance`` (see ``gsnr``)
+    _gsnr: float | None | Callable[[], float] = field(default=None, repr=False, compare=False)
+
+    @property
+    def gsnr(self) -> float | None:
+        """Mean per-element gradient signal-to-noise ratio, or ``None`` without ``variance``.
+
+        Computed when first read, from ``mean`` and ``variance`` (one pass over the
+        parameters, about as long as a step's optimiser update); most callers of
+        :func:`gradient_stats` never read it.
+        """
+        value = self._gsnr
+        if callable(value):
+            value = value()
+            object.__setattr__(self, "_gsnr", value)  # cached (a frozen dataclass)
+        return value
+
+    def __getstate__(self) -> dict:  # pickles and copies with the GSNR computed
+        state = dict(self.__dict__)
+        state["_gsnr"] = self.gsnr
+        return state
 
     def to_dict(self) -> dict:
         """Plain numbers only (JSON-serialisable): scalars, per-parameter and per-layer stats."""
         out = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("mean", "variance", "per_param", "per_layer", "sq_norms")
+            if f.name not in ("mean", "variance", "per_param", "per_layer", "sq_norms", "_gsnr")
         }
+        out["gsnr"] = self.gsnr
         out["per_param"] = {k: dataclasses.asdict(v) for k, v in self.per_param.items()}
         out["per_layer"] = {k: dataclasses.asdict(v) for k, v in self.per_layer.items()}
         return out
@@ -296,9 +316,9 @@ class _Sums(NamedTuple):
     method: str
 
 
-def _param_sums(m: Moments, dataset_size: int | None) -> dict[str, _Sums]:
+def _param_sums(m: Moments, dataset_size: int | None, *, gsnr: bool = True) -> dict[str, _Sums]:
     """Per-parameter scalars, converted to Python numbers in one transfer (or none, when the
-    engine has done it: ``Moments.scalars``)."""
+    engine has done it: ``Moments.scalars``); the GSNR sums only with ``gsnr`` (else 0)."""
     names = list(m.mean)
     if m.scalars is not None and m.scalars.keys() == m.mean.keys():
         scalars = [[m.scalars[k][0] for k in names], [m.scalars[k][1] for k in names]]
@@ -307,10 +327,11 @@ def _param_sums(m: Moments, dataset_size: int | None) -> dict[str, _Sums]:
         trace_m2 = torch.stack([m.trace_m2[k].double() for k in names])
         scalars = torch.stack([trace_m2, mean_sq.to(trace_m2.device)]).tolist()
     out = {}
-    scratch = None if m.m2 is None else _gsnr_scratch(m.m2.values())
+    with_gsnr = gsnr and m.m2 is not None
+    scratch = _gsnr_scratch(m.m2.values()) if with_gsnr else None
     for j, k in enumerate(names):
         gsnr_sum, gsnr_count = 0.0, 0
-        if m.m2 is not None:
+        if with_gsnr:
             gsnr_sum, gsnr_count = _gsnr_sums(m.mean[k], m.m2[k], m.count, dataset_size, scratch)
         out[k] = _Sums(
             numel=numel_of(m.mean, k),
@@ -336,14 +357,15 @@ def _gsnr_scratch(tensors) -> Tensor | None:
 
 
 def _gsnr_sums(
-    mean: Tensor, m2: Tensor, n: int, dataset_size: int | None, scratch: Tensor | None = None
+    mean: Tensor, m2: Tensor, n: int, dataset_size: int | None, scratch: Tensor | None = None,
+    m2_scale: float = 1.0,
 ) -> tuple[float, int]:
     """``Σ_j GSNR_j`` over the kept elements of one tensor, and their number.
 
     With ``q_j = ḡ_j² / M2_j``: ``GSNR_j = ((n−1) q_j − (1/n − 1/N)) / pop``. Kept: not
     noise-free (``M2_j > 10⁻⁶ (M2_j + n ḡ_j²)``, i.e. ``q_j < (1 − 10⁻⁶)/(10⁻⁶ n)``) and not
     rounding noise (``M2_j > 10⁻¹² max M2``; every ``M2_j = 0``, hence every ``0/0``, is
-    dropped here).
+    dropped here). ``m2`` may be ``m2_scale · M2`` (a variance: ``m2_scale = pop/(n−1)``).
 
     In passes of at most :data:`GSNR_CHUNK` elements through the two rows of ``scratch``:
     on CPU a fresh temporary the size of a weight costs more in first-touch page faults than
@@ -352,7 +374,7 @@ def _gsnr_sums(
     """
     pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
     inv_n = 0.0 if dataset_size is None else 1.0 / dataset_size
-    limit = (1 - NOISE_FREE) / (NOISE_FREE * n)
+    limit = (1 - NOISE_FREE) / (NOISE_FREE * n) / m2_scale  # on ḡ²/m2 = q / m2_scale
     tiny = torch.finfo(m2.dtype).tiny
     thr = NEGLIGIBLE * float(m2.max())
     mean, m2 = mean.reshape(-1), m2.reshape(-1)
@@ -372,8 +394,39 @@ def _gsnr_sums(
         keep = torch.lt(q, limit, out=w)
         count.add_(keep.sum())
         q_sum.add_(q.mul_(keep).sum())  # pairwise float32 within a pass
-    count, q_sum = int(count), float(q_sum)
+    count, q_sum = int(count), float(q_sum) * m2_scale
     return ((n - 1) * q_sum - count * (1.0 / n - inv_n)) / pop, count
+
+
+class _LazyGsnr:
+    """The GSNR sums of a result's own ``mean`` and ``variance`` (``variance = m2_scale ·
+    M2``), computed once, when the GSNR of the whole model, a parameter or a layer is first
+    read."""
+
+    def __init__(self, mean: Mapping[str, Tensor], variance: Mapping[str, Tensor], count: int,
+                 dataset_size: int | None, m2_scale: float) -> None:  # fmt: skip
+        self._args: tuple | None = (mean, variance, count, dataset_size, m2_scale)
+        self._sums: dict[str, tuple[float, int]] | None = None
+
+    def sums(self) -> dict[str, tuple[float, int]]:
+        if self._sums is None:
+            mean, variance, count, dataset_size, m2_scale = self._args
+            scratch = _gsnr_scratch(variance.values())
+            self._sums = {
+                k: _gsnr_sums(mean[k], variance[k], count, dataset_size, scratch, m2_scale) for k in variance
+            }  # fmt: skip
+            self._args = None  # drop the references to the tensors
+        return self._sums
+
+    def fill(self, sums: dict[str, _Sums]) -> dict[str, _Sums]:
+        """``sums`` with their GSNR fields filled in."""
+        table = self.sums()
+        return {k: s._replace(gsnr_sum=table[k][0], gsnr_count=table[k][1]) for k, s in sums.items()}
+
+    def total(self) -> float:
+        sums = self.sums().values()
+        num = sum(c for _, c in sums)
+        return sum(v for v, _ in sums) / num if num else math.nan
 
 
 def _group(sums: list[_Sums], n: int, dataset_size: int | None, has_gsnr: bool) -> LayerStats:
@@ -447,11 +500,12 @@ def stats_from_moments(
     if m.count < 2:
         raise ValueError(f"batch of {m.count} example: a variance needs at least 2")
     check_dataset_size(m.count, dataset_size)
-    sums, has_gsnr = _param_sums(m, dataset_size), m.m2 is not None
-    total = _group(list(sums.values()), m.count, dataset_size, has_gsnr)
-    per_param = LazyMap(functools.partial(_per_param, sums, m.count, dataset_size, has_gsnr))
-    per_layer = LazyMap(functools.partial(_per_layer, sums, m.count, dataset_size, has_gsnr))
     dtypes = {k: t for k, t in (dtypes or {}).items() if k in m.mean and t != dtype_of(m.mean, k)}
+    has_gsnr = m.m2 is not None
+    # The GSNR is computed when first read, from the result's own mean and variance, unless
+    # they are cast to another dtype (then now, from the moments' precision).
+    lazy = has_gsnr and not dtypes
+    sums = _param_sums(m, dataset_size, gsnr=not lazy)
     pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
     cast = lambda k, t: t.to(dtypes[k]) if k in dtypes else t  # noqa: E731
     scale = pop / (m.count - 1)
@@ -461,6 +515,18 @@ def stats_from_moments(
         variance = {k: cast(k, v.mul_(scale)) for k, v in m.m2.items()}
     else:
         variance = {k: cast(k, v * scale) for k, v in m.m2.items()}
+    if lazy:
+        table = _LazyGsnr(m.mean, variance, m.count, dataset_size, scale)
+        filled = lambda: table.fill(sums)  # noqa: E731
+        gsnr: float | None | Callable[[], float] = table.total
+    else:
+        filled = lambda: sums  # noqa: E731
+        gsnr = None
+    total = _group(list(sums.values()), m.count, dataset_size, has_gsnr and not lazy)
+    if not lazy:
+        gsnr = total.gsnr
+    per_param = LazyMap(lambda: _per_param(filled(), m.count, dataset_size, has_gsnr))
+    per_layer = LazyMap(lambda: _per_layer(filled(), m.count, dataset_size, has_gsnr))
     return GradientStats(
         batch_size=m.count,
         dataset_size=dataset_size,
@@ -469,11 +535,11 @@ def stats_from_moments(
         variance=variance,
         trace_cov=total.trace_cov,
         grad_norm_sq=total.grad_norm_sq,
-        gsnr=total.gsnr,
         b_simple=total.b_simple,
         per_param=per_param,
         per_layer=per_layer,
         sq_norms=m.sq_total if m.sq_total is not None else torch.stack(list(m.sq_norms.values())).sum(0),
+        _gsnr=gsnr,
     )
 
 

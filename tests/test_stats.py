@@ -214,3 +214,42 @@ def test_accumulator_compute_is_repeatable():
     first, second = acc.compute(), acc.compute()
     torch.testing.assert_close(first.variance["weight"], second.variance["weight"], rtol=0, atol=0)
     assert first.gsnr == second.gsnr
+
+
+@pytest.mark.parametrize("dataset_size", [None, 40])
+def test_gsnr_is_computed_when_first_read_once_and_travels_with_the_result(dataset_size, monkeypatch):
+    """gradient_stats defers the GSNR (a pass over every parameter) to its first read, from the
+    result's own mean and variance; it equals the GSNR computed from the moments (float64:
+    the two differ by the rounding of the variance's scale), is computed once for the total,
+    per parameter and per layer, and is carried by pickles and copies."""
+    import copy
+    import pickle
+
+    import gradnoise.stats as stats
+    from tests.cases import CASES_BY_NAME
+
+    calls = []
+    original = stats._gsnr_sums
+    monkeypatch.setattr(stats, "_gsnr_sums", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model, loss, x, y = CASES_BY_NAME["mlp"].make(torch.float64, batch=9)
+    n_params = len(list(model.parameters()))
+    moments = stats.compute_moments(model, loss, x, y, method="fast")
+    total, per_param, per_layer = stats.summarise(moments, dataset_size)
+    calls.clear()
+
+    s = gn.gradient_stats(model, loss, x, y, method="fast", dataset_size=dataset_size)
+    assert calls == []  # nothing computed yet
+    for name, want in per_layer.items():  # the first read computes every parameter's sums
+        assert s.per_layer[name].gsnr == pytest.approx(want.gsnr, rel=1e-10)
+    assert len(calls) == n_params
+    assert s.gsnr == pytest.approx(total.gsnr, rel=1e-10) and math.isfinite(s.gsnr)
+    for name, want in per_param.items():
+        assert s.per_param[name].gsnr == pytest.approx(want.gsnr, rel=1e-10)
+    assert len(calls) == n_params  # once
+    for back in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s)):
+        assert back.gsnr == s.gsnr and back.per_layer == s.per_layer
+    assert json.loads(json.dumps(s.to_dict()))["gsnr"] == s.gsnr
+
+    fresh = gn.gradient_stats(model, loss, x, y, method="fast", dataset_size=dataset_size)
+    assert pickle.loads(pickle.dumps(fresh)).gsnr == pytest.approx(total.gsnr, rel=1e-10)  # computed to pickle
+    assert gn.gradient_stats(model, loss, x, y, method="fast", variance=False).gsnr is None
