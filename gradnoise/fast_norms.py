@@ -63,7 +63,7 @@ from gradnoise._functional import (
 from gradnoise._lazy import LazyMap
 from gradnoise._rules import linear_gram_norms, prefers_gram, rule_for
 from gradnoise.per_sample import needs_loop, vmap_grads_and_losses
-from gradnoise.stats import Moments, centred_m2, centred_sums, moments_from_grads, scaled_rows
+from gradnoise.stats import Moments, centred_m2_, centred_sums, moments_from_grads, scaled_rows
 
 __all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
 
@@ -775,8 +775,8 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         sq_map = LazyMap(lambda: _rows_by_name(names, scaled_rows(rows, scale), order))
         tm2_map = LazyMap(functools.partial(_values_by_name, names, [h[0] for h in host], rows.device, order))
         if m2_map is not None:
-            for n in names:
-                m2_map[n] = centred_m2(sum_sq[n], mean[n], B, inplace=True)  # the rules' own buffers
+            # in place on the rules' own buffers
+            m2_map.update(zip(names, centred_m2_([sum_sq[n] for n in names], [mean[n] for n in names], B), strict=True))
     out_mean = {n: mean[n] for n in sq if n not in factors}
     if parts:  # some parameters materialised: plain dicts, merged
         sq_map, tm2_map = dict(sq_map), dict(tm2_map)
