@@ -294,10 +294,10 @@ def _input_gram(module: nn.Module, a: Tensor, out_shape: torch.Size) -> Tensor:
     B, C, G, spatial = a.shape[0], a.shape[1], module.groups, a.shape[2:]
     x = a.reshape(B, G, C // G, -1)
     S = (x.transpose(-1, -2) @ x).view(B, G, *spatial, *spatial)
-    ga = None
-    for idx in _offset_slices(module.kernel_size, module.dilation, module.stride, tuple(out_shape)):
-        view = S[idx]
-        ga = view.clone() if ga is None else ga.add_(view)
+    views = [S[idx] for idx in _offset_slices(module.kernel_size, module.dilation, module.stride, tuple(out_shape))]
+    ga = views[0].clone() if len(views) == 1 else torch.add(views[0], views[1])
+    for view in views[2:]:
+        ga.add_(view)
     T = math.prod(out_shape)
     return ga.reshape(B, G, T, T)
 
@@ -326,13 +326,15 @@ def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scal
     fewer products; with ``Σ_i g_i²`` the products are always materialised.
     """
     B, budget = a.shape[0], _budget(a, d)
-    sq = torch.empty(B, dtype=a.dtype, device=a.device)
+    rows: list[Tensor] = []  # |g_i|² per chunk
+    bias_rows: list[Tensor] = []  # |g_b,i|² per chunk, from the Gram path
     total = torch.zeros_like(module.weight, dtype=a.dtype) if elementwise else None
+    gram = False
     if isinstance(module, nn.Conv1d) and module.in_channels == 1 and module.groups == 1:
         for s in _chunks(B, 2 * module.weight.numel(), budget):
             g = _conv1d_single_channel_grads(module, a[s], d[s]).flatten(1)
             g2 = g.square()
-            sq[s] = g2.sum(1)
+            rows.append(g2.sum(1))
             if total is not None:
                 total += g2.sum(0).view_as(total)
     else:
@@ -358,20 +360,26 @@ def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scal
                     pm = _patch_matrix(module, a[s])  # [b, G, T, I]
                     ga = pm @ pm.transpose(-1, -2)
                 gd = dm.transpose(-1, -2) @ dm
-                sq[s] = ga.mul_(gd).flatten(1).sum(1)
+                if module.bias is not None:  # |Σ_t δ_t|² = Σ_tt' (DᵀD)_tt', summed over groups
+                    bias_rows.append(gd.sum((1, 2, 3)))
+                rows.append(ga.mul_(gd).flatten(1).sum(1))
             else:
                 pm = _patch_matrix(module, a[s])  # [b, G, T, I]
                 g2 = (dm @ pm).square_()  # [b, G, O/G, I]
-                sq[s] = g2.flatten(1).sum(1)
+                rows.append(g2.flatten(1).sum(1))
                 if total is not None:
                     total += g2.sum(0).view_as(total)
+    sq = rows[0] if len(rows) == 1 else torch.cat(rows)
     s2 = scale * scale
     if s2 != 1:
         sq.mul_(s2)
         if total is not None:
             total.mul_(s2)
     out: Norms = {"weight": (sq, total)}
-    if module.bias is not None:
+    if module.bias is not None and gram:
+        gb_sq = bias_rows[0] if len(bias_rows) == 1 else torch.cat(bias_rows)
+        out["bias"] = (gb_sq.mul_(s2) if s2 != 1 else gb_sq, None)
+    elif module.bias is not None:
         gb2 = d.flatten(2).sum(2).square_()
         if s2 != 1:
             gb2.mul_(s2)

@@ -178,12 +178,17 @@ def test_custom_mean_loss_uses_fast():
         (nn.Conv2d(32, 64, 3, padding=1, groups=2), (5, 32, 3, 3)),
     ],
 )
-def test_input_gram_equals_patch_gram(conv, shape):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_input_gram_equals_patch_gram(conv, shape, chunked, monkeypatch):
     """P_i P_iᵀ from the input's own Gram equals the Gram of the patch matrices (float64),
     for strides, dilations, groups and every padding mode; and the rule's norms with it
-    equal |D_iᵀ P_i|² from materialised per-example gradients."""
+    (weight, and the bias's from D_iᵀD_i) equal those of materialised per-example
+    gradients, also when the rule works in chunks of two examples."""
+    from gradnoise import _rules
     from gradnoise._rules import _conv_norms, _input_gram, _patch_matrix
 
+    if chunked:
+        monkeypatch.setattr(_rules, "_budget", lambda a, d: 1)  # then _chunks takes 1 example
     conv = conv.double()
     a = torch.randn(*shape, dtype=torch.float64)
     d = torch.randn_like(conv(a))
@@ -191,7 +196,9 @@ def test_input_gram_equals_patch_gram(conv, shape):
     torch.testing.assert_close(_input_gram(conv, a, d.shape[2:]), pm @ pm.transpose(-1, -2), rtol=1e-12, atol=1e-12)
     G, Og = conv.groups, d.shape[1] // conv.groups
     g = d.reshape(shape[0], G, Og, -1) @ pm  # per-example weight gradients [B, G, O/G, I]
-    torch.testing.assert_close(_conv_norms(conv, a, d, False)["weight"][0], g.flatten(1).square().sum(1), rtol=1e-10, atol=0)
+    norms = _conv_norms(conv, a, d, False)
+    torch.testing.assert_close(norms["weight"][0], g.flatten(1).square().sum(1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(norms["bias"][0], d.flatten(2).sum(2).square().sum(1), rtol=1e-10, atol=0)
 
 
 def test_factored_mean_float32_on_the_mnist1d_mlp():
