@@ -5,7 +5,8 @@
 
 Rows per model and batch size: the floor (plain forward + backward, ``loss.backward()``),
 gradnoise's noise-scale statistics (``gradient_stats(method="fast", variance=False)``:
-tr Σ, |G|², B_simple), the same with the per-element variance, for Linear-only models the
+tr Σ, |G|², B_simple), the same with the per-element variance (and once more reading the
+GSNR, which is computed when first read), for Linear-only models the
 bare hooks design (tr Σ and |G|² with nothing else; with every weight gradient, and with the
 Gram path as the engine takes it: its lower bound), ``method="vmap"``,
 ``per_sample_grads`` (vmap), a Python loop of ``autograd.grad`` (smallest batch only), and,
@@ -153,6 +154,8 @@ def calls_for(name, batch, sizes, model, loss_fn, x, y, args):
     calls = {
         "gradnoise fast: noise scale": lambda: gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=False),
         "gradnoise fast: + variance": lambda: gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=True).variance,
+        # the GSNR is computed when first read: this row reads it
+        "gradnoise fast: + variance, GSNR read": lambda: gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=True).gsnr,
     }
     for gram, label in ((False, "bare hooks, all weight gradients"), (True, "bare hooks + Gram (lower bound)")):
         bare = bare_hooks(model, loss_fn, x, y, gram)

@@ -234,7 +234,8 @@ class GradientStats:
             (finite-population convention as ``trace_cov``), or ``None`` if not computed.
         trace_cov: unbiased ``tr Σ``.
         grad_norm_sq: unbiased ``|G|²``.
-        gsnr: mean per-element gradient signal-to-noise ratio, or ``None``.
+        gsnr: mean per-element gradient signal-to-noise ratio, or ``None`` (a property,
+            computed when first read).
         b_simple: ``trace_cov / grad_norm_sq`` of this batch (a single-batch ratio: for a
             noise scale, average numerator and denominator over batches, see
             :func:`gradnoise.noise_scale`). ``inf`` when the ``|G|²`` estimate is ``≤ 0``.
@@ -262,9 +263,9 @@ class GradientStats:
     def gsnr(self) -> float | None:
         """Mean per-element gradient signal-to-noise ratio, or ``None`` without ``variance``.
 
-        Computed when first read, from ``mean`` and ``variance`` (one pass over the
-        parameters, about as long as a step's optimiser update); most callers of
-        :func:`gradient_stats` never read it.
+        Computed when first read (then kept), from ``mean`` and ``variance`` as they are
+        then: a pass over every parameter, which on the MNIST-1D MLP at ``B = 128`` took
+        about half as long as a training step; callers that do not read it do not pay it.
         """
         value = self._gsnr
         if callable(value):
