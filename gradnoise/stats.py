@@ -523,16 +523,12 @@ def stats_from_moments(
         variance = {k: cast(k, v) for k, v in m.m2.items()}
     else:
         variance = {k: cast(k, v * scale) for k, v in m.m2.items()}
+    total = _group(list(sums.values()), m.count, dataset_size, has_gsnr and not lazy)
+    gsnr: float | None | Callable[[], float] = total.gsnr
+    filled = lambda: sums  # noqa: E731  (the per-parameter sums, with their GSNR)
     if lazy:
         table = _LazyGsnr(m.mean, variance, m.count, dataset_size, scale)
-        filled = lambda: table.fill(sums)  # noqa: E731
-        gsnr: float | None | Callable[[], float] = table.total
-    else:
-        filled = lambda: sums  # noqa: E731
-        gsnr = None
-    total = _group(list(sums.values()), m.count, dataset_size, has_gsnr and not lazy)
-    if not lazy:
-        gsnr = total.gsnr
+        filled, gsnr = (lambda: table.fill(sums)), table.total
     per_param = LazyMap(lambda: _per_param(filled(), m.count, dataset_size, has_gsnr))
     per_layer = LazyMap(lambda: _per_layer(filled(), m.count, dataset_size, has_gsnr))
     return GradientStats(
