@@ -333,21 +333,12 @@ def _param_sums(m: Moments, dataset_size: int | None, *, gsnr: bool = True) -> d
         mean_sq = squared_norms([m.mean[k] for k in names])
         trace_m2 = torch.stack([m.trace_m2[k].double() for k in names])
         scalars = torch.stack([trace_m2, mean_sq.to(trace_m2.device)]).tolist()
-    out = {}
-    with_gsnr = gsnr and m.m2 is not None
-    scratch = _gsnr_scratch(m.m2.values()) if with_gsnr else None
-    for j, k in enumerate(names):
-        gsnr_sum, gsnr_count = 0.0, 0
-        if with_gsnr:
-            gsnr_sum, gsnr_count = _gsnr_sums(m.mean[k], m.m2[k], m.count, dataset_size, scratch)
-        out[k] = _Sums(
-            numel=numel_of(m.mean, k),
-            trace_m2=scalars[0][j],
-            mean_sq=scalars[1][j],
-            gsnr_sum=gsnr_sum,
-            gsnr_count=gsnr_count,
-            method=m.methods[k],
-        )
+    out = {
+        k: _Sums(numel_of(m.mean, k), scalars[0][j], scalars[1][j], 0.0, 0, m.methods[k])
+        for j, k in enumerate(names)
+    }  # fmt: skip
+    if gsnr and m.m2 is not None:  # now, from the centred sums themselves
+        out = _LazyGsnr(m.mean, m.m2, m.count, dataset_size, 1.0).fill(out)
     return out
 
 
