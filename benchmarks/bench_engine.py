@@ -6,9 +6,10 @@
 Rows per model and batch size: the floor (plain forward + backward, ``loss.backward()``),
 gradnoise's noise-scale statistics (``gradient_stats(method="fast", variance=False)``:
 tr Σ, |G|², B_simple), the same with the per-element variance (and once more reading the
-GSNR, which is computed when first read), for Linear-only models the
-bare hooks design (tr Σ and |G|² with nothing else; with every weight gradient, and with the
-Gram path as the engine takes it: its lower bound), ``method="vmap"``,
+GSNR, which is computed when first read), the bare hooks design (tr Σ and |G|² with
+nothing else: for Linear-only models with every weight gradient, and with the Gram path as
+the engine takes it; for the CNN with the engine's own layer rules as it routes them; each
+the lower bound of the design), ``method="vmap"``,
 ``per_sample_grads`` (vmap), a Python loop of ``autograd.grad`` (smallest batch only), and,
 with ``--anchors`` where installed, BackPACK (BatchL2Grad, Variance) and Opacus
 (GradSampleModule, per-sample gradients then their norms). Each row: median time, ratio to
@@ -144,6 +145,65 @@ def bare_hooks(model, loss_fn, x, y, gram: bool):
     return run
 
 
+def bare_rule_hooks(model, loss_fn, x, y):
+    """The hooks design with nothing else, for models of Conv1d and Linear layers (with
+    biases, Linear on 2-D inputs): tr Σ and |G|² from the engine's own layer rules, as the
+    engine routes them (the first layer, whose input needs no gradient, by its moments: the
+    backward pass skips its parameters), without checks, plans, per-layer results or a result
+    object; checked against ``gradient_stats`` before it is timed; ``None`` for other models
+    and for models without convolutions (see :func:`bare_hooks`). The lower bound of the
+    design on the CNN."""
+    from gradnoise._rules import rule_for
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if (
+        not any(isinstance(m, nn.Conv1d) for m in layers)
+        or sum(len(list(m.parameters())) for m in layers) != len(params)
+        or any(m.bias is None or rule_for(m) is None for m in layers)
+    ):
+        return None
+    first, B = layers[0], x.shape[0]
+    wanted = [p for m in layers[1:] for p in (m.weight, m.bias)]
+
+    def run():
+        sq, means, outs = [], [], []
+
+        def forward_hook(module, args, out):
+            a, rule = args[0], rule_for(module)
+
+            def on_grad(g):
+                if module is first:
+                    norms, mu = rule.moments(module, a, g, False, 1.0)
+                    means.extend(mu.values())
+                else:
+                    norms = rule.norms(module, a, g, False, 1.0)
+                sq.extend(v[0] for v in norms.values())
+
+            out.register_hook(on_grad)
+            if module is first:
+                outs.append(out)
+
+        handles = [m.register_forward_hook(forward_hook) for m in layers]
+        try:
+            loss = loss_fn(model(x), y)
+            grads = torch.autograd.grad(loss, wanted + outs)[: len(wanted)]
+        finally:
+            for h in handles:
+                h.remove()
+        rows = torch.stack(sq).double() * (B * B)
+        mean_sq = torch.stack(torch._foreach_norm(list(grads) + means)).double().square().sum()
+        m2 = rows.sum() - B * mean_sq
+        s2 = m2 / (B - 1)
+        return torch.stack([s2, mean_sq - s2 / B]).tolist()  # tr Σ, |G|²
+
+    ref = gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=False)
+    got = run()
+    if not (abs(got[0] - ref.trace_cov) <= 1e-4 * ref.trace_cov and abs(got[1] - ref.grad_norm_sq) <= 1e-3 * abs(ref.trace_cov)):
+        raise AssertionError(f"bare rule hooks disagree with gradient_stats: {got} vs {ref.trace_cov}, {ref.grad_norm_sq}")
+    return run
+
+
 def model_copy(model):
     import copy
 
@@ -161,6 +221,9 @@ def calls_for(name, batch, sizes, model, loss_fn, x, y, args):
         bare = bare_hooks(model, loss_fn, x, y, gram)
         if bare is not None:
             calls[label] = bare
+    bare = bare_rule_hooks(model, loss_fn, x, y)
+    if bare is not None:
+        calls["bare hooks, engine rules (lower bound)"] = bare
     if not args.no_vmap:
         calls["gradnoise vmap: stats"] = lambda: gn.gradient_stats(model, loss_fn, x, y, method="vmap")
         calls["per_sample_grads (vmap)"] = lambda: gn.per_sample_grads(model, loss_fn, x, y)

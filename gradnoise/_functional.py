@@ -257,7 +257,8 @@ def preserved_state(model: nn.Module, modules: Iterable[nn.Module] | None = None
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
         for m, mode in modes:
-            m.training = mode
+            if m.training is not mode:  # nn.Module.__setattr__ costs µs per module
+                m.training = mode
 
 
 def sdpa_math():
