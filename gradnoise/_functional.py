@@ -206,7 +206,7 @@ def has_ignored_targets(targets: Tensor, ignore_index: int) -> bool:
     -100) needs a look only when the smallest target is negative: one reduction, not two."""
     if targets.is_floating_point():
         return False
-    if ignore_index < 0 and not bool(targets.min() < 0):
+    if ignore_index < 0 and targets.min().item() >= 0:
         return False
     return bool((targets == ignore_index).any())
 
