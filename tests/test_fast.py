@@ -185,7 +185,7 @@ def test_input_gram_equals_patch_gram(conv, shape, chunked, monkeypatch):
     (weight, and the bias's from D_iᵀD_i) equal those of materialised per-example
     gradients, also when the rule works in chunks of two examples."""
     from gradnoise import _rules
-    from gradnoise._rules import _conv_norms, _geometry, _input_gram, _patch_matrix
+    from gradnoise._rules import _conv_norms, _geometry, _input_gram, _patch_columns
 
     if chunked:
         monkeypatch.setattr(_rules, "_budget", lambda a, d: 1)  # then chunks of 1 example
@@ -193,7 +193,7 @@ def test_input_gram_equals_patch_gram(conv, shape, chunked, monkeypatch):
     a = torch.randn(*shape, dtype=torch.float64)
     d = torch.randn_like(conv(a))
     geo = _geometry(conv, a.shape, d.shape)
-    pm = _patch_matrix(conv, a, geo)  # [B·G, T, I]
+    pm = _patch_columns(conv, a, geo).transpose(1, 2)  # patch matrices [B·G, T, I]
     torch.testing.assert_close(_input_gram(a, geo), pm @ pm.transpose(-1, -2), rtol=1e-12, atol=1e-12)
     G, Og = conv.groups, d.shape[1] // conv.groups
     g = d.reshape(shape[0] * G, Og, -1) @ pm  # per-example weight gradients [B·G, O/G, I]
