@@ -95,6 +95,15 @@ def _sq_norms(g: Tensor) -> Tensor:
     return torch.linalg.vector_norm(g if g.dim() == 2 else g.flatten(1), dim=1).square_()
 
 
+def _bias_norms(gb: Tensor, elementwise: bool, s2: float) -> tuple[Tensor, Tensor | None]:
+    """``|g_i|²`` (and ``Σ_i g_i²``) of per-example bias gradients ``gb [B, O]`` of ``d``,
+    for ``δ = scale · d`` (``s2 = scale²``); squares ``gb`` in place."""
+    gb2 = gb.square_()
+    if s2 != 1:
+        gb2.mul_(s2)
+    return gb2.sum(1), gb2.sum(0) if elementwise else None
+
+
 def _grouped_grads(a: Tensor, d: Tensor) -> Tensor:
     """``a [B, G, T, I]``, ``d [B, G, T, O]`` → per-example ``[B, G, O, I]``."""
     return torch.einsum("bgto,bgti->bgoi", d, a)
@@ -161,8 +170,7 @@ def _dense_norms(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: flo
     sq, total = _grouped_norms(a3, d3, elementwise, _budget(a, d))
     out["weight"] = (sq.mul_(s2), None if total is None else total[0].mul_(s2))
     if bias:
-        gb2 = d3.sum(2)[:, 0].square_().mul_(s2)
-        out["bias"] = (gb2.sum(1), gb2.sum(0) if elementwise else None)
+        out["bias"] = _bias_norms(d3.sum(2)[:, 0], elementwise, s2)
     return out
 
 
@@ -417,10 +425,7 @@ def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scal
         gb_sq = bias_rows[0] if len(bias_rows) == 1 else torch.cat(bias_rows)
         out["bias"] = (gb_sq.mul_(s2) if s2 != 1 else gb_sq, None)
     elif module.bias is not None:
-        gb2 = d.flatten(2).sum(2).square_()
-        if s2 != 1:
-            gb2.mul_(s2)
-        out["bias"] = (gb2.sum(1), gb2.sum(0) if elementwise else None)
+        out["bias"] = _bias_norms(d.flatten(2).sum(2), elementwise, s2)
     return out
 
 
@@ -466,10 +471,7 @@ def conv_moments(
     if module.bias is not None:
         gb = d.flatten(2).sum(2)  # [B, O]
         means["bias"] = gb.sum(0)
-        gb2 = gb.square_()
-        if s2 != 1:
-            gb2.mul_(s2)
-        out["bias"] = (gb2.sum(1), gb2.sum(0) if elementwise else None)
+        out["bias"] = _bias_norms(gb, elementwise, s2)
     return out, means
 
 
