@@ -145,6 +145,52 @@ def bare_hooks(model, loss_fn, x, y, gram: bool):
     return run
 
 
+def bare_variance(model, loss_fn, x, y):
+    """The hooks design's per-element variance with nothing else, for models of Linear
+    layers (with biases) on 2-D inputs: per layer ``Σ_i g_i² = (δ²)ᵀ(a²)`` (and ``Σ_i δ_i²``
+    for the bias) in the output's hook, the mean gradient from one ``autograd.grad``, then
+    ``(Σ_i g_i² − B ḡ²) / (B − 1)`` in place; no per-example norms, checks or result object;
+    checked against ``gradient_stats`` before it is timed; ``None`` for other models. The
+    lower bound of the design for the variance."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if sum(len(list(m.parameters())) for m in linears) != len(params) or any(m.bias is None for m in linears):
+        return None
+    B = x.shape[0]
+    wanted = [p for m in linears for p in (m.weight, m.bias)]
+
+    def run():
+        sums = []
+
+        def forward_hook(module, args, out):
+            a = args[0]
+
+            def on_grad(g):
+                d2 = torch.mul(g, g).mul_(B * B)  # δ = B · ∂L/∂out
+                sums.extend((d2.t() @ torch.mul(a, a), d2.sum(0)))
+
+            out.register_hook(on_grad)
+
+        handles = [m.register_forward_hook(forward_hook) for m in linears]
+        try:
+            grads = torch.autograd.grad(loss_fn(model(x), y), wanted)
+        finally:
+            for h in handles:
+                h.remove()
+        pairs = [sums[i : i + 2] for i in range(0, len(sums), 2)][::-1]  # hooks ran last layer first
+        var = [s for pair in pairs for s in pair]  # in the order of ``wanted``
+        torch._foreach_addcmul_(var, list(grads), list(grads), value=-B)
+        torch._foreach_mul_(var, 1.0 / (B - 1))
+        return var
+
+    ref = gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=True).variance
+    got = run()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # the order of ``wanted``
+    for name, v in zip(names, got, strict=True):
+        torch.testing.assert_close(v, ref[name], rtol=1e-3, atol=1e-4 * float(ref[name].abs().max()))
+    return run
+
+
 def bare_rule_hooks(model, loss_fn, x, y):
     """The hooks design with nothing else, for models of Conv1d and Linear layers (with
     biases, Linear on 2-D inputs): tr Σ and |G|² from the engine's own layer rules, as the
@@ -221,6 +267,9 @@ def calls_for(name, batch, sizes, model, loss_fn, x, y, args):
         bare = bare_hooks(model, loss_fn, x, y, gram)
         if bare is not None:
             calls[label] = bare
+    bare = bare_variance(model, loss_fn, x, y)
+    if bare is not None:
+        calls["bare hooks, variance (lower bound)"] = bare
     bare = bare_rule_hooks(model, loss_fn, x, y)
     if bare is not None:
         calls["bare hooks, engine rules (lower bound)"] = bare
