@@ -130,14 +130,23 @@ def bare_hooks(model, loss_fn, x, y, gram: bool):
         finally:
             for h in handles:
                 h.remove()
-        sq = torch.stack(w_sq + d_sq).double() * (B * B)  # weights' and biases' |g_i|²
         mean_sq = torch.stack(torch._foreach_norm(grads)).double().square().sum()
         if g_sq:
             mean_sq = mean_sq + torch.stack(g_sq).double().sum()
-        m2 = sq.sum() - B * mean_sq
-        s2 = m2 / (B - 1)
-        return torch.stack([s2, mean_sq - s2 / B]).tolist()  # tr Σ, |G|²
+        return _trace_and_grad_sq(w_sq + d_sq, mean_sq, B)  # weights' and biases' |g_i|²
 
+    return _checked(run, model, loss_fn, x, y)
+
+
+def _trace_and_grad_sq(sq: list, mean_sq, B: int) -> list[float]:
+    """tr Σ and |G|² from the |g_i|² rows of ∂L/∂out (scaled by B² here) and |ḡ|²."""
+    m2 = (torch.stack(sq).double() * (B * B)).sum() - B * mean_sq
+    s2 = m2 / (B - 1)
+    return torch.stack([s2, mean_sq - s2 / B]).tolist()
+
+
+def _checked(run, model, loss_fn, x, y):
+    """``run`` after checking its tr Σ and |G|² against ``gradient_stats``."""
     ref = gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=False)
     got = run()
     if not (abs(got[0] - ref.trace_cov) <= 1e-4 * ref.trace_cov and abs(got[1] - ref.grad_norm_sq) <= 1e-3 * abs(ref.trace_cov)):
@@ -237,17 +246,10 @@ def bare_rule_hooks(model, loss_fn, x, y):
         finally:
             for h in handles:
                 h.remove()
-        rows = torch.stack(sq).double() * (B * B)
         mean_sq = torch.stack(torch._foreach_norm(list(grads) + means)).double().square().sum()
-        m2 = rows.sum() - B * mean_sq
-        s2 = m2 / (B - 1)
-        return torch.stack([s2, mean_sq - s2 / B]).tolist()  # tr Σ, |G|²
+        return _trace_and_grad_sq(sq, mean_sq, B)
 
-    ref = gn.gradient_stats(model, loss_fn, x, y, method="fast", variance=False)
-    got = run()
-    if not (abs(got[0] - ref.trace_cov) <= 1e-4 * ref.trace_cov and abs(got[1] - ref.grad_norm_sq) <= 1e-3 * abs(ref.trace_cov)):
-        raise AssertionError(f"bare rule hooks disagree with gradient_stats: {got} vs {ref.trace_cov}, {ref.grad_norm_sq}")
-    return run
+    return _checked(run, model, loss_fn, x, y)
 
 
 def model_copy(model):
