@@ -77,17 +77,22 @@ def _small(grads_fn: Callable[[nn.Module, Tensor, Tensor], Grads]):
 # ---------------------------------------------------------------- sequence / grouped linear
 
 
-def _chunks(batch: int, per_example: int, budget: int):
-    """Slices of the batch whose temporaries hold at most ``budget`` elements (≥ 1 example)."""
-    step = max(1, budget // max(1, per_example))
-    for start in range(0, batch, step):
-        yield slice(start, start + step)
-
-
 def _budget(a: Tensor, d: Tensor) -> int:
     """Temporaries are bounded by the larger of the layer's input and output gradient (both
     held by the step anyway, so a fraction of its peak)."""
     return max(a.numel(), d.numel(), MIN_CHUNK_ELEMENTS)
+
+
+def _batch_chunks(a: Tensor, d: Tensor, per_example: int):
+    """``(a, d)`` in chunks of examples whose temporaries hold at most :func:`_budget`
+    elements (the tensors themselves when one chunk holds the batch)."""
+    B = a.shape[0]
+    step = max(1, _budget(a, d) // max(1, per_example))
+    if step >= B:
+        yield a, d
+        return
+    for start in range(0, B, step):
+        yield a[start : start + step], d[start : start + step]
 
 
 def _sq_norms(g: Tensor) -> Tensor:
@@ -109,31 +114,29 @@ def _grouped_grads(a: Tensor, d: Tensor) -> Tensor:
     return torch.einsum("bgto,bgti->bgoi", d, a)
 
 
-def _grouped_norms(
-    a: Tensor, d: Tensor, elementwise: bool, budget: int
-) -> tuple[Tensor, Tensor | None]:
+def _grouped_norms(a: Tensor, d: Tensor, elementwise: bool) -> tuple[Tensor, Tensor | None]:
     """Per-example squared norms (and ``Σ_i g_i²``, shape ``[G, O, I]``) of ``Σ_t d_t a_tᵀ``.
 
     Without ``Σ_i g_i²``, the Gram form ``⟨A Aᵀ, D Dᵀ⟩`` is used when it needs fewer
     multiplications (``T²(I+O) < T·I·O``); otherwise the per-example products are
-    materialised in chunks of at most ``budget`` elements.
+    materialised in chunks (:func:`_batch_chunks`).
     """
-    B, G, T, I = a.shape
+    _, G, T, I = a.shape
     O = d.shape[-1]
-    sq = torch.empty(B, dtype=a.dtype, device=a.device)
+    rows: list[Tensor] = []
     if not elementwise and T * (I + O) < I * O:
-        for s in _chunks(B, G * T * (T + I + O), budget):
-            ga = a[s] @ a[s].transpose(-1, -2)
-            gd = d[s] @ d[s].transpose(-1, -2)
-            sq[s] = (ga * gd).flatten(1).sum(1)
-        return sq, None
+        for ac, dc in _batch_chunks(a, d, G * T * (T + I + O)):
+            ga = ac @ ac.transpose(-1, -2)
+            gd = dc @ dc.transpose(-1, -2)
+            rows.append((ga * gd).flatten(1).sum(1))
+        return rows[0] if len(rows) == 1 else torch.cat(rows), None
     total = torch.zeros(G, O, I, dtype=a.dtype, device=a.device) if elementwise else None
-    for s in _chunks(B, G * O * I, budget):
-        g = _grouped_grads(a[s], d[s])
-        sq[s] = _sq_norms(g)
+    for ac, dc in _batch_chunks(a, d, G * O * I):
+        g = _grouped_grads(ac, dc)
+        rows.append(_sq_norms(g))
         if total is not None:
             total += torch.linalg.vector_norm(g, dim=0).square()
-    return sq, total
+    return rows[0] if len(rows) == 1 else torch.cat(rows), total
 
 
 # ---------------------------------------------------------------- Linear
@@ -167,7 +170,7 @@ def _dense_norms(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: flo
         return out
     B = a.shape[0]
     a3, d3 = a.reshape(B, 1, -1, a.shape[-1]), d.reshape(B, 1, -1, d.shape[-1])
-    sq, total = _grouped_norms(a3, d3, elementwise, _budget(a, d))
+    sq, total = _grouped_norms(a3, d3, elementwise)
     out["weight"] = (sq.mul_(s2), None if total is None else total[0].mul_(s2))
     if bias:
         out["bias"] = _bias_norms(d3.sum(2)[:, 0], elementwise, s2)
@@ -357,18 +360,6 @@ def _input_gram(a: Tensor, geo: _ConvGeometry) -> Tensor:
     size, strides = geo.gram_view
     ga = S.as_strided((S.shape[0], *size), (S.stride(0), *strides)).sum(tuple(range(1, 1 + len(geo.out))))
     return ga.view(-1, geo.T, geo.T)
-
-
-def _batch_chunks(a: Tensor, d: Tensor, per_example: int):
-    """``(a, d)`` in chunks of examples whose temporaries hold at most :func:`_budget`
-    elements (the tensors themselves when one chunk holds the batch)."""
-    B = a.shape[0]
-    step = max(1, _budget(a, d) // max(1, per_example))
-    if step >= B:
-        yield a, d
-        return
-    for start in range(0, B, step):
-        yield a[start : start + step], d[start : start + step]
 
 
 def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0) -> Norms:

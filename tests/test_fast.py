@@ -480,3 +480,27 @@ def test_conv_paths_with_a_frozen_parameter(frozen, variance):
     assert fast.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
     for k in ref.mean:
         torch.testing.assert_close(fast.mean[k], ref.mean[k], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("out_features", [3, 40])  # products vs Gram form without Σ_i g_i²
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_sequence_linear_norms_in_chunks(out_features, elementwise, chunked, monkeypatch):
+    """The Linear rule on sequences ``[B, T, I]`` gives the norms (and ``Σ_i g_i²``) of the
+    materialised per-example gradients ``Σ_t δ_t a_tᵀ`` (float64), whole or in chunks of
+    one example."""
+    from gradnoise import _rules
+
+    if chunked:
+        monkeypatch.setattr(_rules, "_budget", lambda a, d: 1)
+    torch.manual_seed(0)
+    a = torch.randn(7, 5, 6, dtype=torch.float64)
+    d = torch.randn(7, 5, out_features, dtype=torch.float64)
+    g = torch.einsum("bto,bti->boi", d, a)
+    norms = _rules._dense_norms(a, d, True, elementwise)
+    torch.testing.assert_close(norms["weight"][0], g.flatten(1).square().sum(1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(norms["bias"][0], d.sum(1).square().sum(1), rtol=1e-12, atol=0)
+    if elementwise:
+        torch.testing.assert_close(norms["weight"][1], g.square().sum(0), rtol=1e-12, atol=0)
+    else:
+        assert norms["weight"][1] is None
