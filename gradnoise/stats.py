@@ -399,7 +399,8 @@ def _gsnr_sums(
 class _LazyGsnr:
     """The GSNR sums of a result's own ``mean`` and ``variance`` (``variance = m2_scale ·
     M2``), computed once, when the GSNR of the whole model, a parameter or a layer is first
-    read."""
+    read; where it must be computed now (moments cast to another dtype, :func:`summarise`),
+    the same table is filled at once (:func:`_param_sums`)."""
 
     def __init__(self, mean: Mapping[str, Tensor], variance: Mapping[str, Tensor], count: int,
                  dataset_size: int | None, m2_scale: float) -> None:  # fmt: skip
