@@ -112,21 +112,9 @@ class _Recorder:
     memory near a plain step.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], batch: int, variance: bool, gram: bool = False) -> None:
+    def __init__(self, modules: dict[str, nn.Module], batch: int, variance: bool, keep_output: dict[str, bool]) -> None:
         self.modules, self.batch, self.variance = modules, batch, variance
-        self.gram = gram  # keep Linear outputs for the Gram path (decided after the forward pass)
-        # Outputs kept until the path is decided (otherwise freed as in a plain forward pass):
-        # Linear layers that may take the Gram path at this batch size, and layers whose rule
-        # has moments where skipping their parameters' gradients saves work: with Σ_i g_i²
-        # (per-example gradients are formed anyway), or when their input needs no gradient
-        # (the backward pass then skips the layer). Otherwise the Gram forms of the norms and
-        # the backward's own weight gradient are cheaper (measured on the MNIST-1D CNN).
-        self.keep_output = {
-            name: type(m) is nn.Linear
-            for name, m in modules.items()
-            if (gram and type(m) is nn.Linear and prefers_gram(batch, m.in_features, m.out_features))
-            or getattr(rule_for(m), "moments", None) is not None
-        }  # fmt: skip
+        self.keep_output = keep_output  # outputs kept until the path is decided (_kept_outputs)
         self.calls: dict[str, list[_Call]] = {name: [] for name in modules}
         self.actions: dict[str, set[str]] = {}
         self.norms: dict[str, dict] = {}
@@ -222,6 +210,26 @@ class _Recorder:
                 acc[local] = acc[local] + v if local in acc else v
         if "store" not in self.actions[call.module]:
             call.args, call.kwargs = None, {}  # free the activation early
+
+
+def _kept_outputs(modules: dict[str, nn.Module], batch: int, gram: bool) -> dict[str, bool]:
+    """The recorded layers whose outputs the recorder keeps until the path is decided
+    (otherwise freed as in a plain forward pass), and whether always (``True``) or only with
+    ``Σ_i g_i²`` or when their input needs no gradient (``False``).
+
+    Kept: Linear layers that may take the Gram path at this batch size (always), and layers
+    whose rule has moments where skipping their parameters' gradients saves work: with
+    ``Σ_i g_i²`` (per-example gradients are formed anyway), or when their input needs no
+    gradient (the backward pass then skips the layer). Otherwise the Gram forms of the norms
+    and the backward's own weight gradient are cheaper (measured on the MNIST-1D CNN).
+    Depends only on the model, the batch size and ``gram``: cached per plan.
+    """
+    return {
+        name: type(m) is nn.Linear
+        for name, m in modules.items()
+        if (gram and type(m) is nn.Linear and prefers_gram(batch, m.in_features, m.out_features))
+        or getattr(rule_for(m), "moments", None) is not None
+    }  # fmt: skip
 
 
 def _detached_call(call: _Call) -> tuple[tuple, dict]:
@@ -399,7 +407,9 @@ def fast_moments(
     xs, ys = as_tuple(inputs), as_tuple(targets)
     owners, routes = plan.owners, plan.routes
     check_no_train_batchnorm((n, modules[n]) for n in plan.batchnorms)
-    recorder = _Recorder({m: modules[m] for m in plan.recorded}, B, variance, gram=factored_mean and not variance)
+    gram_ok = factored_mean and not variance
+    recorded = {m: modules[m] for m in plan.recorded}
+    recorder = _Recorder(recorded, B, variance, plan.kept_outputs(recorded, B, gram_ok))
     direct = plan.direct and not any(p._backward_hooks for p in named.values())
     if direct:  # the model's own parameters as graph leaves; autograd.grad leaves .grad alone
         state: dict[str, Tensor] = {}
@@ -417,7 +427,7 @@ def fast_moments(
             else:
                 outputs = functional_call(model, {**graph_leaves, **state}, xs)
             recorder.active = False
-            paths, units, gram, owned, actions = _route(routes, owners, modules, recorder.calls, B, recorder.gram)
+            paths, units, gram, owned, actions = _route(routes, owners, modules, recorder.calls, B, gram_ok)
             recorder.set_actions(actions)
             loss = loss_fn(outputs, ys[0] if len(ys) == 1 else ys)
             loss_value = check_loss_value(loss)
@@ -470,7 +480,7 @@ class _Plan:
     """
 
     __slots__ = ("_refs", "_registries", "_ids", "_params", "_flags", "named", "owners", "recorded",
-                 "batchnorms", "direct", "routes")  # fmt: skip
+                 "batchnorms", "direct", "routes", "_kept")  # fmt: skip
 
     def __init__(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
@@ -497,12 +507,22 @@ class _Plan:
             b is not None for m in modules.values() for b in m._buffers.values()
         )
         self.routes: dict = {}  # by call signature (_route)
+        self._kept: dict[tuple[int, bool], dict[str, bool]] = {}  # by (batch size, gram)
 
     def _current_ids(self) -> list[int]:  # ids: == on tensors would compare values
         return [id(v) for d in self._registries for v in d.values()]
 
     def modules(self) -> dict[str, nn.Module]:
         return {name: ref() for name, ref in self._refs.items()}
+
+    def kept_outputs(self, recorded: dict[str, nn.Module], batch: int, gram: bool) -> dict[str, bool]:
+        """:func:`_kept_outputs` of the recorded modules, cached (at most ``MAX_ROUTES``)."""
+        kept = self._kept.get((batch, gram))
+        if kept is None:
+            if len(self._kept) >= MAX_ROUTES:
+                self._kept.clear()
+            kept = self._kept[batch, gram] = _kept_outputs(recorded, batch, gram)
+        return kept
 
     def valid(self) -> bool:
         return self._current_ids() == self._ids and [p.requires_grad for p in self._params] == self._flags
@@ -801,6 +821,7 @@ def _assemble(model, loss_fn, xs, ys, params, leaves, state, owners, modules, re
         methods={n: methods[n] for n in order},
         scalars=scalars if len(scalars) == len(order) else None,
         sq_total=sq_total,
+        promoted=any(part.promoted for part in parts),
     )
 
 

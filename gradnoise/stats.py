@@ -74,10 +74,13 @@ class Moments:
         sq_norms: per-parameter ``|g_i|²`` of each example (``[count]``).
         loss_sum: ``Σ_i loss_i``.
         methods: which engine computed each parameter ("fast", "vmap-module", "vmap").
-        scalars: per parameter ``(Σ_i |g_i − ḡ|², |ḡ|²)`` as Python floats, when the engine
-            has already transferred them (one transfer for all parameters); else ``None``.
+        scalars: per parameter ``(Σ_i |g_i − ḡ|², |ḡ|²)`` as Python floats, of every
+            parameter, when the engine has already transferred them (one transfer for all
+            parameters); else ``None``.
         sq_total: ``|g_i|²`` of each example summed over parameters (``[count]`` float64),
             when the engine has it; else ``None`` (summed from ``sq_norms`` when needed).
+        promoted: some tensors were promoted to float64 by :meth:`merge` (results are cast
+            back to the parameters' dtypes).
 
     Any of the mappings may be a :class:`~gradnoise._lazy.LazyMap` (built when first read).
     """
@@ -91,6 +94,7 @@ class Moments:
     methods: dict[str, str]
     scalars: dict[str, tuple[float, float]] | None = None
     sq_total: Tensor | None = None
+    promoted: bool = False
 
     def merge(self, other: Moments) -> Moments:
         """Exact union of two disjoint sets of examples (Chan, Golub & LeVeque 1979)."""
@@ -112,7 +116,7 @@ class Moments:
             k: v if v == other.methods.get(k) else f"{v}+{other.methods.get(k)}"
             for k, v in self.methods.items()
         }
-        return Moments(n, mean, trace_m2, m2, sq, self.loss_sum + other.loss_sum, methods)
+        return Moments(n, mean, trace_m2, m2, sq, self.loss_sum + other.loss_sum, methods, promoted=True)
 
 
 def squared_norms(tensors: list[Tensor]) -> Tensor:
@@ -327,7 +331,7 @@ def _param_sums(m: Moments, dataset_size: int | None, *, gsnr: bool = True) -> d
     """Per-parameter scalars, converted to Python numbers in one transfer (or none, when the
     engine has done it: ``Moments.scalars``); the GSNR sums only with ``gsnr`` (else 0)."""
     names = list(m.mean)
-    if m.scalars is not None and m.scalars.keys() == m.mean.keys():
+    if m.scalars is not None:  # of every parameter (see Moments.scalars)
         scalars = [[m.scalars[k][0] for k in names], [m.scalars[k][1] for k in names]]
     else:
         mean_sq = squared_norms([m.mean[k] for k in names])
@@ -645,8 +649,7 @@ def gradient_stats(
         factored_mean=True,
     )  # fmt: skip
     # Results in the parameters' dtypes; only merged (chunked) moments are promoted to float64.
-    promoted = any(dtype_of(m.mean, k) == torch.float64 for k in m.mean)
-    dtypes = {n: p.dtype for n, p in model.named_parameters()} if promoted else None
+    dtypes = {n: p.dtype for n, p in model.named_parameters()} if m.promoted else None
     return stats_from_moments(m, dataset_size=dataset_size, dtypes=dtypes, consume=True)
 
 

@@ -185,6 +185,27 @@ def test_fast_moments_mappings_equal_vmap(variance):
     assert back.per_layer == s.per_layer and back.per_param == s.per_param and back.trace_cov == s.trace_cov
 
 
+@pytest.mark.parametrize("case_name,method", [("mlp", "vmap"), ("raw-parameter", "fast")])
+def test_chunked_results_are_in_the_parameters_dtype(case_name, method):
+    """Chunks are merged in float64 (Moments.promoted); the results are cast back to the
+    parameters' dtype, with the values of one unchunked pass. ``raw-parameter``: the fast
+    engine's whole-model vmap fallback runs in chunks."""
+    from tests.cases import CASES_BY_NAME
+
+    model, loss, x, y = CASES_BY_NAME[case_name].make(torch.float32, batch=10)
+    from gradnoise.stats import compute_moments
+
+    assert compute_moments(model, loss, x, y, method=method, chunk_size=3).promoted
+    assert not compute_moments(model, loss, x, y, method=method).promoted
+    chunked = gn.gradient_stats(model, loss, x, y, method=method, chunk_size=3)
+    whole = gn.gradient_stats(model, loss, x, y, method=method)
+    for name, p in model.named_parameters():
+        assert chunked.mean[name].dtype == chunked.variance[name].dtype == p.dtype
+        torch.testing.assert_close(chunked.mean[name], whole.mean[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(chunked.variance[name], whole.variance[name], rtol=1e-4, atol=1e-6)
+    assert chunked.trace_cov == pytest.approx(whole.trace_cov, rel=1e-5)
+
+
 @pytest.mark.parametrize("chunk", [2, 4, 1 << 16])
 def test_gsnr_sums_keeps_and_drops_the_documented_elements(chunk, monkeypatch):
     import gradnoise.stats as stats
