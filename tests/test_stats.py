@@ -190,11 +190,10 @@ def test_chunked_results_are_in_the_parameters_dtype(case_name, method):
     """Chunks are merged in float64 (Moments.promoted); the results are cast back to the
     parameters' dtype, with the values of one unchunked pass. ``raw-parameter``: the fast
     engine's whole-model vmap fallback runs in chunks."""
+    from gradnoise.stats import compute_moments
     from tests.cases import CASES_BY_NAME
 
     model, loss, x, y = CASES_BY_NAME[case_name].make(torch.float32, batch=10)
-    from gradnoise.stats import compute_moments
-
     assert compute_moments(model, loss, x, y, method=method, chunk_size=3).promoted
     assert not compute_moments(model, loss, x, y, method=method).promoted
     chunked = gn.gradient_stats(model, loss, x, y, method=method, chunk_size=3)
