@@ -84,6 +84,16 @@ def anchors(model, loss_fn, x, y):
     return out
 
 
+def _linears_with_bias(model) -> list[nn.Linear] | None:
+    """The model's Linear layers when they hold all its trainable parameters and each has a
+    bias (the models the bare rows cover); else ``None``."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if sum(len(list(m.parameters())) for m in linears) != len(params) or any(m.bias is None for m in linears):
+        return None
+    return linears
+
+
 def bare_hooks(model, loss_fn, x, y, gram: bool):
     """The hooks design with nothing else: tr Σ and |G|² of a model made of Linear layers
     (with biases) on 2-D inputs, without checks, plans, per-layer results or a result object;
@@ -95,9 +105,8 @@ def bare_hooks(model, loss_fn, x, y, gram: bool):
     from the Gram matrices AAᵀ, DDᵀ (the floor of the current design)."""
     from gradnoise._rules import prefers_gram
 
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if sum(len(list(m.parameters())) for m in linears) != len(params) or any(m.bias is None for m in linears):
+    linears = _linears_with_bias(model)
+    if linears is None:
         return None
     B = x.shape[0]
     use_gram = {m: gram and prefers_gram(B, m.in_features, m.out_features) for m in linears}
@@ -161,9 +170,8 @@ def bare_variance(model, loss_fn, x, y):
     ``(Σ_i g_i² − B ḡ²) / (B − 1)`` in place; no per-example norms, checks or result object;
     checked against ``gradient_stats`` before it is timed; ``None`` for other models. The
     lower bound of the design for the variance."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if sum(len(list(m.parameters())) for m in linears) != len(params) or any(m.bias is None for m in linears):
+    linears = _linears_with_bias(model)
+    if linears is None:
         return None
     B = x.shape[0]
     wanted = [p for m in linears for p in (m.weight, m.bias)]

@@ -95,6 +95,21 @@ def _batch_chunks(a: Tensor, d: Tensor, per_example: int):
         yield a[start : start + step], d[start : start + step]
 
 
+def _joined(rows: list[Tensor]) -> Tensor:
+    """The per-chunk rows of :func:`_batch_chunks` as one tensor (no copy for one chunk)."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _scaled_(sq: Tensor, total: Tensor | None, s2: float) -> tuple[Tensor, Tensor | None]:
+    """``|g_i|²`` and ``Σ_i g_i²`` of ``d`` turned into those of ``scale · d`` (``s2 =
+    scale²``), in place."""
+    if s2 != 1:
+        sq.mul_(s2)
+        if total is not None:
+            total.mul_(s2)
+    return sq, total
+
+
 def _sq_norms(g: Tensor) -> Tensor:
     """``|g_i|²`` of ``[B, ...]`` rows in one pass (no squared temporary)."""
     return torch.linalg.vector_norm(g if g.dim() == 2 else g.flatten(1), dim=1).square_()
@@ -129,14 +144,14 @@ def _grouped_norms(a: Tensor, d: Tensor, elementwise: bool) -> tuple[Tensor, Ten
             ga = ac @ ac.transpose(-1, -2)
             gd = dc @ dc.transpose(-1, -2)
             rows.append((ga * gd).flatten(1).sum(1))
-        return rows[0] if len(rows) == 1 else torch.cat(rows), None
+        return _joined(rows), None
     total = torch.zeros(G, O, I, dtype=a.dtype, device=a.device) if elementwise else None
     for ac, dc in _batch_chunks(a, d, G * O * I):
         g = _grouped_grads(ac, dc)
         rows.append(_sq_norms(g))
         if total is not None:
             total += torch.linalg.vector_norm(g, dim=0).square()
-    return rows[0] if len(rows) == 1 else torch.cat(rows), total
+    return _joined(rows), total
 
 
 # ---------------------------------------------------------------- Linear
@@ -405,16 +420,10 @@ def _conv_norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scal
                 rows.append(g2.view(b, -1).sum(1))
                 if total is not None:
                     total += g2.view(b, -1).sum(0).view_as(total)
-    sq = rows[0] if len(rows) == 1 else torch.cat(rows)
     s2 = scale * scale
-    if s2 != 1:
-        sq.mul_(s2)
-        if total is not None:
-            total.mul_(s2)
-    out: Norms = {"weight": (sq, total)}
+    out: Norms = {"weight": _scaled_(_joined(rows), total, s2)}
     if module.bias is not None and gram:
-        gb_sq = bias_rows[0] if len(bias_rows) == 1 else torch.cat(bias_rows)
-        out["bias"] = (gb_sq.mul_(s2) if s2 != 1 else gb_sq, None)
+        out["bias"] = _scaled_(_joined(bias_rows), None, s2)
     elif module.bias is not None:
         out["bias"] = _bias_norms(d.flatten(2).sum(2), elementwise, s2)
     return out
@@ -450,12 +459,8 @@ def conv_moments(
             total = part if total is None else total.add_(part)
         else:
             rows.append(_sq_norms(g))
-    sq = rows[0] if len(rows) == 1 else torch.cat(rows)
     s2 = scale * scale
-    if s2 != 1:
-        sq.mul_(s2)
-        if total is not None:
-            total.mul_(s2)
+    sq, total = _scaled_(_joined(rows), total, s2)
     weight_shape = module.weight.shape
     out: Norms = {"weight": (sq, None if total is None else total.view(weight_shape))}
     means: Grads = {"weight": mean.view(weight_shape)}
@@ -471,6 +476,7 @@ def _conv_grads(module: nn.Module, a: Tensor, d: Tensor) -> Grads:
     if module.bias is not None:
         out["bias"] = d.flatten(2).sum(2)
     return out
+
 
 # ---------------------------------------------------------------- Embedding
 
