@@ -4,7 +4,7 @@ The fast engine and the monitor run once per training step, where every tensor o
 and every small object costs measurable time next to a forward and backward pass (on a
 CPU, a few microseconds each, two to three times more right after a backward pass has
 evicted the caches). Results that most callers never read — per-parameter views of a
-stacked tensor, per-parameter and per-layer :class:`~gradnoise.stats.LayerStats` — are
+stacked tensor, per-parameter and per-layer :class:`~gradnoise.summary.LayerStats` — are
 therefore held as a :class:`LazyMap`: a ``Mapping`` like a ``dict`` in every way that
 reading code can see (iteration order, ``==``, ``repr``, pickling as a plain ``dict``),
 whose contents are computed once, when first read.

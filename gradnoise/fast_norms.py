@@ -61,9 +61,9 @@ from gradnoise._functional import (
     trainable_params,
 )
 from gradnoise._lazy import LazyMap
+from gradnoise._moments import Moments, centred_m2_, centred_sums, moments_from_grads, scaled_rows
 from gradnoise._rules import linear_gram_norms, prefers_gram, rule_for
 from gradnoise.per_sample import needs_loop, vmap_grads_and_losses
-from gradnoise.stats import Moments, centred_m2_, centred_sums, moments_from_grads, scaled_rows
 
 __all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
 
@@ -380,7 +380,7 @@ def fast_moments(
     factored_mean: bool = False,
     known_mean: bool = False,
 ) -> Moments:
-    """:class:`~gradnoise.stats.Moments` of one batch from one forward and one backward pass.
+    """:class:`~gradnoise._moments.Moments` of one batch from one forward and one backward pass.
 
     Args:
         model, loss_fn, inputs, targets: as in :func:`gradnoise.gradient_stats`.

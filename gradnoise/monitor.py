@@ -47,20 +47,12 @@ import torch
 from torch import Tensor, nn
 
 from gradnoise._functional import LossFn, as_tuple, is_measuring, trainable_params
+from gradnoise._moments import Moments, centred_m2, centred_sums, scaled_rows, squared_norms
 from gradnoise._rules import rule_for
 from gradnoise.noise_scale import NoiseScaleEMA, two_batch
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
-from gradnoise.stats import (
-    LayerStats,
-    Moments,
-    centred_m2,
-    centred_sums,
-    gradient_stats,
-    scaled_rows,
-    squared_norms,
-    summarise,
-    summarise_scalars,
-)
+from gradnoise.stats import gradient_stats
+from gradnoise.summary import LayerStats, summarise, summarise_scalars
 
 __all__ = ["Monitor", "log_spaced"]
 

@@ -29,6 +29,7 @@ from gradnoise._functional import (
     trainable_params,
     unsqueeze_all,
 )
+from gradnoise._moments import Moments, moments_from_grads
 
 __all__ = ["per_sample_grads", "per_sample_grads_loop"]
 
@@ -191,14 +192,12 @@ def vmap_moments(
     *,
     variance: bool = True,
     chunk_size: int | None = None,
-):
-    """:class:`~gradnoise.stats.Moments` from materialised per-example gradients.
+) -> Moments:
+    """:class:`~gradnoise._moments.Moments` from materialised per-example gradients.
 
     With ``chunk_size``, the batch is processed ``chunk_size`` examples at a time and the
     chunks are merged exactly, so memory is bounded by ``chunk_size × P``.
     """
-    from gradnoise.stats import moments_from_grads
-
     params = _validate(model, loss_fn, inputs, targets, chunk_size)
     state = frozen_state(model)
     xs, ys = as_tuple(inputs), as_tuple(targets)

@@ -29,196 +29,31 @@ meaningless ratios).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from gradnoise._factored import dtype_of, numel_of
+from gradnoise._factored import dtype_of
 from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of, is_known_mean_loss
 from gradnoise._lazy import LazyMap
+from gradnoise._moments import Moments
+from gradnoise.fast_norms import NotMeanLossError, fast_applies, fast_moments
+from gradnoise.per_sample import vmap_moments
+from gradnoise.summary import (
+    LayerStats,
+    LazyGsnr,
+    group_stats,
+    param_sums,
+    per_layer_stats,
+    per_param_stats,
+)
 
-__all__ = [
-    "GradientStats",
-    "LayerStats",
-    "Moments",
-    "StatsAccumulator",
-    "gradient_stats",
-]
+__all__ = ["GradientStats", "LayerStats", "StatsAccumulator", "gradient_stats"]
 
 Method = Literal["auto", "fast", "vmap"]
-ROOT = "(model)"
-NOISE_FREE = 1e-6  # relative variance below which an element counts as noise-free (GSNR)
-NEGLIGIBLE = 1e-12  # E[g²] relative to the tensor's largest below which an element is ignored
-
-
-@dataclass
-class Moments:
-    """Sufficient statistics of per-example gradients over ``count`` examples.
-
-    Tensors are in the parameters' dtype for one batch (centred on the vmap path; on the
-    fast path ``Σg² − Bḡ²`` from sums that the per-layer rules produce in that dtype);
-    scalar reductions accumulate in float64, and :meth:`merge` promotes to float64 so that
-    streaming over many batches is exact.
-
-    Attributes:
-        count: number of examples.
-        mean: per-parameter mean gradient ``ḡ`` (a dict, or a
-            :class:`~gradnoise._factored.FactoredGrads` when the fast engine kept some Linear
-            weights' means as factors).
-        trace_m2: per-parameter ``Σ_i |g_i − ḡ|²`` (a 0-d tensor).
-        m2: per-parameter elementwise ``Σ_i (g_i − ḡ)²``, or ``None`` if not computed.
-        sq_norms: per-parameter ``|g_i|²`` of each example (``[count]``).
-        loss_sum: ``Σ_i loss_i``.
-        methods: which engine computed each parameter ("fast", "vmap-module", "vmap").
-        scalars: per parameter ``(Σ_i |g_i − ḡ|², |ḡ|²)`` as Python floats, of every
-            parameter, when the engine has already transferred them (one transfer for all
-            parameters); else ``None``.
-        sq_total: ``|g_i|²`` of each example summed over parameters (``[count]`` float64),
-            when the engine has it; else ``None`` (summed from ``sq_norms`` when needed).
-        promoted: some tensors were promoted to float64 by :meth:`merge` (results are cast
-            back to the parameters' dtypes).
-
-    Any of the mappings may be a :class:`~gradnoise._lazy.LazyMap` (built when first read).
-    """
-
-    count: int
-    mean: Mapping[str, Tensor]
-    trace_m2: Mapping[str, Tensor]
-    m2: Mapping[str, Tensor] | None
-    sq_norms: Mapping[str, Tensor]
-    loss_sum: float
-    methods: dict[str, str]
-    scalars: dict[str, tuple[float, float]] | None = None
-    sq_total: Tensor | None = None
-    promoted: bool = False
-
-    def merge(self, other: Moments) -> Moments:
-        """Exact union of two disjoint sets of examples (Chan, Golub & LeVeque 1979)."""
-        if self.mean.keys() != other.mean.keys():
-            raise ValueError("cannot merge statistics of different parameter sets")
-        n_a, n_b = self.count, other.count
-        n = n_a + n_b
-        mean, trace_m2, m2 = {}, {}, {} if (self.m2 is not None and other.m2 is not None) else None
-        for k in self.mean:
-            delta = other.mean[k].double() - self.mean[k].double()
-            mean[k] = self.mean[k].double() + delta * (n_b / n)
-            trace_m2[k] = (
-                self.trace_m2[k].double() + other.trace_m2[k].double() + delta.square().sum() * (n_a * n_b / n)
-            )
-            if m2 is not None:
-                m2[k] = self.m2[k].double() + other.m2[k].double() + delta.square() * (n_a * n_b / n)
-        sq = {k: torch.cat([self.sq_norms[k].double(), other.sq_norms[k].double()]) for k in self.sq_norms}
-        methods = {
-            k: v if v == other.methods.get(k) else f"{v}+{other.methods.get(k)}"
-            for k, v in self.methods.items()
-        }
-        return Moments(n, mean, trace_m2, m2, sq, self.loss_sum + other.loss_sum, methods, promoted=True)
-
-
-def squared_norms(tensors: list[Tensor]) -> Tensor:
-    """``|t|²`` of each tensor, stacked (``[P]``, float64)."""
-    return torch.stack(torch._foreach_norm(tensors)).double().square_()
-
-
-def centred_sums(
-    sq_norms: list[Tensor], means: list[Tensor], count: int, *, scale: float = 1.0, mean_sq: list[Tensor] = (),
-    mean_scale: float = 1.0, total: bool = False,
-) -> tuple[Tensor, Tensor | None, list[tuple[float, float, float]]]:
-    """Centred sums of squares of ``P`` parameters from their per-example squared norms.
-
-    Args:
-        sq_norms: per parameter ``|g_i|²`` of each example (``[B]`` each), to be multiplied
-            by ``scale``.
-        means: the mean gradients ``ḡ`` of the first ``len(means)`` parameters, each to be
-            multiplied by ``mean_scale``.
-        count: ``B``.
-        mean_sq: ``|ḡ|²`` (0-d) of the remaining parameters, whose means are not at hand
-            (the Gram path of the fast engine).
-        total: also return the per-example total over parameters.
-
-    Returns:
-        The stacked ``[P, B]`` ``|g_i|²`` *unscaled*, in their dtype (:func:`scaled_rows`
-        makes them float64 and scaled), the scaled float64 per-example total over
-        parameters (``[B]``) or ``None``, and per parameter the host values
-        ``(Σ_i |g_i − ḡ|², |ḡ|², Σ_i |g_i|²)`` with ``Σ_i |g_i − ḡ|² = Σ_i |g_i|² − B |ḡ|²``
-        (clamped at 0 against rounding).
-
-    Sums accumulate in float64 and norms are squared on the host in float64; the scales are
-    applied to host values, so that all parameters cost a handful of operations and one
-    transfer (each operation costs several microseconds right after a backward pass).
-    """
-    rows = torch.stack(sq_norms)
-    small = torch.stack([*torch._foreach_norm(means), *mean_sq]) if means else torch.stack(list(mean_sq))
-    # Two transfers rather than a concatenation: right after a backward pass the first call
-    # of each kind of operation costs most (measured: 30-40 µs for a cold kernel, 10 warm).
-    sums, values = rows.sum(1, dtype=torch.float64).tolist(), small.tolist()
-    P, k = len(sq_norms), len(means)
-    host = []
-    for j in range(P):
-        s, v = sums[j] * scale, values[j]
-        msq = v * v * mean_scale**2 if j < k else v
-        host.append((max(s - count * msq, 0.0), msq, s))
-    per_example = None
-    if total:
-        per_example = rows.sum(0, dtype=torch.float64)
-        if scale != 1.0:
-            per_example.mul_(scale)
-    return rows, per_example, host
-
-
-def scaled_rows(rows: Tensor, scale: float = 1.0) -> Tensor:
-    """The float64 ``scale · rows`` of :func:`centred_sums`' stacked squared norms."""
-    out = rows.double()
-    return out.mul_(scale) if scale != 1.0 else out
-
-
-def centred_m2(sum_sq: Tensor, mean: Tensor, count: int) -> Tensor:
-    """Elementwise ``Σ_i (g_i − ḡ)² = Σ_i g_i² − B ḡ²`` (clamped at 0 against rounding)."""
-    return torch.addcmul(sum_sq, mean, mean, value=-count).clamp_min_(0)
-
-
-def centred_m2_(sums_sq: list[Tensor], means: list[Tensor], count: int) -> list[Tensor]:
-    """:func:`centred_m2` in place on several buffers the caller owns, in two ``_foreach``
-    operations for all of them (per-tensor calls cost several µs each after a backward)."""
-    if sums_sq:
-        torch._foreach_addcmul_(sums_sq, means, means, value=-count)
-        torch._foreach_clamp_min_(sums_sq, 0)
-    return sums_sq
-
-
-def moments_from_grads(grads: dict[str, Tensor], losses: Tensor, method: str, elementwise: bool) -> Moments:
-    """Moments from materialised per-example gradients ``{name: [B, ...]}`` (centred sums)."""
-    count = losses.shape[0]
-    mean, trace_m2, m2, sq = {}, {}, {} if elementwise else None, {}
-    for k, g in grads.items():
-        g = g.detach()
-        flat = g.reshape(count, -1)
-        mu = flat.mean(0)
-        # Centred sum of squares (measured 15× faster than torch.var_mean over dim 0 here).
-        c2 = (flat - mu).square_().sum(0).view_as(g[0])
-        mu = mu.view_as(g[0])
-        mean[k], trace_m2[k] = mu, c2.sum(dtype=torch.float64)
-        if m2 is not None:
-            m2[k] = c2
-        sq[k] = torch.linalg.vector_norm(g.flatten(1), dim=1).double().square_()
-    methods = dict.fromkeys(grads, method)
-    return Moments(count, mean, trace_m2, m2, sq, float(losses.detach().double().sum()), methods)
-
-
-@dataclass(frozen=True)
-class LayerStats:
-    """Noise statistics of one parameter or one module's parameters (plain numbers)."""
-
-    num_params: int
-    trace_cov: float
-    grad_norm_sq: float
-    b_simple: float
-    gsnr: float | None
-    method: str
 
 
 @dataclass(frozen=True)
@@ -311,187 +146,6 @@ class GradientStats:
         return "\n".join(lines)
 
 
-def _ratio(num: float, den: float) -> float:
-    return num / den if den > 0 else math.inf
-
-
-class _Sums(NamedTuple):
-    """Per-parameter scalars from which any group's statistics follow by addition (a tuple:
-    built for every parameter at every monitored step)."""
-
-    numel: int
-    trace_m2: float
-    mean_sq: float
-    gsnr_sum: float
-    gsnr_count: int
-    method: str
-
-
-def _param_sums(m: Moments, dataset_size: int | None, *, gsnr: bool = True) -> dict[str, _Sums]:
-    """Per-parameter scalars, converted to Python numbers in one transfer (or none, when the
-    engine has done it: ``Moments.scalars``); the GSNR sums only with ``gsnr`` (else 0)."""
-    names = list(m.mean)
-    if m.scalars is not None:  # of every parameter (see Moments.scalars)
-        scalars = [[m.scalars[k][0] for k in names], [m.scalars[k][1] for k in names]]
-    else:
-        mean_sq = squared_norms([m.mean[k] for k in names])
-        trace_m2 = torch.stack([m.trace_m2[k].double() for k in names])
-        scalars = torch.stack([trace_m2, mean_sq.to(trace_m2.device)]).tolist()
-    out = {
-        k: _Sums(numel_of(m.mean, k), scalars[0][j], scalars[1][j], 0.0, 0, m.methods[k])
-        for j, k in enumerate(names)
-    }  # fmt: skip
-    if gsnr and m.m2 is not None:  # now, from the centred sums themselves
-        out = _LazyGsnr(m.mean, m.m2, m.count, dataset_size, 1.0).fill(out)
-    return out
-
-
-GSNR_CHUNK = 1 << 16  # elements per pass of the GSNR sums (two reused buffers of this size)
-
-
-def _gsnr_scratch(tensors) -> Tensor | None:
-    """Two reused rows for :func:`_gsnr_sums`, shared by all of a step's parameters."""
-    tensors = list(tensors)
-    if not tensors:
-        return None
-    size = min(GSNR_CHUNK, max(t.numel() for t in tensors))
-    return torch.empty(2, size, dtype=tensors[0].dtype, device=tensors[0].device)
-
-
-def _gsnr_sums(
-    mean: Tensor, m2: Tensor, n: int, dataset_size: int | None, scratch: Tensor | None = None,
-    m2_scale: float = 1.0,
-) -> tuple[float, int]:
-    """``Σ_j GSNR_j`` over the kept elements of one tensor, and their number.
-
-    With ``q_j = ḡ_j² / M2_j``: ``GSNR_j = ((n−1) q_j − (1/n − 1/N)) / pop``. Kept: not
-    noise-free (``M2_j > 10⁻⁶ (M2_j + n ḡ_j²)``, i.e. ``q_j < (1 − 10⁻⁶)/(10⁻⁶ n)``) and not
-    rounding noise (``M2_j > 10⁻¹² max M2``; every ``M2_j = 0``, hence every ``0/0``, is
-    dropped here). ``m2`` may be ``m2_scale · M2`` (a variance: ``m2_scale = pop/(n−1)``).
-
-    In passes of at most :data:`GSNR_CHUNK` elements through the two rows of ``scratch``:
-    on CPU a fresh temporary the size of a weight costs more in first-touch page faults than
-    the arithmetic on it (measured on a 512×512 weight: 1.0 ms with four fresh temporaries,
-    0.25 ms where the allocator reused memory).
-    """
-    pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
-    inv_n = 0.0 if dataset_size is None else 1.0 / dataset_size
-    limit = (1 - NOISE_FREE) / (NOISE_FREE * n) / m2_scale  # on ḡ²/m2 = q / m2_scale
-    tiny = torch.finfo(m2.dtype).tiny
-    thr = NEGLIGIBLE * float(m2.max())
-    mean, m2 = mean.reshape(-1), m2.reshape(-1)
-    size = min(GSNR_CHUNK, m2.numel())
-    if scratch is None or scratch.shape[1] < size or scratch.dtype != m2.dtype or scratch.device != m2.device:
-        scratch = _gsnr_scratch([m2])
-    # float64 accumulators: the per-pass float32 sums are exact counts (≤ 2²⁴ per pass) and
-    # stay exact across passes
-    count, q_sum = torch.zeros(2, dtype=torch.float64, device=m2.device).unbind()
-    for start in range(0, m2.numel(), size):
-        mu, v = mean[start : start + size], m2[start : start + size]  # noqa: E203
-        q, w = scratch[0, : v.numel()], scratch[1, : v.numel()]
-        torch.mul(mu, mu, out=q).div_(torch.clamp_min(v, tiny, out=w)).clamp_(max=limit)
-        # Rounding noise joins the noise-free at the limit; masks are float (faster than
-        # bool on CPU).
-        q.add_(torch.le(v, thr, out=w), alpha=limit).clamp_(max=limit)
-        keep = torch.lt(q, limit, out=w)
-        count.add_(keep.sum())
-        q_sum.add_(q.mul_(keep).sum())  # pairwise float32 within a pass
-    count, q_sum = int(count), float(q_sum) * m2_scale
-    return ((n - 1) * q_sum - count * (1.0 / n - inv_n)) / pop, count
-
-
-class _LazyGsnr:
-    """The GSNR sums of a result's own ``mean`` and ``variance`` (``variance = m2_scale ·
-    M2``), computed once, when the GSNR of the whole model, a parameter or a layer is first
-    read; where it must be computed now (moments cast to another dtype, :func:`summarise`),
-    the same table is filled at once (:func:`_param_sums`)."""
-
-    def __init__(self, mean: Mapping[str, Tensor], variance: Mapping[str, Tensor], count: int,
-                 dataset_size: int | None, m2_scale: float) -> None:  # fmt: skip
-        self._args: tuple | None = (mean, variance, count, dataset_size, m2_scale)
-        self._sums: dict[str, tuple[float, int]] | None = None
-
-    def sums(self) -> dict[str, tuple[float, int]]:
-        if self._sums is None:
-            mean, variance, count, dataset_size, m2_scale = self._args
-            scratch = _gsnr_scratch(variance.values())
-            self._sums = {
-                k: _gsnr_sums(mean[k], variance[k], count, dataset_size, scratch, m2_scale) for k in variance
-            }  # fmt: skip
-            self._args = None  # drop the references to the tensors
-        return self._sums
-
-    def fill(self, sums: dict[str, _Sums]) -> dict[str, _Sums]:
-        """``sums`` with their GSNR fields filled in."""
-        table = self.sums()
-        return {k: s._replace(gsnr_sum=table[k][0], gsnr_count=table[k][1]) for k, s in sums.items()}
-
-    def total(self) -> float:
-        sums = self.sums().values()
-        num = sum(c for _, c in sums)
-        return sum(v for v, _ in sums) / num if num else math.nan
-
-
-def _group(sums: list[_Sums], n: int, dataset_size: int | None, has_gsnr: bool) -> LayerStats:
-    numel, tm2, msq, gsnr_sum, gsnr_count, methods = 0, 0.0, 0.0, 0.0, 0, set()
-    for s in sums:
-        numel, tm2, msq = numel + s.numel, tm2 + s.trace_m2, msq + s.mean_sq
-        gsnr_sum, gsnr_count = gsnr_sum + s.gsnr_sum, gsnr_count + s.gsnr_count
-        methods.add(s.method)
-    s2 = tm2 / (n - 1)
-    pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
-    inv_n = 0.0 if dataset_size is None else 1.0 / dataset_size
-    trace_cov = s2 * pop
-    grad_norm_sq = msq - s2 * (1.0 / n - inv_n)
-    gsnr = None
-    if has_gsnr:
-        gsnr = gsnr_sum / gsnr_count if gsnr_count else math.nan
-    return LayerStats(
-        num_params=numel,
-        trace_cov=trace_cov,
-        grad_norm_sq=grad_norm_sq,
-        b_simple=_ratio(trace_cov, grad_norm_sq),
-        gsnr=gsnr,
-        method="+".join(sorted(methods)),
-    )
-
-
-def summarise(
-    m: Moments, dataset_size: int | None = None, *, per_param: bool = True
-) -> tuple[LayerStats, dict[str, LayerStats] | None, dict[str, LayerStats]]:
-    """The scalar statistics of :class:`Moments`: over all parameters, per parameter (unless
-    ``per_param=False``) and per module — without the tensors of :class:`GradientStats`."""
-    return _summary(_param_sums(m, dataset_size), m.count, dataset_size, m.m2 is not None, per_param)
-
-
-def summarise_scalars(
-    numels: dict[str, int], host: list[tuple[float, ...]], count: int, method: str
-) -> tuple[LayerStats, dict[str, LayerStats]]:
-    """:func:`summarise` (no GSNR, infinite stream) from the host scalars of
-    :func:`centred_sums` (per parameter, in the order of ``numels``), without per-parameter
-    tensors. Returns the total and the per-module statistics."""
-    sums = {k: _Sums(n, h[0], h[1], 0.0, 0, method) for (k, n), h in zip(numels.items(), host, strict=True)}
-    total, _, per_layer = _summary(sums, count, None, False, per_param=False)
-    return total, per_layer
-
-
-def _summary(sums: dict[str, _Sums], count: int, dataset_size: int | None, has_gsnr: bool, per_param: bool):
-    total = _group(list(sums.values()), count, dataset_size, has_gsnr)
-    params = _per_param(sums, count, dataset_size, has_gsnr) if per_param else None
-    return total, params, _per_layer(sums, count, dataset_size, has_gsnr)
-
-
-def _per_param(sums: dict[str, _Sums], count: int, dataset_size: int | None, has_gsnr: bool) -> dict[str, LayerStats]:
-    return {k: _group([v], count, dataset_size, has_gsnr) for k, v in sums.items()}
-
-
-def _per_layer(sums: dict[str, _Sums], count: int, dataset_size: int | None, has_gsnr: bool) -> dict[str, LayerStats]:
-    owners: dict[str, list[_Sums]] = {}
-    for k, v in sums.items():
-        owners.setdefault(k.rpartition(".")[0] or ROOT, []).append(v)
-    return {mod: _group(vs, count, dataset_size, has_gsnr) for mod, vs in owners.items()}
-
-
 def stats_from_moments(
     m: Moments, *, dataset_size: int | None = None, dtypes: dict[str, torch.dtype] | None = None,
     consume: bool = False,
@@ -508,7 +162,7 @@ def stats_from_moments(
     # The GSNR is computed when first read, from the result's own mean and variance, unless
     # they are cast to another dtype (then now, from the moments' precision).
     lazy = has_gsnr and not dtypes
-    sums = _param_sums(m, dataset_size, gsnr=not lazy)
+    sums = param_sums(m, dataset_size, gsnr=not lazy)
     pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
     cast = lambda k, t: t.to(dtypes[k]) if k in dtypes else t  # noqa: E731
     scale = pop / (m.count - 1)
@@ -519,14 +173,14 @@ def stats_from_moments(
         variance = {k: cast(k, v) for k, v in m.m2.items()}
     else:
         variance = {k: cast(k, v * scale) for k, v in m.m2.items()}
-    total = _group(list(sums.values()), m.count, dataset_size, has_gsnr and not lazy)
+    total = group_stats(list(sums.values()), m.count, dataset_size, has_gsnr and not lazy)
     gsnr: float | None | Callable[[], float] = total.gsnr
     filled = lambda: sums  # noqa: E731  (the per-parameter sums, with their GSNR)
     if lazy:
-        table = _LazyGsnr(m.mean, variance, m.count, dataset_size, scale)
+        table = LazyGsnr(m.mean, variance, m.count, dataset_size, scale)
         filled, gsnr = (lambda: table.fill(sums)), table.total
-    per_param = LazyMap(lambda: _per_param(filled(), m.count, dataset_size, has_gsnr))
-    per_layer = LazyMap(lambda: _per_layer(filled(), m.count, dataset_size, has_gsnr))
+    per_param = LazyMap(lambda: per_param_stats(filled(), m.count, dataset_size, has_gsnr))
+    per_layer = LazyMap(lambda: per_layer_stats(filled(), m.count, dataset_size, has_gsnr))
     return GradientStats(
         batch_size=m.count,
         dataset_size=dataset_size,
@@ -556,11 +210,8 @@ def check_dataset_size(batch_size: int, dataset_size: int | None) -> None:
         )
 
 
-def _backends() -> dict[str, Callable[..., Moments]]:
-    from gradnoise.fast_norms import fast_moments
-    from gradnoise.per_sample import vmap_moments
-
-    return {"vmap": vmap_moments, "fast": fast_moments}
+# The engines that produce Moments of one batch, by name (``method=``).
+ENGINES: dict[str, Callable[..., Moments]] = {"vmap": vmap_moments, "fast": fast_moments}
 
 
 def compute_moments(
@@ -581,15 +232,13 @@ def compute_moments(
     :mod:`gradnoise.fast_norms`) when the loss is known to be the mean of per-example
     losses (or is verified to be on this batch), else ``"vmap"``.
     """
-    backends = _backends()
+    backends = ENGINES
     if method != "auto" and method not in backends:
         raise ValueError(f"unknown method {method!r}; choose one of 'auto', {', '.join(map(repr, backends))}")
     kwargs = {"variance": variance, "chunk_size": chunk_size}
     fast_kwargs = {**kwargs, "factored_mean": factored_mean}
     if method != "auto":
         return backends[method](model, loss_fn, inputs, targets, **(fast_kwargs if method == "fast" else kwargs))
-    from gradnoise.fast_norms import NotMeanLossError, fast_applies
-
     known = is_known_mean_loss(loss_fn, targets)  # then fast_moments need not check it again
     if known or fast_applies(model, loss_fn, inputs, targets):
         try:

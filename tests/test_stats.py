@@ -207,8 +207,8 @@ def test_chunked_results_are_in_the_parameters_dtype(case_name, method):
 
 @pytest.mark.parametrize("chunk", [2, 4, 1 << 16])
 def test_gsnr_sums_keeps_and_drops_the_documented_elements(chunk, monkeypatch):
-    import gradnoise.stats as stats
-    from gradnoise.stats import NOISE_FREE, _gsnr_sums
+    import gradnoise.summary as stats
+    from gradnoise.summary import NOISE_FREE, _gsnr_sums
 
     monkeypatch.setattr(stats, "GSNR_CHUNK", chunk)  # several passes, the last one short
 
@@ -245,7 +245,7 @@ def test_gsnr_is_computed_when_first_read_once_and_travels_with_the_result(datas
     import copy
     import pickle
 
-    import gradnoise.stats as stats
+    import gradnoise.summary as stats
     from tests.cases import CASES_BY_NAME
 
     calls = []
@@ -253,7 +253,7 @@ def test_gsnr_is_computed_when_first_read_once_and_travels_with_the_result(datas
     monkeypatch.setattr(stats, "_gsnr_sums", lambda *a, **k: calls.append(1) or original(*a, **k))
     model, loss, x, y = CASES_BY_NAME["mlp"].make(torch.float64, batch=9)
     n_params = len(list(model.parameters()))
-    moments = stats.compute_moments(model, loss, x, y, method="fast")
+    moments = gn.stats.compute_moments(model, loss, x, y, method="fast")
     total, per_param, per_layer = stats.summarise(moments, dataset_size)
     calls.clear()
 
