@@ -103,7 +103,7 @@ def bare_hooks(model, loss_fn, x, y, gram: bool):
     (the floor of the design before the Gram path). ``gram=True``: as the engine now does,
     layers where ``prefers_gram`` holds skip the weight gradient and take |g_i|² and |ḡ_W|²
     from the Gram matrices AAᵀ, DDᵀ (the floor of the current design)."""
-    from gradnoise._rules import prefers_gram
+    from gradnoise.rules import prefers_gram
 
     linears = _linears_with_bias(model)
     if linears is None:
@@ -216,7 +216,7 @@ def bare_rule_hooks(model, loss_fn, x, y):
     object; checked against ``gradient_stats`` before it is timed; ``None`` for other models
     and for models without convolutions (see :func:`bare_hooks`). The lower bound of the
     design on the CNN."""
-    from gradnoise._rules import rule_for
+    from gradnoise.rules import rule_for
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
     params = [p for p in model.parameters() if p.requires_grad]

@@ -5,7 +5,7 @@ The engine behind ``gradient_stats(..., method="fast")``. It runs the model once
 touched) with forward hooks that record each layer's input and tensor hooks that record the
 gradient of each layer's output, then one ``torch.autograd.grad`` of the batch loss gives
 the mean gradient and the per-layer output gradients. Per-layer rules
-(:mod:`gradnoise._rules`) turn these into per-example squared norms and ``Σ_i g_i²``.
+(:mod:`gradnoise.rules`) turn these into per-example squared norms and ``Σ_i g_i²``.
 
 Which path each parameter takes (visible in ``GradientStats.per_param[name].method``):
 
@@ -62,8 +62,8 @@ from gradnoise._functional import (
 )
 from gradnoise._lazy import LazyMap
 from gradnoise._moments import Moments, centred_m2_, centred_sums, moments_from_grads, scaled_rows
-from gradnoise._rules import linear_gram_norms, prefers_gram, rule_for
 from gradnoise.per_sample import needs_loop, vmap_grads_and_losses
+from gradnoise.rules import linear_gram_norms, prefers_gram, rule_for
 
 __all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
 
@@ -387,7 +387,7 @@ def fast_moments(
         variance: also compute ``Σ_i g_i²`` per element (one extra product per layer).
         chunk_size: examples per chunk for parameters that fall back to ``vmap``.
         factored_mean: without ``variance``, let Linear layers on 2-D inputs where
-            :func:`~gradnoise._rules.prefers_gram` holds skip the weight gradient: their
+            :func:`~gradnoise.rules.prefers_gram` holds skip the weight gradient: their
             norms and ``|ḡ_W|²`` come from ``B × B`` Gram matrices and ``Moments.mean`` holds
             ``ḡ_W`` as factors (:class:`~gradnoise._factored.FactoredGrads`), multiplied out
             only if read.

@@ -14,7 +14,7 @@ crash-safe logs, without changing the run.
 Two ways to measure (``mode``):
 
 * ``"hooks"``: forward hooks and output-gradient hooks on the supported layers apply the
-  per-layer rules of :mod:`gradnoise._rules` inside *your* backward pass, and the mean
+  per-layer rules of :mod:`gradnoise.rules` inside *your* backward pass, and the mean
   gradient is read from ``.grad`` — no extra forward or backward. Needs every trainable
   parameter in a supported layer called once per forward, a mean-reduced loss, and
   ``step()`` between ``backward()`` and ``zero_grad()``.
@@ -48,8 +48,8 @@ from torch import Tensor, nn
 
 from gradnoise._functional import LossFn, as_tuple, is_measuring, trainable_params
 from gradnoise._moments import Moments, centred_m2, centred_sums, scaled_rows, squared_norms
-from gradnoise._rules import rule_for
 from gradnoise.noise_scale import NoiseScaleEMA, two_batch
+from gradnoise.rules import rule_for
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
 from gradnoise.stats import gradient_stats
 from gradnoise.summary import LayerStats, summarise, summarise_scalars

@@ -77,17 +77,18 @@ def test_fast_without_variance_equals_vmap(case, force, monkeypatch):
     convolutions, norms scaled once for all layers, Linear weights' means kept factored,
     convolutions' means from their own per-example gradients or, with ``no-moments``, from
     the backward pass): same statistics and the same mean gradient as vmap in float64."""
-    from gradnoise import _rules, fast_norms
+    from gradnoise import fast_norms, rules
+    from gradnoise.rules import conv as conv_rules
 
     force_gram = force == "every-linear-gram"
     model, loss, x, y = case.make(torch.float64, batch=8)
     calls, moments = [], []
-    real = _rules._input_gram
-    monkeypatch.setattr(_rules, "_input_gram", lambda *args: (calls.append(1), real(*args))[1])
-    real_moments = _rules.conv_moments
+    real = conv_rules._input_gram
+    monkeypatch.setattr(conv_rules, "_input_gram", lambda *args: (calls.append(1), real(*args))[1])
+    real_moments = conv_rules.conv_moments
     for kind in (nn.Conv1d, nn.Conv2d):
         counted = lambda *args: (moments.append(1), real_moments(*args))[1]  # noqa: E731
-        monkeypatch.setitem(_rules.RULES, kind, dataclasses.replace(_rules.RULES[kind], moments=counted))
+        monkeypatch.setitem(rules.RULES, kind, dataclasses.replace(rules.RULES[kind], moments=counted))
     if force_gram:  # every Linear layer on 2-D input that may take the Gram path takes it
         monkeypatch.setattr(fast_norms, "prefers_gram", lambda *args: True)
     if force == "no-moments":
@@ -184,11 +185,11 @@ def test_input_gram_equals_patch_gram(conv, shape, chunked, monkeypatch):
     for strides, dilations, groups and every padding mode; and the rule's norms with it
     (weight, and the bias's from D_iᵀD_i) equal those of materialised per-example
     gradients, also when the rule works in chunks of two examples."""
-    from gradnoise import _rules
-    from gradnoise._rules import _conv_norms, _geometry, _input_gram, _patch_columns
+    from gradnoise.rules import _common
+    from gradnoise.rules.conv import _conv_norms, _geometry, _input_gram, _patch_columns
 
     if chunked:
-        monkeypatch.setattr(_rules, "_budget", lambda a, d: 1)  # then chunks of 1 example
+        monkeypatch.setattr(_common, "budget", lambda a, d: 1)  # then chunks of 1 example
     conv = conv.double()
     a = torch.randn(*shape, dtype=torch.float64)
     d = torch.randn_like(conv(a))
@@ -489,15 +490,15 @@ def test_sequence_linear_norms_in_chunks(out_features, elementwise, chunked, mon
     """The Linear rule on sequences ``[B, T, I]`` gives the norms (and ``Σ_i g_i²``) of the
     materialised per-example gradients ``Σ_t δ_t a_tᵀ`` (float64), whole or in chunks of
     one example."""
-    from gradnoise import _rules
+    from gradnoise.rules import _common, linear
 
     if chunked:
-        monkeypatch.setattr(_rules, "_budget", lambda a, d: 1)
+        monkeypatch.setattr(_common, "budget", lambda a, d: 1)
     torch.manual_seed(0)
     a = torch.randn(7, 5, 6, dtype=torch.float64)
     d = torch.randn(7, 5, out_features, dtype=torch.float64)
     g = torch.einsum("bto,bti->boi", d, a)
-    norms = _rules._dense_norms(a, d, True, elementwise)
+    norms = linear.dense_norms(a, d, True, elementwise)
     torch.testing.assert_close(norms["weight"][0], g.flatten(1).square().sum(1), rtol=1e-12, atol=0)
     torch.testing.assert_close(norms["bias"][0], d.sum(1).square().sum(1), rtol=1e-12, atol=0)
     if elementwise:

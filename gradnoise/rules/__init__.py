@@ -1,0 +1,13 @@
+"""Per-layer rules, one layer family per module, registered in :mod:`.registry`.
+
+To add a layer family: write ``rules/<family>.py`` with its ``norms`` and ``grads`` (tested
+against materialised per-example gradients in float64, ``tests/test_rules.py``), call
+:func:`~gradnoise.rules.registry.register`, and import the module here.
+"""
+
+from gradnoise.rules import attention, conv, embedding, linear, norm  # noqa: F401  (registers)
+from gradnoise.rules.conv import conv_moments
+from gradnoise.rules.linear import linear_gram_norms, prefers_gram
+from gradnoise.rules.registry import RULES, Rule, register, rule_for
+
+__all__ = ["RULES", "Rule", "conv_moments", "linear_gram_norms", "prefers_gram", "register", "rule_for"]

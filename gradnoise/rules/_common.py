@@ -1,0 +1,73 @@
+"""Helpers shared by the layer rules: chunking over examples within a memory budget, and
+per-example squared norms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from gradnoise.rules.registry import Grads, Norms
+
+MIN_CHUNK_ELEMENTS = 2**17  # smallest budget for a chunk of per-example temporaries
+
+
+def norms_from_grads(grads_fn: Callable[[nn.Module, Tensor, Tensor], Grads]):
+    """Norms of a rule whose per-example gradients are small enough to materialise."""
+
+    def norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0) -> Norms:
+        out = {}
+        for name, g in grads_fn(module, a, d).items():
+            g2 = g.square().mul_(scale * scale)
+            out[name] = (g2.flatten(1).sum(1), g2.sum(0) if elementwise else None)
+        return out
+
+    return norms
+
+
+def budget(a: Tensor, d: Tensor) -> int:
+    """Temporaries are bounded by the larger of the layer's input and output gradient (both
+    held by the step anyway, so a fraction of its peak)."""
+    return max(a.numel(), d.numel(), MIN_CHUNK_ELEMENTS)
+
+
+def batch_chunks(a: Tensor, d: Tensor, per_example: int):
+    """``(a, d)`` in chunks of examples whose temporaries hold at most :func:`budget`
+    elements (the tensors themselves when one chunk holds the batch)."""
+    B = a.shape[0]
+    step = max(1, budget(a, d) // max(1, per_example))
+    if step >= B:
+        yield a, d
+        return
+    for start in range(0, B, step):
+        yield a[start : start + step], d[start : start + step]
+
+
+def joined(rows: list[Tensor]) -> Tensor:
+    """The per-chunk rows of :func:`batch_chunks` as one tensor (no copy for one chunk)."""
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def scaled_(sq: Tensor, total: Tensor | None, s2: float) -> tuple[Tensor, Tensor | None]:
+    """``|g_i|²`` and ``Σ_i g_i²`` of ``d`` turned into those of ``scale · d`` (``s2 =
+    scale²``), in place."""
+    if s2 != 1:
+        sq.mul_(s2)
+        if total is not None:
+            total.mul_(s2)
+    return sq, total
+
+
+def sq_norms(g: Tensor) -> Tensor:
+    """``|g_i|²`` of ``[B, ...]`` rows in one pass (no squared temporary)."""
+    return torch.linalg.vector_norm(g if g.dim() == 2 else g.flatten(1), dim=1).square_()
+
+
+def bias_norms(gb: Tensor, elementwise: bool, s2: float) -> tuple[Tensor, Tensor | None]:
+    """``|g_i|²`` (and ``Σ_i g_i²``) of per-example bias gradients ``gb [B, O]`` of ``d``,
+    for ``δ = scale · d`` (``s2 = scale²``); squares ``gb`` in place."""
+    gb2 = gb.square_()
+    if s2 != 1:
+        gb2.mul_(s2)
+    return gb2.sum(1), gb2.sum(0) if elementwise else None

@@ -1,0 +1,70 @@
+"""The registry of layer rules: per-example gradient quantities of one layer family from a
+layer's input ``a`` and output gradient ``δ``.
+
+``δ_i`` is the gradient of example ``i``'s own loss with respect to the layer output, i.e.
+``B · ∂L/∂out_i`` for a mean-reduced batch loss ``L``. Each rule gives, per parameter, either
+
+* ``norms(module, a, d, elementwise, scale)``: per-example squared norms ``|g_i|²``
+  (``[B]``) and, if asked, ``Σ_i g_i²`` (elementwise, the parameter's shape) without
+  materialising ``B × P`` numbers, for ``δ = scale · d`` (the scale is applied where it
+  costs least, never as an extra pass over the output gradient); or
+* ``grads``: the materialised per-example gradients ``[B, *shape]`` (used when a parameter
+  receives contributions from several calls, e.g. tied weights).
+
+Adding a layer family is one module in :mod:`gradnoise.rules` that calls :func:`register`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = ["Grads", "Norms", "RULES", "Rule", "register", "rule_for"]
+
+Norms = dict[str, tuple[Tensor, Tensor | None]]  # name -> (sq_norms [B], sum_sq or None)
+Grads = dict[str, Tensor]  # name -> [B, *shape]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to get per-example quantities for one module type.
+
+    ``whole_call``: the rule gets the call's ``(args, kwargs)`` instead of its first input
+    (attention needs query, key, value and masks). ``owns_children``: the parameters of the
+    module's children belong to this rule (under dotted local names), for modules that use
+    a child's parameters without calling it (``MultiheadAttention.out_proj``). ``moments``
+    (optional): the norms of ``norms`` and the module's mean gradient ``Σ_i g_i`` (of ``d``,
+    unscaled) at about the cost of the parameters' own gradients, which the backward pass
+    then skips.
+    """
+
+    accepts: Callable[[nn.Module], bool]
+    norms: Callable[[nn.Module, Tensor, Tensor, bool, float], Norms]
+    grads: Callable[[nn.Module, Tensor, Tensor], Grads]
+    whole_call: bool = False
+    owns_children: bool = False
+    moments: Callable[[nn.Module, Tensor, Tensor, bool, float], tuple[Norms, Grads]] | None = None
+
+
+def always(module: nn.Module) -> bool:
+    """``Rule.accepts`` for layer types whose every configuration a rule handles."""
+    return True
+
+
+RULES: dict[type[nn.Module], Rule] = {}
+
+
+def register(rule: Rule, *types: type[nn.Module]) -> Rule:
+    """Register ``rule`` for these exact module types (subclasses are not matched: a subclass
+    may change ``forward``). Returns the rule."""
+    for t in types:
+        RULES[t] = rule
+    return rule
+
+
+def rule_for(module: nn.Module) -> Rule | None:
+    """The rule for this exact module type, if it has one and accepts this configuration."""
+    rule = RULES.get(type(module))
+    return rule if rule is not None and rule.accepts(module) else None
