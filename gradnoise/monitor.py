@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from gradnoise._functional import LossFn, as_tuple, is_measuring, trainable_params
 from gradnoise._moments import Moments, centred_m2, centred_sums, scaled_rows, squared_norms
+from gradnoise.engine.plan import param_owners
 from gradnoise.noise_scale import NoiseScaleEMA, two_batch
 from gradnoise.rules import rule_for
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
@@ -303,9 +304,7 @@ class Monitor:
     # ------------------------------------------------------------------ set-up
 
     def _choose_mode(self, mode: str) -> str:
-        from gradnoise.fast_norms import _owners
-
-        owners = _owners(self.inner, trainable_params(self.inner))
+        owners = param_owners(self.inner, trainable_params(self.inner))
         modules = dict(self.inner.named_modules())
         uncovered = [n for n, os in owners.items() if len(os) != 1 or rule_for(modules[os[0][0]]) is None]
         if mode == "hooks" and uncovered:

@@ -40,7 +40,7 @@ from gradnoise._factored import dtype_of
 from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of, is_known_mean_loss
 from gradnoise._lazy import LazyMap
 from gradnoise._moments import Moments
-from gradnoise.fast_norms import NotMeanLossError, fast_applies, fast_moments
+from gradnoise.engine import NotMeanLossError, fast_applies, fast_moments
 from gradnoise.per_sample import vmap_moments
 from gradnoise.summary import (
     LayerStats,
@@ -226,10 +226,10 @@ def compute_moments(
     factored_mean: bool = False,
 ) -> Moments:
     """Moments of per-example gradients of one batch with the engine ``method`` picks
-    (``factored_mean``: see :func:`gradnoise.fast_norms.fast_moments`).
+    (``factored_mean``: see :func:`gradnoise.engine.fast_moments`).
 
     ``"auto"`` picks ``"fast"`` (one forward and one backward with hooks, see
-    :mod:`gradnoise.fast_norms`) when the loss is known to be the mean of per-example
+    :mod:`gradnoise.engine`) when the loss is known to be the mean of per-example
     losses (or is verified to be on this batch), else ``"vmap"``.
     """
     backends = ENGINES
@@ -266,7 +266,7 @@ def gradient_stats(
         loss_fn: mean-reduced ``loss_fn(outputs, targets)``.
         inputs: Tensor or tuple of Tensors with a leading batch dimension ``B ≥ 2``.
         targets: Tensor (or tuple) with the same leading dimension.
-        method: ``"fast"`` (hooks, one backward; :mod:`gradnoise.fast_norms`), ``"vmap"``
+        method: ``"fast"`` (hooks, one backward; :mod:`gradnoise.engine`), ``"vmap"``
             (materialised per-example gradients, :func:`gradnoise.per_sample_grads`), or
             ``"auto"`` (``"fast"`` unless the loss is not a plain mean of per-example losses,
             e.g. class-weighted cross-entropy or ``ignore_index`` targets).

@@ -8,7 +8,7 @@ from torch import nn
 
 import gradnoise as gn
 from gradnoise._factored import FactoredGrads
-from gradnoise.fast_norms import NotMeanLossError
+from gradnoise.engine import NotMeanLossError
 from tests.cases import CASES_BY_NAME
 
 # Expected path of every parameter of some cases: the engine must say what it did.
@@ -77,7 +77,8 @@ def test_fast_without_variance_equals_vmap(case, force, monkeypatch):
     convolutions, norms scaled once for all layers, Linear weights' means kept factored,
     convolutions' means from their own per-example gradients or, with ``no-moments``, from
     the backward pass): same statistics and the same mean gradient as vmap in float64."""
-    from gradnoise import fast_norms, rules
+    from gradnoise import rules
+    from gradnoise.engine import hooks, plan
     from gradnoise.rules import conv as conv_rules
 
     force_gram = force == "every-linear-gram"
@@ -90,9 +91,10 @@ def test_fast_without_variance_equals_vmap(case, force, monkeypatch):
         counted = lambda *args: (moments.append(1), real_moments(*args))[1]  # noqa: E731
         monkeypatch.setitem(rules.RULES, kind, dataclasses.replace(rules.RULES[kind], moments=counted))
     if force_gram:  # every Linear layer on 2-D input that may take the Gram path takes it
-        monkeypatch.setattr(fast_norms, "prefers_gram", lambda *args: True)
+        monkeypatch.setattr(plan, "prefers_gram", lambda *args: True)
+        monkeypatch.setattr(hooks, "prefers_gram", lambda *args: True)
     if force == "no-moments":
-        monkeypatch.setattr(fast_norms, "_moments_ready", lambda *args: False)
+        monkeypatch.setattr(plan, "moments_ready", lambda *args: False)
     a = gn.gradient_stats(model, loss, x, y, method="fast", variance=False)
     if case.name.startswith("conv"):  # the "-gram" cases exist to take the input-Gram path
         # a first convolution (input needs no gradient) takes the moments path
@@ -318,9 +320,9 @@ def test_plan_follows_changes_to_the_model_and_does_not_keep_it_alive():
     import weakref
 
     def fresh(model, x, y):  # the same measurement without any cached plan
-        from gradnoise import fast_norms
+        from gradnoise.engine import plan
 
-        fast_norms._PLANS.clear()
+        plan._PLANS.clear()
         return gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="fast")
 
     torch.manual_seed(0)
@@ -378,9 +380,9 @@ def test_conv_norms_path_equals_vmap(name, monkeypatch):
     """Convolutions whose output cannot carry the gradient to the moments path (an in-place
     operation after them) take the norms path with the backward's weight gradient: forced
     here, with and without Σ_i g_i²."""
-    from gradnoise import fast_norms
+    from gradnoise.engine import plan
 
-    monkeypatch.setattr(fast_norms, "_moments_ready", lambda *args: False)
+    monkeypatch.setattr(plan, "moments_ready", lambda *args: False)
     model, loss, x, y = CASES_BY_NAME[name].make(torch.float64, batch=8)
     ref = gn.gradient_stats(model, loss, x, y, method="vmap")
     _compare(gn.gradient_stats(model, loss, x, y, method="fast"), ref, 1e-10)
@@ -428,12 +430,12 @@ def test_only_the_lowest_skipped_layers_are_requested(monkeypatch):
     """With Σ_i g_i² every convolution of the MNIST-1D CNN skips its parameters; only the
     first one's output is requested from autograd.grad (the others lie above it, so the
     engine runs their hooks anyway, and their output gradients are not held to the end)."""
-    from gradnoise import fast_norms
+    from gradnoise.engine import fast as engine_fast
     from gradnoise.tasks import mnist1d_cnn
 
     seen = []
-    real = fast_norms._hook_edges
-    monkeypatch.setattr(fast_norms, "_hook_edges", lambda *a: (seen.append(real(*a)), seen[-1])[1])
+    real = engine_fast.hook_edges
+    monkeypatch.setattr(engine_fast, "hook_edges", lambda *a: (seen.append(real(*a)), seen[-1])[1])
     torch.manual_seed(0)
     model = mnist1d_cnn(channels=4).double()
     x, y = torch.randn(6, 40, dtype=torch.float64), torch.randint(0, 10, (6,))

@@ -1,0 +1,225 @@
+"""Finishing the fast engine's pass: per-parameter norms from the rules, materialised
+per-example gradients of tied and rule-less parameters, and the whole-model ``vmap``
+fallback, merged into one :class:`~gradnoise._moments.Moments`."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from gradnoise._factored import FactoredGrads
+from gradnoise._functional import LossFn
+from gradnoise._lazy import LazyMap
+from gradnoise._moments import Moments, centred_m2_, centred_sums, moments_from_grads, scaled_rows
+from gradnoise.engine.hooks import Recorder
+from gradnoise.engine.module_vmap import close_to, local_tensors, module_grads
+from gradnoise.engine.plan import Plan, Route
+from gradnoise.per_sample import vmap_grads_and_losses
+
+__all__ = ["Pass", "assemble", "check_finite"]
+
+
+@dataclass
+class Pass:
+    """One forward and backward pass of the fast engine: what it ran on and what it produced.
+
+    ``params`` are the parameters the vmap fallbacks differentiate (detached), ``state`` the
+    frozen parameters and buffers; ``mean`` holds the mean gradient of every parameter that
+    the backward pass (or a rule's ``moments``) produced.
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    xs: tuple[Tensor, ...]
+    ys: tuple[Tensor, ...]
+    params: dict[str, Tensor]
+    state: dict[str, Tensor]
+    plan: Plan
+    modules: dict[str, nn.Module]
+    route: Route
+    recorder: Recorder
+    mean: dict[str, Tensor]
+    loss_sum: float
+    variance: bool
+    chunk_size: int | None
+
+    @property
+    def batch(self) -> int:
+        return self.recorder.batch
+
+
+@dataclass
+class _Parts:
+    """Per-parameter results gathered from the rules and the fallbacks."""
+
+    sq: dict[str, Tensor] = field(default_factory=dict)  # |g_i|² from the rules
+    sum_sq: dict[str, Tensor | None] = field(default_factory=dict)  # Σ_i g_i² from the rules
+    grads: dict[str, Tensor] = field(default_factory=dict)  # materialised [B, *shape]
+    whole_model: list[str] = field(default_factory=list)  # parameters for whole-model vmap
+    methods: dict[str, str] = field(default_factory=dict)
+
+
+def assemble(p: Pass) -> Moments:
+    """The :class:`Moments` of a pass: rule parameters from their norms and the batch
+    gradient (centred sums by subtraction), the others from materialised per-example
+    gradients (centred sums), merged."""
+    parts = _Parts(methods=dict(p.route.paths))
+    _collect_rules(p, parts)
+    _collect_units(p, parts)
+    merged = []
+    if parts.grads:
+        part = moments_from_grads(parts.grads, torch.zeros(p.batch), "fast", p.variance)
+        part.methods = {n: parts.methods[n] for n in parts.grads}
+        merged.append(part)
+    if parts.whole_model:
+        merged.append(_whole_model(p, parts.whole_model))
+    return _combine(p, parts, merged)
+
+
+def _collect_rules(p: Pass, parts: _Parts) -> None:
+    """Norms (or per-example gradients) that the recorder's rules produced, per parameter."""
+    recorder, owners, B = p.recorder, p.plan.owners, p.batch
+    for name, path in p.route.paths.items():
+        module, local = owners[name][0]
+        if path == "fast" and module in recorder.norms:
+            parts.sq[name], parts.sum_sq[name] = recorder.norms[module][local]
+        elif path == "fast" and module in recorder.grads:  # the module has tied parameters
+            parts.grads[name] = recorder.grads[module][local]
+        elif path == "fast-tied":
+            found = [recorder.grads[m][loc] for m, loc in owners[name] if m in recorder.grads]
+            param = p.params[name]
+            parts.grads[name] = sum(found) if found else param.new_zeros(B, *param.shape)
+        else:  # output never reached by the backward pass: zero gradient
+            param = p.params[name]
+            parts.sq[name] = param.new_zeros(B)
+            parts.sum_sq[name] = torch.zeros_like(param) if p.variance else None
+
+
+def _collect_units(p: Pass, parts: _Parts) -> None:
+    """Parameters without a rule: ``vmap`` over their smallest called owner, checked against
+    the batch gradient; whole-model ``vmap`` where that check fails or the owner is the
+    model itself."""
+    calls = p.recorder.calls
+    for unit, names in p.route.units.items():
+        if not unit:
+            parts.whole_model.extend(names)
+            continue
+        module = p.modules[unit]
+        local_leaves = local_tensors(module, p.params, p.state, p.model)
+        wanted = [n[len(unit) + 1 :] for n in names]  # noqa: E203
+        total: dict[str, Tensor] | None = {}
+        for call in calls[unit]:
+            g = module_grads(module, local_leaves, wanted, call, p.batch)
+            if g is None:
+                total = None
+                break
+            for k, v in g.items():
+                total[k] = total[k] + v if k in total else v
+        if total is not None and all(close_to(total[w].mean(0), p.mean[n]) for w, n in zip(wanted, names, strict=True)):
+            for w, n in zip(wanted, names, strict=True):
+                parts.grads[n] = total[w]
+                parts.methods[n] = "vmap-module"
+        else:
+            parts.whole_model.extend(names)
+
+
+def _whole_model(p: Pass, names: list[str]) -> Moments:
+    """Moments of ``names`` by ``vmap`` of the whole model (in chunks of ``chunk_size``)."""
+    sub = {n: p.params[n] for n in names}
+    rest = {**{n: t for n, t in p.params.items() if n not in sub}, **p.state}
+    B = p.batch
+    step = p.chunk_size or B
+    out = None
+    for s in range(0, B, step):
+        g, losses = vmap_grads_and_losses(
+            p.model, p.loss_fn, sub, rest, tuple(t[s : s + step] for t in p.xs), tuple(t[s : s + step] for t in p.ys)
+        )  # fmt: skip
+        m = moments_from_grads(g, losses, "vmap", p.variance)
+        out = m if out is None else out.merge(m)
+    return out
+
+
+def _combine(p: Pass, parts: _Parts, merged: list[Moments]) -> Moments:
+    """Rule parameters: mean from the batch gradient, centred sums by subtraction; the
+    scalars of all of them in a few stacked operations and one transfer (the per-parameter
+    tensors built only if read). Then the materialised parts, merged in."""
+    B, mean, gram, params = p.batch, p.mean, p.route.gram, p.params
+    factors = {n: p.recorder.factors[m] for n, m in gram.items() if m in p.recorder.factors}
+    for n in gram.keys() - factors.keys():  # output never reached by the backward pass
+        mean[n] = torch.zeros_like(params[n])
+    order = list(params)
+    scalars: dict[str, tuple[float, float]] = {}
+    sq_map: Mapping[str, Tensor] = {}
+    tm2_map: Mapping[str, Tensor] = {}
+    m2_map: dict[str, Tensor] | None = {} if p.variance else None
+    sq_total = None
+    sq = parts.sq
+    if sq:
+        dense = [n for n in sq if n not in factors]
+        names = dense + [n for n in sq if n in factors]
+        scale = 1.0 if p.variance else B * B
+        rows, sq_total, host = centred_sums(
+            [sq[n] for n in names], [mean[n] for n in dense], B, scale=scale,
+            mean_sq=[p.recorder.mean_sq[gram[n]] for n in names[len(dense):]], total=True,
+        )  # fmt: skip
+        check_finite([mean_sq + total for _, mean_sq, total in host], names)
+        scalars = {n: (tm2, mean_sq) for n, (tm2, mean_sq, _) in zip(names, host, strict=True)}
+        sq_map = LazyMap(lambda: _rows_by_name(names, scaled_rows(rows, scale), order))
+        tm2_map = LazyMap(functools.partial(_values_by_name, names, [h[0] for h in host], rows.device, order))
+        if m2_map is not None:  # in place on the rules' own buffers
+            sums = centred_m2_([parts.sum_sq[n] for n in names], [mean[n] for n in names], B)
+            m2_map.update(zip(names, sums, strict=True))
+    out_mean = {n: mean[n] for n in sq if n not in factors}
+    methods = parts.methods
+    if merged:  # some parameters materialised: plain dicts, merged
+        sq_map, tm2_map = dict(sq_map), dict(tm2_map)
+        for part in merged:
+            out_mean.update(part.mean)
+            tm2_map.update(part.trace_m2)
+            if m2_map is not None:
+                m2_map.update(part.m2)
+            sq_map.update(part.sq_norms)
+            methods.update(part.methods)
+            pnames = list(part.mean)
+            check_finite(torch.stack([part.trace_m2[n] + part.sq_norms[n].sum() for n in pnames]).tolist(), pnames)
+        sq_map, tm2_map = {n: sq_map[n] for n in order}, {n: tm2_map[n] for n in order}
+        sq_total = None
+    return Moments(
+        count=B,
+        mean=FactoredGrads(order, out_mean, factors) if factors else {n: out_mean[n] for n in order},
+        trace_m2=tm2_map,
+        m2=None if m2_map is None else {n: m2_map[n] for n in order},
+        sq_norms=sq_map,
+        loss_sum=p.loss_sum,
+        methods={n: methods[n] for n in order},
+        scalars=scalars if len(scalars) == len(order) else None,
+        sq_total=sq_total,
+        promoted=any(part.promoted for part in merged),
+    )
+
+
+def _rows_by_name(names: list[str], rows: Tensor, order: list[str]) -> dict[str, Tensor]:
+    """``{name: rows[j]}`` in the order ``order`` (of the parameters; ``names`` is a subset)."""
+    by_name = dict(zip(names, rows.unbind(), strict=True))
+    return {n: by_name[n] for n in order if n in by_name}
+
+
+def _values_by_name(names: list[str], values: list[float], device: torch.device, order: list[str]) -> dict[str, Tensor]:
+    """0-d float64 tensors on ``device`` of host ``values``, by name in the order ``order``."""
+    return _rows_by_name(names, torch.tensor(values, dtype=torch.float64, device=device), order)
+
+
+def check_finite(values: list[float], names: list[str]) -> None:
+    """Any NaN/inf in a per-example gradient shows in its squared norm, and one in the mean
+    gradient in ``|ḡ|²`` (cheaper than ``isfinite`` over every parameter)."""
+    for name, v in zip(names, values, strict=True):
+        if not math.isfinite(v):
+            raise FloatingPointError(
+                f"gradient of parameter {name!r} contains NaN or inf: the loss or the model "
+                "overflows on this batch"
+            )

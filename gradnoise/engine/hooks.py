@@ -1,0 +1,188 @@
+"""The hook engine: forward hooks that record module calls, and tensor hooks on their
+outputs that apply the layer rules (:mod:`gradnoise.rules`) when the output gradient
+arrives in the backward pass. Installed in a context manager and always removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradnoise.rules import linear_gram_norms, prefers_gram, rule_for
+
+__all__ = ["ModuleCall", "Recorder", "batch_dim", "detached_call", "flatten", "kept_outputs"]
+
+
+class ModuleCall:
+    """One recorded module call (a plain class with slots: one is made per layer per call)."""
+
+    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "output_version", "last", "seq")
+
+    def __init__(self, module: str, args: tuple, kwargs: dict, shapes: list, versions: list) -> None:
+        self.module, self.args, self.kwargs, self.versions = module, args, kwargs, versions
+        self.shapes: list[torch.Size | None] = shapes  # of the flat tensor outputs (not kept)
+        self.grads: list[Tensor | None] = [None] * len(shapes)  # kept only for vmap units
+        self.output: Tensor | None = None  # kept until the Gram or moments path is decided
+        self.output_version = 0
+        self.last = False  # the backward pass goes no further than this call's output
+        self.seq = 0  # position in the forward pass
+
+
+def flatten(obj: Any) -> list[Tensor | None]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in flatten(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in flatten(o)]
+    return [None]
+
+
+class Recorder:
+    """Hooks that record module calls in the forward pass and act on output gradients in the
+    backward pass; removed on exit (also on exceptions).
+
+    After the forward pass, :meth:`set_actions` says what to do when the gradient of a
+    call's output arrives: ``"norms"`` (apply the layer rule now, while the layer's input and
+    output gradient are alive, and drop both), ``"gram"`` (a Linear layer whose weight
+    gradient the backward pass skips: norms and ``|ḡ_W|²`` from the Gram matrices, and the
+    factors of ``ḡ_W`` kept), ``"moments"`` (a layer whose parameters' gradients the
+    backward pass skips: norms and the mean gradient from the rule's ``moments``),
+    ``"grads"`` (materialise per-example gradients and sum over calls) or ``"store"`` (keep
+    the gradient for ``vmap`` of the module). Computing during the backward pass keeps peak
+    memory near a plain step.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], batch: int, variance: bool, keep_output: dict[str, bool]) -> None:
+        self.modules, self.batch, self.variance = modules, batch, variance
+        self.keep_output = keep_output  # outputs kept until the path is decided (kept_outputs)
+        self.calls: dict[str, list[ModuleCall]] = {name: [] for name in modules}
+        self.actions: dict[str, set[str]] = {}
+        self.norms: dict[str, dict] = {}
+        self.mean_sq: dict[str, Tensor] = {}  # Gram path: |ḡ_W|²
+        self.factors: dict[str, tuple[Tensor, Tensor]] = {}  # Gram path: ḡ_W = dᵀa
+        self.means: dict[str, dict[str, Tensor]] = {}  # moments path: ḡ per local parameter
+        self._seq = itertools.count()
+        self.grads: dict[str, dict[str, Tensor]] = {}
+        self.active = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Recorder]:
+        handles = [
+            m.register_forward_hook(self._forward_hook(name), with_kwargs=True)
+            for name, m in self.modules.items()
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def set_actions(self, actions: dict[str, set[str]]) -> None:
+        self.actions = actions
+        for name, calls in self.calls.items():  # release what no action needs
+            for c in calls:
+                if not actions.get(name):
+                    c.args, c.kwargs = None, {}
+                if not actions.get(name, set()) & {"gram", "moments"}:
+                    c.output = None
+
+    def _forward_hook(self, name: str):
+        on_grad, seq, variance = self._on_grad, self._seq, self.variance
+        keep, always = name in self.keep_output, self.keep_output.get(name, False)
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not self.active:
+                return
+            versions = [args[0]._version] if args and isinstance(args[0], Tensor) else []
+            if isinstance(output, Tensor):  # the common case, kept short: once per layer per call
+                call = ModuleCall(name, args, kwargs, [output.shape], versions)
+                if output.requires_grad:
+                    output.register_hook(functools.partial(on_grad, call, 0))
+                    if keep and (always or variance or not (args and getattr(args[0], "requires_grad", False))):
+                        call.output, call.output_version, call.seq = output, output._version, next(seq)
+            else:
+                outs = flatten(output)
+                call = ModuleCall(name, args, kwargs, [None if t is None else t.shape for t in outs], versions)
+                for j, t in enumerate(outs):
+                    if t is not None and t.requires_grad:
+                        t.register_hook(functools.partial(on_grad, call, j))
+            self.calls[name].append(call)
+
+        return hook
+
+    def _on_grad(self, call: ModuleCall, j: int, g: Tensor) -> Tensor | None:
+        actions = self.actions.get(call.module, ())
+        if "store" in actions:
+            call.grads[j] = g
+        if j == 0 and ("norms" in actions or "grads" in actions or "gram" in actions or "moments" in actions):
+            self._apply_rule(call, g)
+        if call.last:
+            # The gradient of this output is requested (a gradient edge) only so that this
+            # hook runs; nothing is propagated below it, and what autograd.grad would hold
+            # until the end of the backward pass is replaced by a zero without storage.
+            return g.new_zeros(()).expand(g.shape)
+        return None
+
+    def _apply_rule(self, call: ModuleCall, g: Tensor) -> None:
+        module = self.modules[call.module]
+        a = call.args[0]
+        if call.versions and a._version != call.versions[0]:
+            raise RuntimeError(
+                f"the input of module {call.module!r} was modified in place after the call; "
+                "per-example gradients need it intact (use method='vmap')"
+            )
+        # The rule gets ∂L/∂out = δ/B (no scaled copy) and the scale B; grads are rescaled by
+        # B. Without Σ_i g_i², the squared norms are scaled by B² later, for all layers at once.
+        rule, d, B = rule_for(module), g.detach(), self.batch
+        a = detached_call(call) if rule.whole_call else a.detach()
+        if "gram" in self.actions[call.module]:
+            self.norms[call.module], self.mean_sq[call.module] = linear_gram_norms(a, d, module.bias is not None)
+            self.factors[call.module] = (d, a)
+        elif "moments" in self.actions[call.module]:
+            moments = rule.moments(module, a, d, self.variance, B if self.variance else 1.0)
+            self.norms[call.module], self.means[call.module] = moments
+        elif "norms" in self.actions[call.module]:
+            self.norms[call.module] = rule.norms(module, a, d, self.variance, B if self.variance else 1.0)
+        else:
+            acc = self.grads.setdefault(call.module, {})
+            for local, v in rule.grads(module, a, d).items():
+                v = v.mul_(B)
+                acc[local] = acc[local] + v if local in acc else v
+        if "store" not in self.actions[call.module]:
+            call.args, call.kwargs = None, {}  # free the activation early
+
+
+def kept_outputs(modules: dict[str, nn.Module], batch: int, gram: bool) -> dict[str, bool]:
+    """The recorded layers whose outputs the recorder keeps until the path is decided
+    (otherwise freed as in a plain forward pass), and whether always (``True``) or only with
+    ``Σ_i g_i²`` or when their input needs no gradient (``False``).
+
+    Kept: Linear layers that may take the Gram path at this batch size (always), and layers
+    whose rule has moments where skipping their parameters' gradients saves work: with
+    ``Σ_i g_i²`` (per-example gradients are formed anyway), or when their input needs no
+    gradient (the backward pass then skips the layer). Otherwise the Gram forms of the norms
+    and the backward's own weight gradient are cheaper (measured on the MNIST-1D CNN).
+    Depends only on the model, the batch size and ``gram``.
+    """
+    return {
+        name: type(m) is nn.Linear
+        for name, m in modules.items()
+        if (gram and type(m) is nn.Linear and prefers_gram(batch, m.in_features, m.out_features))
+        or getattr(rule_for(m), "moments", None) is not None
+    }  # fmt: skip
+
+
+def detached_call(call: ModuleCall) -> tuple[tuple, dict]:
+    det = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
+    return tuple(det(t) for t in call.args), {k: det(v) for k, v in call.kwargs.items()}
+
+
+def batch_dim(module: nn.Module) -> int:
+    return 1 if getattr(module, "batch_first", True) is False else 0
