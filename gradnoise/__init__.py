@@ -6,16 +6,13 @@ caller's model, ``.grad``, buffers, ``training`` flags or RNG state.
 """
 
 from gradnoise import plots, tasks
-from gradnoise.batch_size import (
-    BatchSizeSuggestion,
-    BNoise,
+from gradnoise.b_noise import BNoise, b_noise
+from gradnoise.batch_size import BatchSizeSuggestion, per_example_memory, suggest_batch_size
+from gradnoise.critical_batch import (
     CriticalBatchFit,
     SweepResult,
-    b_noise,
     critical_batch_sweep,
     fit_critical_batch,
-    per_example_memory,
-    suggest_batch_size,
 )
 from gradnoise.hessian import (
     HessianEigen,
@@ -26,11 +23,10 @@ from gradnoise.hessian import (
     hessian_trace,
 )
 from gradnoise.monitor import Monitor, log_spaced
+from gradnoise.noise_law import NoiseLaw, noise_law
 from gradnoise.noise_scale import (
-    NoiseLaw,
     NoiseScale,
     NoiseScaleEMA,
-    noise_law,
     noise_scale,
     ratio_interval,
     two_batch,

@@ -1,7 +1,7 @@
 """Figure: steps to target against batch size, the S = S_min + E_min/B fit, and B_crit
 against the measured noise scales (claim 4)."""
 
-from gradnoise.batch_size import CriticalBatchFit
+from gradnoise import CriticalBatchFit
 from gradnoise.plots import plot_critical_batch
 from paper_figures.common import args, figure, load, out
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from gradnoise.noise_scale import NoiseLaw
+from gradnoise import NoiseLaw
 from gradnoise.plots import plot_noise_law
 from paper_figures.common import args, figure, load, out
 

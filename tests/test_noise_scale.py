@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gradnoise as gn
-from gradnoise.noise_scale import two_batch
+from gradnoise import two_batch
 from gradnoise.tasks import LinearRegression
 
 TASK = LinearRegression.make(dim=8, sigma=0.5, distance=1.0, seed=0)

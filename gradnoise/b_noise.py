@@ -1,0 +1,104 @@
+"""The Hessian-aware noise scale ``B_noise = tr(HΣ) / GᵀHG`` (McCandlish et al. 2018,
+arXiv:1812.06162, §2.2 and App. A) from per-example gradients and Hessian-vector products
+over a stated set of examples; ``ε_opt(B) = ε_max / (1 + B_noise / B)`` with
+``ε_max = |G|² / GᵀHG``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradnoise._functional import LossFn
+from gradnoise.hessian import as_batches, hessian_operator
+from gradnoise.per_sample import per_sample_grads
+
+__all__ = ["BNoise", "b_noise"]
+
+
+@dataclass(frozen=True)
+class BNoise:
+    """``B_noise = tr(HΣ)/GᵀHG`` and the quantities it is made of.
+
+    Attributes:
+        b_noise: the estimate; interval: bootstrap over the examples of ``tr(HΣ)``.
+        trace_h_sigma: ``tr(HΣ)``; gthg: ``GᵀHG`` (bias-corrected); grad_norm_sq: ``|G|²``.
+        eps_max: ``|G|²/GᵀHG``, the optimal step size with an exact gradient.
+        examples: examples whose gradient deviations estimate ``tr(HΣ)``; num_hvps.
+    """
+
+    b_noise: float
+    interval: tuple[float, float]
+    trace_h_sigma: float
+    gthg: float
+    grad_norm_sq: float
+    eps_max: float
+    examples: int
+    num_hvps: int
+
+    def eps_opt(self, batch_size: float) -> float:
+        """``ε_opt(B) = ε_max / (1 + B_noise/B)`` (McCandlish et al. 2018, Eq. 2.6)."""
+        return self.eps_max / (1 + self.b_noise / batch_size)
+
+
+def b_noise(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches,
+    *,
+    examples: int = 64,
+    dataset_size: int | None = None,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> BNoise:
+    """Estimate ``B_noise = tr(HΣ)/GᵀHG`` with Hessian-vector products.
+
+    ``H`` and ``G`` are the Hessian and gradient of the mean loss over all examples in
+    ``batches`` (the stated set). ``tr(HΣ) = E[(g_i − G)ᵀ H (g_i − G)]`` is estimated from
+    the per-example gradient deviations of the first ``examples`` examples (one HVP each,
+    ``1/(m−1)`` normalisation); ``GᵀHG`` from one HVP, corrected for the noise in ``Ĝ``:
+    ``E[ĜᵀHĜ] = GᵀHG + tr(HΣ)(1/n − 1/N)`` over ``n`` examples (``1/N = 0`` for a stream).
+
+    Raises:
+        ValueError: fewer than 2 examples for ``tr(HΣ)``, and as :func:`hessian_operator`.
+    """
+    from scipy import stats
+
+    bs = as_batches(batches)
+    op = hessian_operator(model, loss_fn, bs)
+    n = op.num_examples
+    xs = tuple(torch.cat([x[i] for x, _ in bs]) for i in range(len(bs[0][0])))
+    ys = tuple(torch.cat([y[i] for _, y in bs]) for i in range(len(bs[0][1])))
+    m = min(examples, n)
+    if m < 2:
+        raise ValueError(f"tr(HΣ) needs at least 2 examples, got {m}")
+    g = per_sample_grads(model, loss_fn, tuple(t[:m] for t in xs), ys[0][:m] if len(ys) == 1 else tuple(t[:m] for t in ys))
+    flat = torch.cat([v.reshape(m, -1) for v in g.values()], dim=1)
+    dev = flat - flat.mean(0)
+    q = np.concatenate([
+        (blk * op.matmat(blk.T).T).sum(1).double().cpu().numpy() for blk in dev.split(256)
+    ]) * m / (m - 1)  # (g_i − ḡ)ᵀH(g_i − ḡ); mean(q) is unbiased for tr(HΣ)
+    tr_hs = float(q.mean())
+    G = op.gradient()
+    inv_n = 1.0 / n - (0.0 if dataset_size is None else 1.0 / dataset_size)
+    # trace of Σ from the same deviations, for the |G|² correction
+    tr_s = float(dev.square().sum()) / (m - 1)
+    gthg = float(G @ op.matvec(G)) - tr_hs * inv_n
+    g2 = float(G @ G) - tr_s * inv_n
+    res = stats.bootstrap((q,), np.mean, confidence_level=confidence, n_resamples=2000, method="percentile", random_state=np.random.default_rng(seed))
+    lo, hi = res.confidence_interval
+    ratio = (lambda x: x / gthg) if gthg > 0 else (lambda x: math.inf)
+    return BNoise(
+        b_noise=ratio(tr_hs),
+        interval=(ratio(float(lo)), ratio(float(hi))),
+        trace_h_sigma=tr_hs,
+        gthg=gthg,
+        grad_norm_sq=g2,
+        eps_max=g2 / gthg if gthg > 0 else math.inf,
+        examples=m,
+        num_hvps=op.num_hvps,
+    )
