@@ -14,14 +14,8 @@ from gradnoise.critical_batch import (
     critical_batch_sweep,
     fit_critical_batch,
 )
-from gradnoise.hessian import (
-    HessianEigen,
-    HessianOperator,
-    TraceEstimate,
-    hessian_eigenvalues,
-    hessian_operator,
-    hessian_trace,
-)
+from gradnoise.eigen import HessianEigen, hessian_eigenvalues
+from gradnoise.hessian import HessianOperator, hessian_operator
 from gradnoise.monitor import Monitor, log_spaced
 from gradnoise.noise_law import NoiseLaw, noise_law
 from gradnoise.noise_scale import (
@@ -43,6 +37,7 @@ from gradnoise.sharpness import (
 )
 from gradnoise.sinks import read_run
 from gradnoise.stats import GradientStats, LayerStats, StatsAccumulator, gradient_stats
+from gradnoise.trace import TraceEstimate, hessian_trace
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
-"""Hessian-vector products of the mean loss over a stated set of examples, and the
-curvature estimators built on them: eigenvalues (power iteration, Lanczos) and the trace
-(Hutchinson, Hutch++).
+"""The Hessian of the mean loss over a stated set of examples as a linear operator, with a
+registry of Hessian-vector-product backends (:data:`HVP_METHODS`). The estimators built on
+it live in :mod:`gradnoise.eigen` (eigenvalues) and :mod:`gradnoise.trace` (the trace).
 
 The Hessian is that of ``L(θ) = Σ_b (n_b / N) loss_fn(model(x_b), y_b)``: the mean loss over
 all ``N`` examples of the given batches (each batch weighted by its size). The model is
@@ -13,9 +13,7 @@ Vectors are flat (``[P]``, parameters in ``named_parameters`` order, trainable o
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,18 +38,9 @@ from gradnoise._functional import (
     trainable_params,
 )
 
-__all__ = [
-    "HessianEigen",
-    "HessianOperator",
-    "TraceEstimate",
-    "as_batches",
-    "hessian_eigenvalues",
-    "hessian_operator",
-    "hessian_trace",
-]
+__all__ = ["HVP_METHODS", "HessianOperator", "as_batches", "hessian_operator"]
 
 HVPMethod = Literal["auto", "closed-form", "double-backward", "forward-over-reverse"]
-_HVP_METHODS = ("auto", "closed-form", "double-backward", "forward-over-reverse")
 
 
 twice_differentiable = sdpa_math  # the fused attention kernels have no second derivative
@@ -192,12 +181,7 @@ class HessianOperator:
             return self.matmat(v)
         v = v.to(dtype=self.dtype, device=self.device)
         self.num_hvps += 1
-        if self.method == "closed-form" and self._build_chain():
-            return self._hvp_chain(v, out)
-        if self.method == "forward-over-reverse":
-            hv = self._hvp_fwd(v)
-            return hv if out is None else out.copy_(hv)
-        return self._hvp_double(v, out)
+        return HVP_METHODS[self.method](self, v, out)
 
     def _build_chain(self) -> bool:
         """The closed-form path's per-batch quantities; ``False`` (and double backward from
@@ -217,6 +201,8 @@ class HessianOperator:
         return True
 
     def _hvp_chain(self, v: Tensor, out: Tensor | None) -> Tensor:
+        if not self._build_chain():  # a batch outside the closed form, method="auto"
+            return self._hvp_double(v, out)
         out = torch.empty_like(v) if out is None else out
         vs, views = self.unflatten(v), self.unflatten(out)
         for i, (batch, w) in enumerate(self._chain_batches):
@@ -248,7 +234,7 @@ class HessianOperator:
                     gs = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
                     self._graphs.append((leaves, gs, x[0].shape[0] / self.num_examples))
 
-    def _hvp_fwd(self, v: Tensor) -> Tensor:
+    def _hvp_fwd(self, v: Tensor, out_buffer: Tensor | None = None) -> Tensor:
         out = torch.zeros_like(v)
         tangent = self.unflatten(v)
         with preserved_state(self.model), twice_differentiable():
@@ -256,7 +242,7 @@ class HessianOperator:
                 w = x[0].shape[0] / self.num_examples
                 _, hv = jvp(grad(lambda p: self._loss(p, x, y)), (self.params,), (tangent,))
                 out += w * self.flatten(hv)
-        return out
+        return out if out_buffer is None else out_buffer.copy_(out)
 
     def release(self) -> None:
         """Free the cached first-order graphs (or the closed-form path's batch quantities)."""
@@ -299,8 +285,8 @@ def hessian_operator(
         ValueError: BatchNorm or dropout in train mode, no batches, unknown method,
             ``"closed-form"`` for a model or loss outside it (the message says why).
     """
-    if method not in _HVP_METHODS:
-        raise ValueError(f"unknown HVP method {method!r}; choose one of {', '.join(map(repr, _HVP_METHODS))}")
+    if method != "auto" and method not in HVP_METHODS:
+        raise ValueError(f"unknown HVP method {method!r}; choose 'auto' or one of {', '.join(map(repr, HVP_METHODS))}")
     params = trainable_params(model)
     check_loss_fn(loss_fn)
     check_no_train_batchnorm(model)
@@ -321,344 +307,11 @@ def hessian_operator(
     )
 
 
-# ---------------------------------------------------------------- eigenvalues
-
-Which = Literal["LA", "LM", "SA"]
-
-
-@dataclass(frozen=True)
-class HessianEigen:
-    """Eigenpairs of the Hessian of the mean loss over the stated examples.
-
-    Attributes:
-        eigenvalues: ``k`` values, sorted as ``which`` asks (largest algebraic "LA",
-            largest magnitude "LM", smallest algebraic "SA") — first is the extreme one.
-        eigenvectors: ``[P, k]`` unit vectors (flat, parameter order of ``names``).
-        num_hvps: Hessian-vector products used (including the residual checks).
-        residuals: ``‖Hv − λv‖ / |λ|`` of each pair, computed with an extra HVP each.
-        converged: every residual ``≤ tol``.
-        which, method, num_examples, names.
-    """
-
-    eigenvalues: tuple[float, ...]
-    eigenvectors: Tensor = field(repr=False)
-    num_hvps: int
-    residuals: tuple[float, ...]
-    converged: bool
-    which: str
-    method: str
-    num_examples: int
-    names: tuple[str, ...] = field(repr=False)
-
-    def to_dict(self) -> dict:
-        return {
-            "eigenvalues": list(self.eigenvalues), "num_hvps": self.num_hvps,
-            "residuals": list(self.residuals), "converged": self.converged, "which": self.which,
-            "method": self.method, "num_examples": self.num_examples,
-        }  # fmt: skip
-
-
-def _residuals(op: HessianOperator, vals, vecs) -> tuple[float, ...]:
-    hv = op.matmat(vecs)
-    out = []
-    for j, lam in enumerate(vals):
-        r = float(torch.linalg.vector_norm(hv[:, j] - lam * vecs[:, j]))
-        out.append(r / max(abs(lam), torch.finfo(vecs.dtype).tiny))
-    return tuple(out)
-
-
-def _power(op: HessianOperator, v0: Tensor, *, shift: float, tol: float, max_iter: int, basis: Tensor | None):
-    """Power iteration on ``H + shift·I`` (deflated against ``basis``); stops when the
-    residual ``‖Hv − λv‖ ≤ tol·|λ|`` (λ the Rayleigh quotient of H), not on a relative change."""
-    v = v0 / torch.linalg.vector_norm(v0)
-    lam = 0.0
-    for _ in range(max_iter):
-        if basis is not None:
-            v = v - basis @ (basis.T @ v)
-            v = v / torch.linalg.vector_norm(v)
-        hv = op.matvec(v)
-        lam = float(v @ hv)
-        resid = float(torch.linalg.vector_norm(hv - lam * v))
-        if resid <= tol * max(abs(lam), torch.finfo(v.dtype).tiny):
-            return lam, v, True
-        w = hv + shift * v
-        norm = torch.linalg.vector_norm(w)
-        if norm == 0:
-            return lam, v, True
-        v = w / norm
-    return lam, v, False
-
-
-def hessian_eigenvalues(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batches,
-    *,
-    k: int = 1,
-    which: Which = "LA",
-    method: Literal["lanczos", "arpack", "power"] = "lanczos",
-    tol: float = 1e-3,
-    max_iter: int = 1000,
-    v0: Tensor | None = None,
-    seed: int = 0,
-    hvp: HVPMethod = "auto",
-) -> HessianEigen:
-    """Top-``k`` Hessian eigenvalues of the mean loss over ``batches``.
-
-    Args:
-        k: number of eigenpairs.
-        which: ``"LA"`` largest algebraic (the sharpness ``λ_max``), ``"LM"`` largest
-            magnitude (what plain power iteration converges to), ``"SA"`` smallest algebraic.
-            On an indefinite Hessian "LA" and "LM" differ; every method honours ``which``.
-        method: ``"lanczos"`` (Lanczos with full reorthogonalisation, checked after every
-            product: :func:`_lanczos_checked`; the reported residuals are its exact Ritz
-            residuals, no extra products; at most 32 basis vectors, then explicit
-            restarts), ``"arpack"`` (``scipy.sparse.linalg.eigsh`` on a ``LinearOperator``,
-            implicitly restarted, in float64; residuals computed afterwards, ``k`` more
-            products) or ``"power"`` (power iteration with shifts for "LA"/"SA" and
-            deflation for ``k>1``).
-        tol: relative residual ``‖Hv − λv‖/|λ|`` to reach (the eigenvalue's error is at
-            most ``tol·|λ|``, and typically far less).
-        max_iter: at most this many products (``"lanczos"``, ``"power"``) or ARPACK
-            restarts (``"arpack"``).
-        v0: start vector (flat, ``[P]``), e.g. the previous eigenvector during training
-            (Lanczos then stops after a few products); else random from ``seed``.
-        hvp: how Hessian-vector products are computed, as ``method`` of
-            :func:`hessian_operator` (default ``"auto"``).
-
-    Returns:
-        :class:`HessianEigen`.
-
-    Raises:
-        ValueError: bad ``k``, ``which`` or ``method``; and as :func:`hessian_operator`.
-    """
-    if which not in ("LA", "LM", "SA"):
-        raise ValueError(f"unknown which={which!r}; choose 'LA', 'LM' or 'SA'")
-    if method not in ("lanczos", "arpack", "power"):
-        raise ValueError(f"unknown method {method!r}; choose 'lanczos', 'arpack' or 'power'")
-    op = hessian_operator(model, loss_fn, batches, method=hvp)
-    if not 1 <= k < op.dim:
-        raise ValueError(f"k must be in [1, {op.dim - 1}] for {op.dim} parameters, got {k}")
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    start = (v0.detach().reshape(-1).to(op.dtype) if v0 is not None else torch.randn(op.dim, generator=g, dtype=op.dtype)).to(op.device)
-    if method == "lanczos":
-        vals, vecs, residuals = _lanczos_checked(op, k, which, tol, min(max_iter, op.dim), start)
-    else:
-        if method == "arpack":
-            vals, vecs = _arpack(op, k, which, tol, max_iter, start)
-        else:
-            vals, vecs = _power_k(op, k, which, tol, max_iter, start)
-        residuals = _residuals(op, vals, vecs)
-    op.release()
-    return HessianEigen(
-        eigenvalues=tuple(vals), eigenvectors=vecs, num_hvps=op.num_hvps, residuals=residuals,
-        converged=all(r <= tol for r in residuals), which=which, method=method,
-        num_examples=op.num_examples, names=tuple(op.names),
-    )  # fmt: skip
-
-
-def _order(vals: np.ndarray, which: str) -> np.ndarray:
-    key = {"LA": -vals, "SA": vals, "LM": -np.abs(vals)}[which]
-    return np.argsort(key, kind="stable")
-
-
-def _arpack(op, k, which, tol, max_iter, start):
-    from scipy.sparse.linalg import eigsh
-
-    # ARPACK stops when each Ritz pair's residual bound is ≤ tol·|θ|, the criterion reported.
-    # A short basis (ncv = 2k+1, at least 8) is checked after fewer products than the default
-    # 20; measured on the MNIST-1D MLP: 13 instead of 21 HVPs to the same accuracy.
-    vals, vecs = eigsh(
-        op.to_scipy(), k=k, which=which, tol=tol, maxiter=max_iter,
-        ncv=min(op.dim, max(2 * k + 1, 8)), v0=start.detach().to("cpu", torch.float64).numpy(),
-    )  # fmt: skip
-    idx = _order(vals, which)
-    return [float(vals[i]) for i in idx], torch.as_tensor(vecs[:, idx], dtype=op.dtype, device=op.device)
-
-
-MAX_BASIS = 32  # Lanczos vectors held at once by the checked Lanczos: memory ≤ 32·P numbers
-
-
-def _lanczos_checked(op, k, which, tol, max_iter, start, max_basis: int = MAX_BASIS):
-    """Lanczos from ``start`` with full reorthogonalisation, checked after every product.
-
-    After ``j`` products the Ritz pairs ``(θ, Q s)`` of the tridiagonal ``T_j`` have residual
-    ``‖H Q s − θ Q s‖ = β_j |s_j|`` (Saad 2011, *Numerical Methods for Large Eigenvalue
-    Problems*, Prop. 6.8), so convergence is known without extra products (reported no
-    smaller than the rounding level ``8 ε max|θ|`` of the operator's dtype). From a good start
-    (the previous eigenvector during training) this stops after a few products, where ARPACK
-    would build a basis of at least ``ncv`` vectors first. The basis holds at most
-    ``max_basis`` vectors (at least ``2k + 2``): when it is full, Lanczos restarts from the
-    sum of the current Ritz vectors (explicit restart), so memory stays bounded on large
-    models; it stops when a restart no longer reduces the residual. Returns values,
-    vectors and the residuals relative to ``|θ|``.
-    """
-    max_basis = max(max_basis, 2 * k + 2)
-    products, best, stalls = 0, math.inf, 0
-    while True:
-        vals, vecs, res, n, final = _lanczos_run(op, k, which, tol, min(max_basis, max_iter - products), start)
-        products += n
-        # Two restarts in a row without a smaller residual: the operator's precision is
-        # reached (e.g. tol below float32 rounding), so stop, not converged.
-        stalls = stalls + 1 if max(res) >= best else 0
-        best = min(best, max(res))
-        if final or products >= max_iter or stalls >= 2:
-            return vals, vecs, res
-        start = vecs.sum(1)
-
-
-def _lanczos_run(op, k, which, tol, steps, start):
-    """One Lanczos run of at most ``steps`` products; ``final`` when converged or the Krylov
-    space is invariant (nothing left to gain from a restart).
-
-    Reorthogonalisation against the whole basis (classical Gram–Schmidt, repeated when a
-    pass cancelled more than ``1 − 1/√2`` of the norm: "twice is enough", Giraud et al.
-    2005) starts at the first step where some Ritz pair of ``T_j`` has converged to
-    ``β_j |s_j| ≤ √ε max|θ|`` and is done at every step from then on. Before that the
-    three-term recurrence keeps the basis semi-orthogonal: the component of a new Lanczos
-    vector along a Ritz vector grows like ``ε ‖H‖ / (β_j |s_j|)`` (Paige 1976), and
-    semi-orthogonality (``√ε``) is enough for Ritz values accurate to rounding (Simon 1984,
-    *Math. Comp.* 42). A stop at ``tol ≫ √ε`` (the monitor's 1e-2 in float32) then never
-    reads the basis, which is most of the cost besides the products on small models.
-    """
-    eps = torch.finfo(start.dtype).eps
-    rows = torch.empty(min(steps, 16), op.dim, dtype=start.dtype, device=start.device)
-    torch.div(start, torch.linalg.vector_norm(start), out=rows[0])
-    alphas: list[float] = []
-    betas: list[float] = []
-    full = False  # reorthogonalising against the whole basis
-    while True:
-        j = len(alphas)
-        if j + 1 == rows.shape[0] < steps:  # grow the basis storage
-            grown = torch.empty(min(2 * rows.shape[0], steps), op.dim, dtype=rows.dtype, device=rows.device)
-            grown[: rows.shape[0]] = rows
-            rows = grown
-        # the product goes straight into the next row, normalised there below
-        w = op.matvec(rows[j], out=rows[j + 1] if j + 1 < rows.shape[0] else None)
-        Q = rows[: j + 1]  # orthonormal rows
-        alpha = float(torch.mv(rows[j : j + 1], w))  # torch.dot: 125 µs, this: 37 µs (289k, CPU)
-        alphas.append(alpha)
-        w.add_(rows[j], alpha=-alpha)
-        if j:
-            w.add_(rows[j - 1], alpha=-betas[-1])
-        beta = _reorthogonalise(w, Q) if full else float(torch.linalg.vector_norm(w))
-        T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-        theta, S = np.linalg.eigh(T)
-        scale = abs(theta).max()
-        if not full and (beta * np.abs(S[-1]) <= math.sqrt(eps) * scale).any():
-            # A Ritz pair has converged: from here on the basis needs reorthogonalising,
-            # this step's vector included (against the whole basis, twice).
-            full = True
-            beta = _reorthogonalise(w, Q, twice=True)
-        idx = _order(theta, which)[: min(k, j + 1)]
-        # Exact in exact arithmetic; floored at the rounding level of the products.
-        floor = 8 * eps * scale
-        res = [max(beta * abs(S[-1, i]), floor) / max(abs(theta[i]), np.finfo(np.float64).tiny) for i in idx]
-        done = j + 1 >= k and all(r <= tol for r in res)
-        invariant = beta <= eps * max(scale, 1.0)
-        if done or (invariant and j + 1 >= k) or j + 1 >= steps:
-            break
-        if invariant:  # the Krylov space closed with fewer than k vectors: continue from a
-            # seeded random direction orthogonal to it (T becomes block diagonal, β = 0)
-            g = torch.Generator(device="cpu").manual_seed(j)
-            w = torch.randn(op.dim, generator=g, dtype=w.dtype).to(w.device)
-            beta = _reorthogonalise(w, Q, twice=True)
-            w, beta = w / beta, 0.0
-        betas.append(beta)
-        torch.div(w, beta if beta else 1.0, out=rows[j + 1])
-    vecs = Q.T @ torch.as_tensor(S[:, idx], dtype=Q.dtype, device=Q.device)
-    return [float(theta[i]) for i in idx], vecs, res, j + 1, done or (invariant and j + 1 >= k)
-
-
-def _reorthogonalise(w: Tensor, Q: Tensor, *, twice: bool = False) -> float:
-    """One classical Gram–Schmidt pass of ``w`` against the rows of ``Q`` (in place),
-    repeated when it cancelled more than ``1 − 1/√2`` of the norm ("twice is enough",
-    Giraud et al. 2005) or when ``twice``; returns ``‖w‖``."""
-    before = float(torch.linalg.vector_norm(w))
-    w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
-    norm = float(torch.linalg.vector_norm(w))
-    if twice or norm < 0.7071 * before:
-        w.addmv_(Q.T, torch.mv(Q, w), alpha=-1)
-        norm = float(torch.linalg.vector_norm(w))
-    return norm
-
-
-def _power_k(op, k, which, tol, max_iter, start):
-    vals, vecs = [], []
-    basis = None
-    for j in range(k):
-        v0 = start if j == 0 else torch.roll(start, j)
-        # Largest magnitude first; shift to reach the algebraic ends (Rayleigh-quotient shift).
-        lam, v, ok = _power(op, v0, shift=0.0, tol=tol, max_iter=max_iter, basis=basis)
-        # On H + |λ_LM| I (LA) or H − λ_LM I (SA) the dominant eigenvalue is the algebraic
-        # end asked for; restart from v0 (the LM eigenvector has eigenvalue 0 there).
-        if (which == "LA" and lam < 0) or (which == "SA" and lam > 0):
-            lam, v, ok = _power(op, v0, shift=-lam, tol=tol, max_iter=max_iter, basis=basis)
-        vals.append(lam)
-        vecs.append(v)
-        basis = torch.stack(vecs, dim=1)
-    return vals, basis
-
-
-# ---------------------------------------------------------------- trace
-
-
-@dataclass(frozen=True)
-class TraceEstimate:
-    """A stochastic estimate of ``tr H``, its standard error and cost."""
-
-    trace: float
-    stderr: float
-    num_hvps: int
-    method: str
-    num_examples: int
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def hessian_trace(
-    model: nn.Module,
-    loss_fn: LossFn,
-    batches,
-    *,
-    method: Literal["hutchinson", "hutch++"] = "hutchinson",
-    num_hvps: int = 99,
-    seed: int = 0,
-) -> TraceEstimate:
-    """``tr H`` by Hutchinson (Rademacher probes, 1990) or Hutch++ (Meyer et al. 2021).
-
-    Hutch++ spends a third of the budget on a sketch ``Q = qr(H S)`` whose trace is exact,
-    a third on ``HQ``, and a third on Hutchinson for the deflated rest
-    ``(I − QQᵀ)H(I − QQᵀ)``: lower variance when the spectrum decays. The standard error
-    is that of the Hutchinson part (the sketch part is exact given ``Q``).
-
-    Raises:
-        ValueError: fewer than 2 probes (3 for Hutch++), unknown method.
-    """
-    op = hessian_operator(model, loss_fn, batches)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-
-    def rademacher(m):
-        return (torch.randint(0, 2, (op.dim, m), generator=g) * 2 - 1).to(op.dtype).to(op.device)
-
-    if method == "hutchinson":
-        if num_hvps < 2:
-            raise ValueError(f"Hutchinson needs at least 2 probes for a standard error, got {num_hvps}")
-        Z = rademacher(num_hvps)
-        q = (Z * op.matmat(Z)).sum(0).double()
-        est, se = float(q.mean()), float(q.std() / np.sqrt(num_hvps))
-    elif method == "hutch++":
-        m = num_hvps // 3
-        if m < 2:
-            raise ValueError(f"Hutch++ needs at least 6 matrix-vector products, got {num_hvps}")
-        Q, _ = torch.linalg.qr(op.matmat(rademacher(m)))
-        sketch = float((Q * op.matmat(Q)).sum())
-        G = rademacher(num_hvps - 2 * m)
-        G = G - Q @ (Q.T @ G)
-        q = (G * op.matmat(G)).sum(0).double()
-        est, se = sketch + float(q.mean()), float(q.std() / np.sqrt(q.numel()))
-    else:
-        raise ValueError(f"unknown method {method!r}; choose 'hutchinson' or 'hutch++'")
-    op.release()
-    return TraceEstimate(est, se, op.num_hvps, method, op.num_examples)
+# Hessian-vector-product backends by name: ``fn(op, v, out) -> H v`` (written into ``out``
+# when given). ``hessian_operator(method="auto")`` picks "closed-form" where the model and
+# loss allow it, else "double-backward".
+HVP_METHODS: dict[str, Callable[[HessianOperator, Tensor, Tensor | None], Tensor]] = {
+    "closed-form": HessianOperator._hvp_chain,
+    "double-backward": HessianOperator._hvp_double,
+    "forward-over-reverse": HessianOperator._hvp_fwd,
+}

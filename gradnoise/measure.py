@@ -17,8 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from gradnoise.batch_size import suggest_batch_size
+from gradnoise.eigen import hessian_eigenvalues
+from gradnoise.sharpness import epsilon_sharpness
 from gradnoise.stats import gradient_stats
 from gradnoise.tasks import get_task
+from gradnoise.trace import hessian_trace
 
 __all__ = [
     "MeasureConfig",
@@ -260,9 +263,6 @@ def measure_sharpness(config: SharpnessConfig) -> dict:
     """Train briefly, then the Hessian's top-k eigenvalues (Lanczos), its trace (Hutch++) and
     the ε-sharpness (Keskar et al. 2017), over the first ``examples`` training examples, in
     eval mode (curvature of a deterministic loss)."""
-    from gradnoise.hessian import hessian_eigenvalues, hessian_trace
-    from gradnoise.sharpness import epsilon_sharpness
-
     model, loss_fn, x, y, description = load_problem(config.task, config.model, config.seed, config.device)
     train_loss = train_sgd(model, loss_fn, x, y, steps=config.train_steps, batch=config.train_batch, lr=config.lr, seed=config.seed)
     model.eval()

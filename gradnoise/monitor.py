@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from gradnoise._functional import LossFn, as_tuple, is_measuring, trainable_params
 from gradnoise._moments import Moments, centred_m2, centred_sums, scaled_rows, squared_norms
+from gradnoise.eigen import hessian_eigenvalues
 from gradnoise.engine.plan import param_owners
 from gradnoise.noise_scale import NoiseScaleEMA, two_batch
 from gradnoise.rules import rule_for
@@ -491,8 +492,6 @@ class Monitor:
         return {"two_batch_trace_cov": tr, "two_batch_grad_norm_sq": g2, "two_batch_b_simple": tr / g2 if g2 > 0 else math.inf}
 
     def _sharpness(self, record: dict, optimizer) -> dict:
-        from gradnoise.hessian import hessian_eigenvalues
-
         modes = [(m, m.training) for m in self.inner.modules()]
         try:  # curvature of the deterministic (eval-mode) loss; modes restored below
             self.inner.eval()
