@@ -46,10 +46,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from gradnoise._functional import LossFn, as_tuple, is_measuring, trainable_params
+from gradnoise._functional import LossFn, as_tuple, trainable_params
 from gradnoise._moments import Moments, centred_m2, centred_sums, scaled_rows, squared_norms
 from gradnoise.eigen import hessian_eigenvalues
 from gradnoise.engine.plan import param_owners
+from gradnoise.engine.step_hooks import StepHooks
 from gradnoise.noise_scale import NoiseScaleEMA, two_batch
 from gradnoise.rules import rule_for
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
@@ -109,99 +110,6 @@ def _dist():
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist
     return None
-
-
-DEFER_ELEMENTS = 1 << 20  # a layer's input + output gradient up to this size: rule applied after backward
-
-
-class _LayerHooks:
-    """Persistent hooks: per-example norms of the supported layers in the user's backward.
-
-    A layer's rule needs its input and its output gradient. For small layers both are kept
-    and the rules run together after the backward pass (:meth:`flush`, from
-    ``Monitor.step``): each kind of operation run between the backward pass's matrix
-    products costs several times more than the same operation run again right after it
-    (cold caches), and small layers' tensors cost little to keep. Layers larger than
-    ``DEFER_ELEMENTS`` are done during the backward pass, so that their output gradients
-    are not kept.
-    """
-
-    def __init__(self, modules: dict[str, nn.Module], monitor: Monitor) -> None:
-        self.modules, self.monitor = modules, monitor
-        self.rules = {name: rule_for(m) for name, m in modules.items()}  # fixed per module
-        self.batch_dims = {name: 1 if getattr(m, "batch_first", True) is False else 0 for name, m in modules.items()}
-        self.handles: list = []
-        self.reset()
-
-    def reset(self) -> None:
-        self.sq: dict[str, list[Tensor]] = {}  # module → per-micro-batch norms dicts
-        self.sum_sq: dict[str, dict[str, Tensor]] = {}
-        self.calls: dict[str, int] = {}
-        self.failed: str | None = None
-        self.pending: list[tuple] = []  # (name, module, input, output gradient), for flush()
-
-    def install(self) -> None:
-        for name, m in self.modules.items():
-            self.handles.append(m.register_forward_hook(self._forward(name), with_kwargs=True))
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-    def _forward(self, name: str):
-        whole_call = self.rules[name].whole_call
-
-        def hook(module, args, kwargs, output):
-            if not self.monitor._armed or not torch.is_grad_enabled() or is_measuring():
-                return  # only the user's own forward passes count
-            out = output[0] if isinstance(output, tuple) and output else output  # attention: (y, weights)
-            if isinstance(out, Tensor) and out.requires_grad and args and isinstance(args[0], Tensor):
-                if whole_call:
-                    det = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
-                    a = (tuple(det(t) for t in args), {k: det(v) for k, v in kwargs.items()})
-                else:
-                    a = args[0].detach()
-                out.register_hook(self._backward(name, module, a))
-
-        hook._gradnoise_observer = True  # reads only: the closed-form Hessian path may ignore it
-        return hook
-
-    def _backward(self, name: str, module: nn.Module, a: Tensor):
-        def hook(g: Tensor) -> None:
-            # Counted when the gradient arrives: a forward without backward (evaluation) is ignored.
-            self.calls[name] = self.calls.get(name, 0) + 1
-            first = a[0][0] if isinstance(a, tuple) else a
-            if first.numel() + g.numel() <= DEFER_ELEMENTS:
-                self.pending.append((name, module, a, g.detach()))
-                return
-            try:
-                self._apply(name, module, a, g.detach())
-            except Exception as exc:  # never break the user's backward pass
-                if self.monitor.strict:
-                    raise
-                self.failed = f"{type(exc).__name__}: {exc}"
-
-        return hook
-
-    def flush(self) -> None:
-        """Apply the rules of the layers kept for after the backward pass (in call order)."""
-        pending, self.pending = self.pending, []
-        for item in pending:
-            self._apply(*item)
-
-    def _apply(self, name: str, module: nn.Module, a, g: Tensor) -> None:
-        first = a[0][0] if isinstance(a, tuple) else a
-        B = first.shape[self.batch_dims[name]]
-        scale = B / self.monitor.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
-        norms = self.rules[name].norms(module, a, g, self.monitor.variance, scale)
-        prefix = f"{name}." if name else ""
-        for local, (sq, s2) in norms.items():
-            key = prefix + local
-            self.sq.setdefault(key, []).append(sq)
-            if s2 is not None:
-                acc = self.sum_sq.setdefault(key, {})
-                acc["v"] = acc["v"] + s2 if "v" in acc else s2
 
 
 class Monitor:
@@ -279,7 +187,7 @@ class Monitor:
         self._params = {n: p for n, p in self.inner.named_parameters() if n in params}
         self._numels = {n: p.numel() for n, p in self._params.items()}
         self.mode = self._choose_mode(mode)
-        self._hooks: _LayerHooks | None = None
+        self._hooks: StepHooks | None = None
         self._param_handles: list = []
         self._micro_sq: list[float] = []  # |g|² of each backward's gradient (accumulation, DDP)
         self._pending_sq, self._pending_count = 0.0, 0  # of the backward in progress
@@ -328,7 +236,10 @@ class Monitor:
             return
         if self.mode == "hooks" and self._hooks is None:
             modules = {m: mod for m, mod in self.inner.named_modules() if rule_for(mod) is not None}
-            self._hooks = _LayerHooks(modules, self)
+            self._hooks = StepHooks(
+                modules, armed=lambda: self._armed, elementwise=self.variance, loss_scale=self.loss_scale,
+                strict=self.strict,
+            )  # fmt: skip
             self._hooks.install()
         if (self.accumulation_steps > 1 or self._dist is not None) and not self._param_handles:
             for p in self._params.values():
@@ -453,7 +364,7 @@ class Monitor:
             rows.append(s)
             if m2 is not None:
                 mean[name] = g = g if factor == 1 else g / factor
-                m2[name] = centred_m2(hooks.sum_sq[name]["v"], g, B)
+                m2[name] = centred_m2(hooks.sum_sq[name], g, B)
         # All parameters' scalars in a few stacked operations: Σ_i|g_i|² − B|ḡ|² per parameter
         # (.grad is the user's gradient: divided by the loss scale and accumulation steps on
         # the host scalars, unless the variance needs the mean itself).

@@ -72,10 +72,10 @@ def test_hooks_mode_equals_gradient_stats(variance, loss_scale, defer, monkeypat
     """Hooks mode on the user's own backward (of the loss times ``loss_scale``, as under a
     gradient scaler) gives gradient_stats' numbers, with the layer rules applied after the
     backward pass (small layers) or during it (large ones)."""
-    from gradnoise import monitor
+    from gradnoise.engine import step_hooks
 
     if not defer:
-        monkeypatch.setattr(monitor, "DEFER_ELEMENTS", 0)
+        monkeypatch.setattr(step_hooks, "DEFER_ELEMENTS", 0)
     torch.manual_seed(0)
     model = mlp().double()
     loss_fn = nn.CrossEntropyLoss()
@@ -129,10 +129,10 @@ def test_metric_exception_is_counted_not_raised_unless_strict():
 def test_failing_layer_rule_never_breaks_training(defer, monkeypatch):
     """A layer rule that raises (after or during the user's backward) is counted, not
     raised; strict=True raises it."""
-    from gradnoise import monitor
+    from gradnoise.engine import step_hooks
 
     if not defer:
-        monkeypatch.setattr(monitor, "DEFER_ELEMENTS", 0)
+        monkeypatch.setattr(step_hooks, "DEFER_ELEMENTS", 0)
 
     class Boom:
         whole_call = False
@@ -262,6 +262,10 @@ DDP_SCRIPT = textwrap.dedent(
     del mon, ddp  # the DDP reducer goes before the process group, not at interpreter exit
     dist.barrier()  # both ranks done communicating before gloo tears down
     dist.destroy_process_group()
+    # gloo's threads can abort the interpreter's own teardown ("terminate called without an
+    # active exception"); everything is written and flushed, so leave without it
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 

@@ -5,10 +5,11 @@ arrives in the backward pass. Installed in a context manager and always removed.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from gradnoise.rules import linear_gram_norms, prefers_gram, rule_for
 
-__all__ = ["ModuleCall", "Recorder", "batch_dim", "detached_call", "flatten", "kept_outputs"]
+__all__ = ["ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "kept_outputs", "rule_input"]
 
 
 class ModuleCall:
@@ -44,7 +45,49 @@ def flatten(obj: Any) -> list[Tensor | None]:
     return [None]
 
 
-class Recorder:
+class ModuleHooks(abc.ABC):
+    """Forward hooks (with kwargs) on named modules, installed and removed as a unit; the
+    base of the two hook sets of the package: :class:`Recorder` (one measurement) and
+    :class:`~gradnoise.engine.step_hooks.StepHooks` (the user's own training steps).
+    A subclass provides ``_forward_hook(name)``, the hook of one module."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self._handles: list = []
+
+    @abc.abstractmethod
+    def _forward_hook(self, name: str) -> Callable:
+        """The forward hook of module ``name`` (``hook(module, args, kwargs, output)``)."""
+
+    def install(self) -> None:
+        for name, m in self.modules.items():
+            self._handles.append(m.register_forward_hook(self._forward_hook(name), with_kwargs=True))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[ModuleHooks]:
+        """The hooks, installed for the block and removed on exit (also on exceptions)."""
+        self.install()
+        try:
+            yield self
+        finally:
+            self.remove()
+
+
+def rule_input(whole_call: bool, args: tuple, kwargs: dict):
+    """What a layer rule takes of a call, detached: the first input, or for a rule with
+    ``whole_call`` the call's ``(args, kwargs)``."""
+    if not whole_call:
+        return args[0].detach()
+    det = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
+    return tuple(det(t) for t in args), {k: det(v) for k, v in kwargs.items()}
+
+
+class Recorder(ModuleHooks):
     """Hooks that record module calls in the forward pass and act on output gradients in the
     backward pass; removed on exit (also on exceptions).
 
@@ -60,7 +103,8 @@ class Recorder:
     """
 
     def __init__(self, modules: dict[str, nn.Module], batch: int, variance: bool, keep_output: dict[str, bool]) -> None:
-        self.modules, self.batch, self.variance = modules, batch, variance
+        super().__init__(modules)
+        self.batch, self.variance = batch, variance
         self.keep_output = keep_output  # outputs kept until the path is decided (kept_outputs)
         self.calls: dict[str, list[ModuleCall]] = {name: [] for name in modules}
         self.actions: dict[str, set[str]] = {}
@@ -71,18 +115,6 @@ class Recorder:
         self._seq = itertools.count()
         self.grads: dict[str, dict[str, Tensor]] = {}
         self.active = True
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[Recorder]:
-        handles = [
-            m.register_forward_hook(self._forward_hook(name), with_kwargs=True)
-            for name, m in self.modules.items()
-        ]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     def set_actions(self, actions: dict[str, set[str]]) -> None:
         self.actions = actions
@@ -141,7 +173,7 @@ class Recorder:
         # The rule gets ∂L/∂out = δ/B (no scaled copy) and the scale B; grads are rescaled by
         # B. Without Σ_i g_i², the squared norms are scaled by B² later, for all layers at once.
         rule, d, B = rule_for(module), g.detach(), self.batch
-        a = detached_call(call) if rule.whole_call else a.detach()
+        a = rule_input(rule.whole_call, call.args, call.kwargs)
         if "gram" in self.actions[call.module]:
             self.norms[call.module], self.mean_sq[call.module] = linear_gram_norms(a, d, module.bias is not None)
             self.factors[call.module] = (d, a)
@@ -177,11 +209,6 @@ def kept_outputs(modules: dict[str, nn.Module], batch: int, gram: bool) -> dict[
         if (gram and type(m) is nn.Linear and prefers_gram(batch, m.in_features, m.out_features))
         or getattr(rule_for(m), "moments", None) is not None
     }  # fmt: skip
-
-
-def detached_call(call: ModuleCall) -> tuple[tuple, dict]:
-    det = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
-    return tuple(det(t) for t in call.args), {k: det(v) for k, v in call.kwargs.items()}
 
 
 def batch_dim(module: nn.Module) -> int:

@@ -1,0 +1,102 @@
+"""Persistent hooks that apply the layer rules inside the user's own backward pass (the
+training monitor's ``"hooks"`` mode): per-example squared norms of every supported layer,
+per micro-batch, without an extra forward or backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from gradnoise._functional import is_measuring
+from gradnoise.engine.hooks import ModuleHooks, batch_dim, rule_input
+from gradnoise.rules import rule_for
+
+__all__ = ["DEFER_ELEMENTS", "StepHooks"]
+
+DEFER_ELEMENTS = 1 << 20  # a layer's input + output gradient up to this size: rule applied after backward
+
+
+class StepHooks(ModuleHooks):
+    """Per-example norms of the supported layers in the user's backward passes.
+
+    A layer's rule needs its input and its output gradient. For small layers both are kept
+    and the rules run together after the backward pass (:meth:`flush`): each kind of
+    operation run between the backward pass's matrix products costs several times more
+    than the same operation run right after it (cold caches), and small layers' tensors
+    cost little to keep. Layers larger than :data:`DEFER_ELEMENTS` are done during the
+    backward pass, so that their output gradients are not kept.
+
+    Args:
+        modules: the layers to hook (each with a rule).
+        armed: whether the current step is measured (checked in each forward pass).
+        elementwise: also ``Σ_i g_i²`` per parameter.
+        loss_scale: the factor the loop multiplies its loss by before ``backward()``.
+        strict: re-raise an exception from a rule inside the backward pass (else kept in
+            :attr:`failed` and raised by :meth:`flush`'s caller).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], *, armed: Callable[[], bool], elementwise: bool,
+                 loss_scale: float, strict: bool) -> None:  # fmt: skip
+        super().__init__(modules)
+        self.armed, self.elementwise, self.loss_scale, self.strict = armed, elementwise, loss_scale, strict
+        self.rules = {name: rule_for(m) for name, m in modules.items()}  # fixed per module
+        self.batch_dims = {name: batch_dim(m) for name, m in modules.items()}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what the hooks saw (after each step)."""
+        self.sq: dict[str, list[Tensor]] = {}  # parameter → per-micro-batch |g_i|²
+        self.sum_sq: dict[str, Tensor] = {}  # parameter → Σ_i g_i² over micro-batches
+        self.calls: dict[str, int] = {}
+        self.failed: str | None = None
+        self.pending: list[tuple] = []  # (name, module, input, output gradient), for flush()
+
+    def _forward_hook(self, name: str):
+        whole_call = self.rules[name].whole_call
+
+        def hook(module, args, kwargs, output):
+            if not self.armed() or not torch.is_grad_enabled() or is_measuring():
+                return  # only the user's own forward passes of measured steps count
+            out = output[0] if isinstance(output, tuple) and output else output  # attention: (y, weights)
+            if isinstance(out, Tensor) and out.requires_grad and args and isinstance(args[0], Tensor):
+                out.register_hook(self._backward_hook(name, module, rule_input(whole_call, args, kwargs)))
+
+        hook._gradnoise_observer = True  # reads only: the closed-form Hessian path may ignore it
+        return hook
+
+    def _backward_hook(self, name: str, module: nn.Module, a):
+        def hook(g: Tensor) -> None:
+            # Counted when the gradient arrives: a forward without backward (evaluation) is ignored.
+            self.calls[name] = self.calls.get(name, 0) + 1
+            first = a[0][0] if isinstance(a, tuple) else a
+            if first.numel() + g.numel() <= DEFER_ELEMENTS:
+                self.pending.append((name, module, a, g.detach()))
+                return
+            try:
+                self._apply(name, module, a, g.detach())
+            except Exception as exc:  # never break the user's backward pass
+                if self.strict:
+                    raise
+                self.failed = f"{type(exc).__name__}: {exc}"
+
+        return hook
+
+    def flush(self) -> None:
+        """Apply the rules of the layers kept for after the backward pass (in call order)."""
+        pending, self.pending = self.pending, []
+        for item in pending:
+            self._apply(*item)
+
+    def _apply(self, name: str, module: nn.Module, a, g: Tensor) -> None:
+        first = a[0][0] if isinstance(a, tuple) else a
+        B = first.shape[self.batch_dims[name]]
+        scale = B / self.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
+        norms = self.rules[name].norms(module, a, g, self.elementwise, scale)
+        prefix = f"{name}." if name else ""
+        for local, (sq, s2) in norms.items():
+            key = prefix + local
+            self.sq.setdefault(key, []).append(sq)
+            if s2 is not None:
+                self.sum_sq[key] = self.sum_sq[key] + s2 if key in self.sum_sq else s2
