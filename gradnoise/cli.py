@@ -22,6 +22,8 @@ from gradnoise.measure import (
     measure_sharpness,
     parse_sizes,
 )
+from gradnoise.plots import plot_run
+from gradnoise.sinks import read_run
 from gradnoise.tasks import TASKS
 
 
@@ -143,8 +145,6 @@ def _fmt(v) -> str:
 
 
 def watch_summary(run_dir: Path, last: int = 10) -> str:
-    from gradnoise.sinks import read_run
-
     config, records = read_run(run_dir)
     if not config and not records:
         raise ValueError(f"{run_dir} holds no gradnoise run (no config.json or metrics.jsonl)")
@@ -216,9 +216,6 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         if args.plot is not None:
-            from gradnoise.plots import plot_run  # noqa: I001
-            from gradnoise.sinks import read_run
-
             args.plot.mkdir(parents=True, exist_ok=True)
             plot_run(read_run(args.run_dir)[1], args.plot / "run")
             print(f"wrote {args.plot / 'run.pdf'} and {args.plot / 'run.png'}")

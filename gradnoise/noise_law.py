@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of, mean_gradient
+from gradnoise.plots import plot_noise_law
 from gradnoise.stats import StatsAccumulator
 
 __all__ = ["NoiseLaw", "noise_law"]
@@ -54,8 +55,6 @@ class NoiseLaw:
 
     def plot(self, ax=None):
         """Seaborn figure of the measurements, the fit and the theory (see :mod:`gradnoise.plots`)."""
-        from gradnoise.plots import plot_noise_law
-
         return plot_noise_law(self, ax=ax)
 
 
