@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 import pathlib
 
-import pytest
-
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gradnoise"
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80  # code lines, docstring excluded
