@@ -52,8 +52,6 @@ class Moments:
             when the engine has it; else ``None`` (summed from ``sq_norms`` when needed).
         promoted: some tensors were promoted to float64 by :meth:`merge` (results are cast
             back to the parameters' dtypes).
-
-    Any of the mappings may be a :class:`~gradnoise._lazy.LazyMap` (built when first read).
     """
 
     count: int

@@ -95,27 +95,22 @@ class GradientStats:
     per_param: Mapping[str, LayerStats] = field(repr=False)
     per_layer: Mapping[str, LayerStats] = field(repr=False)
     sq_norms: Tensor = field(repr=False)
-    # the GSNR, or a function that computes it from ``mean`` and ``variance`` (see ``gsnr``)
-    _gsnr: float | None | Callable[[], float] = field(default=None, repr=False, compare=False)
+    # the GSNR's per-parameter sums, computed once when first read (see ``gsnr``)
+    _gsnr: LazyGsnr | None = field(default=None, repr=False, compare=False)
 
     @property
     def gsnr(self) -> float | None:
         """Mean per-element gradient signal-to-noise ratio, or ``None`` without ``variance``.
 
-        Computed when first read (then kept), from ``mean`` and ``variance`` as they are
-        then: a pass over every parameter, which on the MNIST-1D MLP at ``B = 128`` took
-        about half as long as a training step; callers that do not read it do not pay it.
+        Computed when first read (then kept), from ``mean`` and ``variance``: a pass over
+        every parameter that callers who do not read it do not pay.
         """
-        value = self._gsnr
-        if callable(value):
-            value = value()
-            object.__setattr__(self, "_gsnr", value)  # cached (a frozen dataclass)
-        return value
+        return None if self._gsnr is None else self._gsnr.total()
 
     def __getstate__(self) -> dict:  # pickles and copies with the GSNR computed
-        state = dict(self.__dict__)
-        state["_gsnr"] = self.gsnr
-        return state
+        if self._gsnr is not None:
+            self._gsnr.sums()  # drops the table's references to the tensors
+        return dict(self.__dict__)
 
     def to_dict(self) -> dict:
         """Plain numbers only (JSON-serialisable): scalars, per-parameter and per-layer stats."""
@@ -159,13 +154,14 @@ def stats_from_moments(
     check_dataset_size(m.count, dataset_size)
     dtypes = {k: t for k, t in (dtypes or {}).items() if k in m.mean and t != dtype_of(m.mean, k)}
     has_gsnr = m.m2 is not None
-    # The GSNR is computed when first read, from the result's own mean and variance, unless
-    # they are cast to another dtype (then now, from the moments' precision).
-    lazy = has_gsnr and not dtypes
-    sums = param_sums(m, dataset_size, gsnr=not lazy)
+    sums = param_sums(m, dataset_size, gsnr=False)
     pop = 1.0 if dataset_size is None else (dataset_size - 1) / dataset_size
     cast = lambda k, t: t.to(dtypes[k]) if k in dtypes else t  # noqa: E731
     scale = pop / (m.count - 1)
+    table = None
+    if has_gsnr and dtypes:  # from the moments' own precision, now, before the cast
+        table = LazyGsnr(m.mean, m.m2, m.count, dataset_size, 1.0)
+        table.sums()
     if m.m2 is None:
         variance = None
     elif consume:
@@ -173,12 +169,12 @@ def stats_from_moments(
         variance = {k: cast(k, v) for k, v in m.m2.items()}
     else:
         variance = {k: cast(k, v * scale) for k, v in m.m2.items()}
-    total = group_stats(list(sums.values()), m.count, dataset_size, has_gsnr and not lazy)
-    gsnr: float | None | Callable[[], float] = total.gsnr
-    filled = lambda: sums  # noqa: E731  (the per-parameter sums, with their GSNR)
-    if lazy:
+    if has_gsnr and table is None:  # from the result's own mean and variance, when first read
         table = LazyGsnr(m.mean, variance, m.count, dataset_size, scale)
-        filled, gsnr = (lambda: table.fill(sums)), table.total
+    total = group_stats(list(sums.values()), m.count, dataset_size, False)
+    # The per-parameter and per-module tables are built when first read: with the GSNR, they
+    # need its per-parameter sums (a pass over every parameter).
+    filled = (lambda: table.fill(sums)) if table is not None else (lambda: sums)  # noqa: E731
     per_param = LazyMap(lambda: per_param_stats(filled(), m.count, dataset_size, has_gsnr))
     per_layer = LazyMap(lambda: per_layer_stats(filled(), m.count, dataset_size, has_gsnr))
     return GradientStats(
@@ -193,7 +189,7 @@ def stats_from_moments(
         per_param=per_param,
         per_layer=per_layer,
         sq_norms=m.sq_total if m.sq_total is not None else torch.stack(list(m.sq_norms.values())).sum(0),
-        _gsnr=gsnr,
+        _gsnr=table,
     )
 
 

@@ -4,9 +4,7 @@ fallback, merged into one :class:`~gradnoise._moments.Moments`."""
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +12,6 @@ from torch import Tensor, nn
 
 from gradnoise._factored import FactoredGrads
 from gradnoise._functional import LossFn
-from gradnoise._lazy import LazyMap
 from gradnoise._moments import Moments, centred_m2_, centred_sums, moments_from_grads, scaled_rows
 from gradnoise.engine.hooks import Recorder
 from gradnoise.engine.module_vmap import close_to, local_tensors, module_grads
@@ -146,16 +143,16 @@ def _whole_model(p: Pass, names: list[str]) -> Moments:
 
 def _combine(p: Pass, parts: _Parts, merged: list[Moments]) -> Moments:
     """Rule parameters: mean from the batch gradient, centred sums by subtraction; the
-    scalars of all of them in a few stacked operations and one transfer (the per-parameter
-    tensors built only if read). Then the materialised parts, merged in."""
+    scalars of all of them in a few stacked operations and one transfer. Then the
+    materialised parts, merged in."""
     B, mean, gram, params = p.batch, p.mean, p.route.gram, p.params
     factors = {n: p.recorder.factors[m] for n, m in gram.items() if m in p.recorder.factors}
     for n in gram.keys() - factors.keys():  # output never reached by the backward pass
         mean[n] = torch.zeros_like(params[n])
     order = list(params)
     scalars: dict[str, tuple[float, float]] = {}
-    sq_map: Mapping[str, Tensor] = {}
-    tm2_map: Mapping[str, Tensor] = {}
+    sq_map: dict[str, Tensor] = {}
+    tm2_map: dict[str, Tensor] = {}
     m2_map: dict[str, Tensor] | None = {} if p.variance else None
     sq_total = None
     sq = parts.sq
@@ -169,15 +166,14 @@ def _combine(p: Pass, parts: _Parts, merged: list[Moments]) -> Moments:
         )  # fmt: skip
         check_finite([mean_sq + total for _, mean_sq, total in host], names)
         scalars = {n: (tm2, mean_sq) for n, (tm2, mean_sq, _) in zip(names, host, strict=True)}
-        sq_map = LazyMap(lambda: _rows_by_name(names, scaled_rows(rows, scale), order))
-        tm2_map = LazyMap(functools.partial(_values_by_name, names, [h[0] for h in host], rows.device, order))
+        sq_map = _rows_by_name(names, scaled_rows(rows, scale), order)
+        tm2_map = _values_by_name(names, [h[0] for h in host], rows.device, order)
         if m2_map is not None:  # in place on the rules' own buffers
             sums = centred_m2_([parts.sum_sq[n] for n in names], [mean[n] for n in names], B)
             m2_map.update(zip(names, sums, strict=True))
     out_mean = {n: mean[n] for n in sq if n not in factors}
     methods = parts.methods
     if merged:  # some parameters materialised: plain dicts, merged
-        sq_map, tm2_map = dict(sq_map), dict(tm2_map)
         for part in merged:
             out_mean.update(part.mean)
             tm2_map.update(part.trace_m2)
