@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "HostSums",
     "Moments",
     "centred_m2",
     "centred_m2_",
@@ -88,6 +90,15 @@ class Moments:
         return Moments(n, mean, trace_m2, m2, sq, self.loss_sum + other.loss_sum, methods, promoted=True)
 
 
+class HostSums(NamedTuple):
+    """One parameter's scalars on the host (float64): ``Σ_i |g_i − ḡ|²``, ``|ḡ|²`` and
+    ``Σ_i |g_i|²``."""
+
+    trace_m2: float
+    mean_sq: float
+    sum_sq: float
+
+
 def squared_norms(tensors: list[Tensor]) -> Tensor:
     """``|t|²`` of each tensor, stacked (``[P]``, float64)."""
     return torch.stack(torch._foreach_norm(tensors)).double().square_()
@@ -96,7 +107,7 @@ def squared_norms(tensors: list[Tensor]) -> Tensor:
 def centred_sums(
     sq_norms: list[Tensor], means: list[Tensor], count: int, *, scale: float = 1.0, mean_sq: list[Tensor] = (),
     mean_scale: float = 1.0, total: bool = False,
-) -> tuple[Tensor, Tensor | None, list[tuple[float, float, float]]]:
+) -> tuple[Tensor, Tensor | None, list[HostSums]]:
     """Centred sums of squares of ``P`` parameters from their per-example squared norms.
 
     Args:
@@ -112,8 +123,7 @@ def centred_sums(
     Returns:
         The stacked ``[P, B]`` ``|g_i|²`` *unscaled*, in their dtype (:func:`scaled_rows`
         makes them float64 and scaled), the scaled float64 per-example total over
-        parameters (``[B]``) or ``None``, and per parameter the host values
-        ``(Σ_i |g_i − ḡ|², |ḡ|², Σ_i |g_i|²)`` with ``Σ_i |g_i − ḡ|² = Σ_i |g_i|² − B |ḡ|²``
+        parameters (``[B]``) or ``None``, and per parameter its :class:`HostSums`, with ``Σ_i |g_i − ḡ|² = Σ_i |g_i|² − B |ḡ|²``
         (clamped at 0 against rounding).
 
     Sums accumulate in float64 and norms are squared on the host in float64; the scales are
@@ -130,7 +140,7 @@ def centred_sums(
     for j in range(P):
         s, v = sums[j] * scale, values[j]
         msq = v * v * mean_scale**2 if j < k else v
-        host.append((max(s - count * msq, 0.0), msq, s))
+        host.append(HostSums(max(s - count * msq, 0.0), msq, s))
     per_example = None
     if total:
         per_example = rows.sum(0, dtype=torch.float64)

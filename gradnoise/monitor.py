@@ -373,11 +373,11 @@ class Monitor:
             total, per_layer = summarise_scalars(self._numels, host, B, "hooks")
             return _StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer)
         names = list(mean)
-        tm2 = torch.tensor([h[0] for h in host], dtype=torch.float64, device=sq_rows.device)
+        tm2 = torch.tensor([h.trace_m2 for h in host], dtype=torch.float64, device=sq_rows.device)
         m = Moments(
             B, mean, dict(zip(names, tm2.unbind(), strict=True)), m2,
             dict(zip(names, scaled_rows(sq_rows).unbind(), strict=True)),
-            0.0, dict.fromkeys(mean, "hooks"), {n: h[:2] for n, h in zip(names, host, strict=True)},
+            0.0, dict.fromkeys(mean, "hooks"), {n: (h.trace_m2, h.mean_sq) for n, h in zip(names, host, strict=True)},
         )  # fmt: skip
         total, _, per_layer = summarise(m, per_param=False)
         return _StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, total.gsnr, per_layer)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gradnoise._factored import numel_of
-from gradnoise._moments import Moments, squared_norms
+from gradnoise._moments import HostSums, Moments, squared_norms
 
 __all__ = [
     "LazyGsnr",
@@ -201,12 +201,12 @@ def summarise(
 
 
 def summarise_scalars(
-    numels: dict[str, int], host: list[tuple[float, ...]], count: int, method: str
+    numels: dict[str, int], host: list[HostSums], count: int, method: str
 ) -> tuple[LayerStats, dict[str, LayerStats]]:
     """:func:`summarise` (no GSNR, infinite stream) from the host scalars of
     :func:`centred_sums` (per parameter, in the order of ``numels``), without per-parameter
     tensors. Returns the total and the per-module statistics."""
-    sums = {k: _Sums(n, h[0], h[1], 0.0, 0, method) for (k, n), h in zip(numels.items(), host, strict=True)}
+    sums = {k: _Sums(n, h.trace_m2, h.mean_sq, 0.0, 0, method) for (k, n), h in zip(numels.items(), host, strict=True)}
     total, _, per_layer = _summary(sums, count, None, False, per_param=False)
     return total, per_layer
 

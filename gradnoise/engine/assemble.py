@@ -164,10 +164,10 @@ def _combine(p: Pass, parts: _Parts, merged: list[Moments]) -> Moments:
             [sq[n] for n in names], [mean[n] for n in dense], B, scale=scale,
             mean_sq=[p.recorder.mean_sq[gram[n]] for n in names[len(dense):]], total=True,
         )  # fmt: skip
-        check_finite([mean_sq + total for _, mean_sq, total in host], names)
-        scalars = {n: (tm2, mean_sq) for n, (tm2, mean_sq, _) in zip(names, host, strict=True)}
+        check_finite([h.mean_sq + h.sum_sq for h in host], names)
+        scalars = {n: (h.trace_m2, h.mean_sq) for n, h in zip(names, host, strict=True)}
         sq_map = _rows_by_name(names, scaled_rows(rows, scale), order)
-        tm2_map = _values_by_name(names, [h[0] for h in host], rows.device, order)
+        tm2_map = _values_by_name(names, [h.trace_m2 for h in host], rows.device, order)
         if m2_map is not None:  # in place on the rules' own buffers
             sums = centred_m2_([parts.sum_sq[n] for n in names], [mean[n] for n in names], B)
             m2_map.update(zip(names, sums, strict=True))
