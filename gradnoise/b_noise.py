@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradnoise._compat import renamed_keywords
+from gradnoise._data import Data, as_data, concat
 from gradnoise._functional import LossFn
-from gradnoise.hessian import as_batches, hessian_operator
+from gradnoise.hessian import hessian_operator
 from gradnoise.per_sample import per_sample_grads
 
 __all__ = ["BNoise", "b_noise"]
@@ -45,10 +47,11 @@ class BNoise:
         return self.eps_max / (1 + self.b_noise / batch_size)
 
 
+@renamed_keywords(batches="data")
 def b_noise(
     model: nn.Module,
     loss_fn: LossFn,
-    batches,
+    data: Data,
     *,
     examples: int = 64,
     dataset_size: int | None = None,
@@ -58,7 +61,7 @@ def b_noise(
     """Estimate ``B_noise = tr(HΣ)/GᵀHG`` with Hessian-vector products.
 
     ``H`` and ``G`` are the Hessian and gradient of the mean loss over all examples in
-    ``batches`` (the stated set). ``tr(HΣ) = E[(g_i − G)ᵀ H (g_i − G)]`` is estimated from
+    ``data`` (the stated set). ``tr(HΣ) = E[(g_i − G)ᵀ H (g_i − G)]`` is estimated from
     the per-example gradient deviations of the first ``examples`` examples (one HVP each,
     ``1/(m−1)`` normalisation); ``GᵀHG`` from one HVP, corrected for the noise in ``Ĝ``:
     ``E[ĜᵀHĜ] = GᵀHG + tr(HΣ)(1/n − 1/N)`` over ``n`` examples (``1/N = 0`` for a stream).
@@ -68,11 +71,10 @@ def b_noise(
     """
     from scipy import stats
 
-    bs = as_batches(batches)
+    bs = as_data(data)
     op = hessian_operator(model, loss_fn, bs)
     n = op.num_examples
-    xs = tuple(torch.cat([x[i] for x, _ in bs]) for i in range(len(bs[0][0])))
-    ys = tuple(torch.cat([y[i] for _, y in bs]) for i in range(len(bs[0][1])))
+    xs, ys = concat(bs)
     m = min(examples, n)
     if m < 2:
         raise ValueError(f"tr(HΣ) needs at least 2 examples, got {m}")

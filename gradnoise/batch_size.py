@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gradnoise._compat import renamed_keywords
+from gradnoise._data import Data, as_data, unpacked
 from gradnoise._functional import LossFn, as_tuple, preserved_state
 from gradnoise.noise_scale import noise_scale
 
@@ -161,10 +163,11 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(x, 1)))))
 
 
+@renamed_keywords(batches="data")
 def suggest_batch_size(
     model: nn.Module,
     loss_fn: LossFn,
-    batches,
+    data: Data,
     *,
     memory_budget: int | None = None,
     base_lr: float | None = None,
@@ -182,12 +185,13 @@ def suggest_batch_size(
     rule from ``(base_lr, base_batch)``, and ``ε_opt(B) = ε_max/(1 + B_noise/B)``.
     """
 
-    bs = list(batches) if not (isinstance(batches, tuple) and len(batches) == 2) else [batches]
+    bs = as_data(data)
     ns = noise_scale(model, loss_fn, bs, hessian=hessian, hessian_examples=hessian_examples, seed=seed)
     target = ns.b_noise if (hessian and ns.b_noise is not None and math.isfinite(ns.b_noise)) else ns.b_simple
-    x0, y0 = bs[0]
+    x0, y0 = unpacked(bs[0])
+    n0 = bs[0][0][0].shape[0]
     device = as_tuple(x0)[0].device
-    mem = per_example_memory(model, loss_fn, x0, y0, sizes=(max(1, len(y0) // 4), len(y0)))
+    mem = per_example_memory(model, loss_fn, x0, y0, sizes=(max(1, n0 // 4), n0))
     budget = memory_budget if memory_budget is not None else _available_bytes(device)
     max_b = None
     if mem is not None and budget is not None:

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from gradnoise._data import Data, Pair, as_data, concat
 from gradnoise._functional import LossFn
 
 __all__ = ["CriticalBatchFit", "SweepResult", "SweepRun", "critical_batch_sweep", "fit_critical_batch"]
@@ -86,7 +87,7 @@ def fit_critical_batch(
     popt, pcov = optimize.curve_fit(model, b, np.log(s), p0=np.log(p0), maxfev=20000)
     resid = np.log(s) - model(b, *popt)
     dof = max(len(b) - 2, 1)
-    t = stats.t.ppf(1 - (1 - confidence) / 2, dof)
+    t = float(stats.t.ppf(1 - (1 - confidence) / 2, dof))
     var_ls, var_le, cov = pcov[0, 0], pcov[1, 1], pcov[0, 1]
     se_ls, se_le = math.sqrt(max(var_ls, 0)), math.sqrt(max(var_le, 0))
     se_lb = math.sqrt(max(var_ls + var_le - 2 * cov, 0))
@@ -146,12 +147,12 @@ def _progress(i: int, n: int, text: str) -> None:
 def critical_batch_sweep(
     make_model: Callable[[], nn.Module],
     loss_fn: LossFn,
-    data: tuple[Tensor, Tensor],
+    data: Data,
     batch_sizes: Sequence[int],
     *,
     target_loss: float | None = None,
     target_accuracy: float | None = None,
-    eval_data: tuple[Tensor, Tensor] | None = None,
+    eval_data: Data | None = None,
     lrs: Sequence[float] | Callable[[int], Sequence[float]] = (0.01, 0.03, 0.1, 0.3),
     momentum: float = 0.0,
     max_steps: int = 5000,
@@ -172,8 +173,8 @@ def critical_batch_sweep(
     """
     if (target_loss is None) == (target_accuracy is None):
         raise ValueError("give exactly one of target_loss and target_accuracy")
-    x, y = data
-    ex, ey = eval_data if eval_data is not None else data
+    (x,), (y,) = _single_tensors(concat(as_data(data)), "data")
+    (ex,), (ey,) = _single_tensors(concat(as_data(eval_data, name="eval_data")), "eval_data") if eval_data is not None else ((x,), (y,))
     runs, best = [], []
     grid_of = lrs if callable(lrs) else (lambda b: lrs)
     total = sum(len(list(grid_of(b))) for b in batch_sizes)
@@ -215,3 +216,10 @@ def critical_batch_sweep(
         best.append(min(reached, key=lambda r: r.steps) if reached else these[0])
     target = f"loss ≤ {target_loss}" if target_loss is not None else f"accuracy ≥ {target_accuracy}"
     return SweepResult(target, tuple(best), tuple(runs))
+
+
+def _single_tensors(pair: Pair, name: str) -> Pair:
+    """The sweep trains on one input tensor and one target tensor."""
+    if len(pair[0]) != 1 or len(pair[1]) != 1:
+        raise ValueError(f"{name}: critical_batch_sweep takes one input tensor and one target tensor")
+    return pair

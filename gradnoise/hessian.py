@@ -13,7 +13,7 @@ Vectors are flat (``[P]``, parameters in ``named_parameters`` order, trainable o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from gradnoise._chain_hvp import Chain, ChainBatch, Unsupported, plan_chain
+from gradnoise._compat import renamed_keywords
+from gradnoise._data import Data, as_data
 from gradnoise._functional import (
     LossFn,
-    as_tuple,
-    batch_size_of,
     check_device,
     check_loss_fn,
     check_loss_value,
@@ -38,30 +38,12 @@ from gradnoise._functional import (
     trainable_params,
 )
 
-__all__ = ["HVP_METHODS", "HessianOperator", "as_batches", "hessian_operator"]
+__all__ = ["HVP_METHODS", "HessianOperator", "hessian_operator"]
 
 HVPMethod = Literal["auto", "closed-form", "double-backward", "forward-over-reverse"]
 
 
 twice_differentiable = sdpa_math  # the fused attention kernels have no second derivative
-
-
-def as_batches(batches) -> list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
-    """Normalise ``(inputs, targets)`` or an iterable of such pairs to a list of tuples.
-
-    Raises:
-        ValueError: if there is no batch.
-    """
-    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], (Tensor, tuple)) and isinstance(batches[1], Tensor):
-        batches = [batches]
-    out = []
-    for b in batches if isinstance(batches, Iterable) else []:
-        x, y = b
-        batch_size_of(x, y)
-        out.append((as_tuple(x), as_tuple(y)))
-    if not out:
-        raise ValueError("no batches: pass (inputs, targets) or an iterable of such pairs")
-    return out
 
 
 def _check_deterministic(model: nn.Module) -> None:
@@ -266,16 +248,18 @@ def _single(x: tuple[Tensor, ...], y: tuple[Tensor, ...]) -> tuple[Tensor, Tenso
     return x[0], y[0]
 
 
+@renamed_keywords(batches="data")
 def hessian_operator(
-    model: nn.Module, loss_fn: LossFn, batches, *, method: HVPMethod = "auto"
+    model: nn.Module, loss_fn: LossFn, data: Data, *, method: HVPMethod = "auto"
 ) -> HessianOperator:
-    """The Hessian of the mean loss over ``batches`` as a :class:`HessianOperator`.
+    """The Hessian of the mean loss over ``data`` as a :class:`HessianOperator`.
 
     Args:
         model: evaluated in its current mode (BatchNorm and dropout must be in eval mode).
         loss_fn: mean-reduced loss.
-        batches: ``(inputs, targets)`` or an iterable of such pairs; the loss is the mean
-            over all their examples (batches weighted by their sizes).
+        data: the stated examples: ``(inputs, targets)``, a list of such pairs or a
+            DataLoader; the loss is the mean over all their examples (batches weighted by
+            their sizes).
         method: ``"auto"`` (default): ``"closed-form"`` where the model and loss allow it,
             else ``"double-backward"`` (on CPU measured faster and lighter than
             ``"forward-over-reverse"``). The closed form is exact like the others and
@@ -291,7 +275,7 @@ def hessian_operator(
     check_loss_fn(loss_fn)
     check_no_train_batchnorm(model)
     _check_deterministic(model)
-    bs = as_batches(batches)
+    bs = as_data(data)
     for x, y in bs:
         check_device(params, x, y)
     chain = None

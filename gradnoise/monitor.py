@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +63,7 @@ __all__ = ["Monitor", "log_spaced"]
 log = logging.getLogger(__name__)
 
 Schedule = int | Callable[[int], bool] | None
+Mode = Literal["auto", "hooks", "separate"]
 
 
 def log_spaced(base: float = 1.25, start: int = 0) -> Callable[[int], bool]:
@@ -156,7 +158,7 @@ class Monitor:
         ema: float = 0.95,
         accumulation_steps: int = 1,
         loss_scale: float | None = None,
-        mode: str = "auto",
+        mode: Mode = "auto",
         tensorboard: bool = False,
         strict: bool = False,
         config: dict | None = None,

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of, mean_gradient
+from gradnoise._compat import deprecated
+from gradnoise._data import Data, as_data, concat
+from gradnoise._functional import LossFn, batch_size_of, mean_gradient
 from gradnoise.plots import plot_noise_law
 from gradnoise.stats import StatsAccumulator
 
@@ -74,10 +76,9 @@ def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float, flo
 def noise_law(
     model: nn.Module,
     loss_fn: LossFn,
-    inputs: Batch,
-    targets: Batch,
+    data: Data,
     batch_sizes: Iterable[int],
-    *,
+    *old: Iterable[int],
     repeats: int = 32,
     finite_population: bool = True,
     confidence: float = 0.95,
@@ -92,7 +93,9 @@ def noise_law(
     the population covariance of per-example gradients, computed exactly here.
 
     Args:
-        inputs, targets: the whole data set (``N`` examples).
+        data: the whole data set (``N`` examples): ``(inputs, targets)``, a list of such
+            pairs or a DataLoader (concatenated). The old spelling ``noise_law(model,
+            loss_fn, inputs, targets, batch_sizes)`` is deprecated.
         batch_sizes: at least 2 distinct sizes in ``[1, N]``.
         finite_population: fit with the ``(N − B)/(N − 1)`` factor divided out (default);
             without it every ``B`` must be below ``N``.
@@ -104,7 +107,13 @@ def noise_law(
     from scipy import stats as sstats
 
 
-    N = batch_size_of(inputs, targets, min_size=2)
+    if isinstance(data, Tensor) and isinstance(batch_sizes, Tensor) and len(old) == 1:
+        deprecated("noise_law(model, loss_fn, inputs, targets, batch_sizes)", "noise_law(model, loss_fn, (inputs, targets), batch_sizes)")
+        data, batch_sizes = (data, batch_sizes), old[0]
+    elif old:
+        raise TypeError("noise_law() takes (model, loss_fn, data, batch_sizes); data is (inputs, targets)")
+    xs, ys = concat(as_data(data))
+    N = batch_size_of(xs, ys, min_size=2)
     sizes = tuple(sorted({int(b) for b in batch_sizes}))
     if len(sizes) < 2:
         raise ValueError(f"a power law needs at least 2 distinct batch sizes, got {sizes}")
@@ -115,7 +124,6 @@ def noise_law(
             f"batch size {sizes[-1]} ≥ N={N} without the finite-population correction: at B = N "
             "the batch is the data set and the error is 0; pass finite_population=True"
         )
-    xs, ys = as_tuple(inputs), as_tuple(targets)
     chunks = [(tuple(t[s : s + chunk_size] for t in xs), tuple(t[s : s + chunk_size] for t in ys)) for s in range(0, N, chunk_size)]
     flat = lambda g: torch.cat([v.reshape(-1) for v in g.values()]).double()  # noqa: E731
     G = flat(mean_gradient(model, loss_fn, chunks))
@@ -146,15 +154,15 @@ def noise_law(
     slope, intercept, slope_se = _wls(logb, np.log(corrected), w)
     raw_slope = _wls(logb, np.log([errors[i] for i in keep]), w)[0]
     dof = len(keep) - 2
-    t = sstats.t.ppf(1 - (1 - confidence) / 2, dof) if dof > 0 else math.inf
+    t = float(sstats.t.ppf(1 - (1 - confidence) / 2, dof)) if dof > 0 else math.inf
     return NoiseLaw(
         batch_sizes=sizes,
         errors=tuple(errors),
         errors_se=tuple(ses),
         theory=theory,
-        exponent=slope,
+        exponent=float(slope),
         exponent_interval=(slope - t * slope_se, slope + t * slope_se),
-        raw_exponent=raw_slope,
+        raw_exponent=float(raw_slope),
         trace_cov_fit=float(math.exp(intercept)),
         trace_cov=float(trace_cov),
         dataset_size=N,

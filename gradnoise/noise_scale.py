@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,9 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradnoise._compat import deprecated, renamed_keywords
+from gradnoise._data import Data, as_data, unpacked
 from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of, mean_gradient
 from gradnoise.b_noise import b_noise
-from gradnoise.stats import gradient_stats
+from gradnoise.stats import Method, gradient_stats
 
 __all__ = [
     "LayerNoise",
@@ -57,7 +58,9 @@ class NoiseScale:
         eps_max: ``|G|²/GᵀHG``, the optimal SGD step size at infinite batch, or ``None``.
         per_layer: per-module averaged estimates and ``B_simple``.
         num_batches, examples: how much data went in.
-        estimator: ``"per-example"`` or ``"two-batch"``; interval: method and level.
+        estimator: ``"per-example"`` or ``"two-batch"``.
+        interval_method, confidence: how the intervals were computed (``"bootstrap"`` or
+            ``"jackknife"``) and their level.
     """
 
     b_simple: float
@@ -71,9 +74,16 @@ class NoiseScale:
     num_batches: int = 0
     examples: int = 0
     estimator: str = "per-example"
-    interval: str = "bootstrap 95%"
+    interval_method: str = "bootstrap"
+    confidence: float = 0.95
     trace_cov_batches: tuple[float, ...] = field(default=(), repr=False)
     grad_norm_sq_batches: tuple[float, ...] = field(default=(), repr=False)
+
+    @property
+    def interval(self) -> str:
+        """Deprecated: ``f"{interval_method} {confidence:.0%}"``."""
+        deprecated("NoiseScale.interval", "NoiseScale.interval_method and NoiseScale.confidence")
+        return f"{self.interval_method} {self.confidence:.0%}"
 
     def eps_opt(self, batch_size: float) -> float:
         """``ε_opt(B) = ε_max / (1 + B_noise / B)`` (requires ``b_noise``)."""
@@ -89,7 +99,8 @@ class NoiseScale:
     def __repr__(self) -> str:
         lo, hi = self.b_simple_interval
         s = (
-            f"NoiseScale(b_simple={self.b_simple:.4g} [{lo:.4g}, {hi:.4g}] ({self.interval}), "
+            f"NoiseScale(b_simple={self.b_simple:.4g} [{lo:.4g}, {hi:.4g}] ({self.interval_method} "
+            f"{self.confidence:.0%}), "
             f"trace_cov={self.trace_cov:.4g}, grad_norm_sq={self.grad_norm_sq:.4g}"
         )
         if self.b_noise is not None:
@@ -248,10 +259,11 @@ class NoiseScaleEMA:
 # ---------------------------------------------------------------- noise scale over batches
 
 
+@renamed_keywords(batches="data")
 def noise_scale(
     model: nn.Module,
     loss_fn: LossFn,
-    batches: Iterable,
+    data: Data,
     *,
     estimator: Estimator = "per-example",
     micro_batches: int = 2,
@@ -260,15 +272,15 @@ def noise_scale(
     confidence: float = 0.95,
     hessian: bool = False,
     hessian_examples: int = 64,
-    method: str = "auto",
+    method: Method = "auto",
     seed: int = 0,
 ) -> NoiseScale:
     """``B_simple`` (and optionally ``B_noise``) over many batches, with an interval.
 
     Args:
         model, loss_fn: as in :func:`gradnoise.gradient_stats`.
-        batches: an iterable of ``(inputs, targets)``, each a batch from the same
-            distribution (at least 2).
+        data: at least 2 batches from the same distribution: a list of ``(inputs,
+            targets)`` pairs or a DataLoader.
         estimator: ``"per-example"`` (unbiased tr Σ and |G|² from per-example gradients of
             each batch) or ``"two-batch"`` (each batch split into ``micro_batches`` equal
             parts; only batch gradients are used).
@@ -286,14 +298,15 @@ def noise_scale(
     """
     if estimator not in ("per-example", "two-batch"):
         raise ValueError(f"unknown estimator {estimator!r}; choose 'per-example' or 'two-batch'")
-    batches = list(batches)
+    batches = as_data(data)
     if len(batches) < 2:
         raise ValueError(
             f"{len(batches)} batch given: a noise scale with an interval needs at least 2 "
-            "batches (the estimate is a ratio of averages over batches)"
+            "batches (the estimate is a ratio of averages over batches); pass a list of "
+            "(inputs, targets) pairs or a DataLoader"
         )
     trs, g2s, layers, examples = [], [], [], 0
-    for x, y in batches:
+    for x, y in map(unpacked, batches):
         n = batch_size_of(x, y, min_size=2)
         examples += n
         if estimator == "per-example":
@@ -321,7 +334,8 @@ def noise_scale(
         num_batches=len(batches),
         examples=examples,
         estimator=estimator,
-        interval=f"{interval} {confidence:.0%}",
+        interval_method=interval,
+        confidence=confidence,
         trace_cov_batches=tuple(trs),
         grad_norm_sq_batches=tuple(g2s),
     )

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradnoise._compat import renamed_keywords
+from gradnoise._data import Data
 from gradnoise._functional import LossFn
 from gradnoise.hessian import hessian_operator
 
@@ -68,10 +70,11 @@ class EpsilonSharpness:
         return dataclasses.asdict(self)
 
 
+@renamed_keywords(batches="data")
 def epsilon_sharpness(
     model: nn.Module,
     loss_fn: LossFn,
-    batches,
+    data: Data,
     *,
     epsilon: float = 1e-3,
     subspace_dim: int | None = None,
@@ -92,7 +95,7 @@ def epsilon_sharpness(
 
     if epsilon <= 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
-    op = hessian_operator(model, loss_fn, batches)
+    op = hessian_operator(model, loss_fn, data)
     x = op.flatten(op.params).detach()
     if subspace_dim is None:
         A = None
@@ -183,10 +186,11 @@ def _flat_params(model: nn.Module, params, names) -> Tensor:
     return torch.cat([params[n].detach().reshape(-1) for n in names])
 
 
+@renamed_keywords(batches="data")
 def loss_along_line(
     model: nn.Module,
     loss_fn: LossFn,
-    batches,
+    data: Data,
     params_a,
     params_b,
     *,
@@ -198,7 +202,7 @@ def loss_along_line(
     ``params_a``/``params_b``: a model of the same architecture, a ``{name: tensor}`` dict or
     a flat vector. ``model`` only supplies the architecture, buffers and mode.
     """
-    op = hessian_operator(model, loss_fn, batches)
+    op = hessian_operator(model, loss_fn, data)
     a, b = _flat_params(model, params_a, op.names), _flat_params(model, params_b, op.names)
     alphas = np.asarray(alphas, dtype=float)
     vals = [_evaluate(op, (1 - al) * a + al * b, metric) for al in alphas]
@@ -228,10 +232,11 @@ def filter_normalized_direction(model: nn.Module, *, seed: int = 0) -> dict[str,
     return out
 
 
+@renamed_keywords(batches="data")
 def random_slice(
     model: nn.Module,
     loss_fn: LossFn,
-    batches,
+    data: Data,
     *,
     dims: int = 1,
     span: float = 1.0,
@@ -243,7 +248,7 @@ def random_slice(
     random directions (Li et al. 2018)."""
     if dims not in (1, 2):
         raise ValueError(f"dims must be 1 or 2, got {dims}")
-    op = hessian_operator(model, loss_fn, batches)
+    op = hessian_operator(model, loss_fn, data)
     theta = op.flatten(op.params)
     d1 = op.flatten(filter_normalized_direction(model, seed=seed))
     alphas = np.linspace(-span, span, steps)

@@ -99,7 +99,7 @@ def test_power_iteration_to_its_tolerance(name):
     model, loss, x, y = CASES_BY_NAME[name].make(torch.float64, batch=6)
     model.train(name == "transformer")  # see test_lanczos_top3_matches_eigvalsh
     evals = torch.linalg.eigvalsh(exact_hessian(model, loss, x, y, reverse_only=name == "transformer"))
-    eig = gn.hessian_eigenvalues(model, loss, (x, y), k=1, which="LA", method="power", tol=1e-4, max_iter=5000)
+    eig = gn.hessian_eigenvalues(model, loss, (x, y), k=1, which="LA", method="power", tol=1e-4, max_hvps=5000)
     assert eig.converged and eig.residuals[0] <= 1e-4
     # A residual r bounds the eigenvalue error by r·|λ| (Bauer–Fike for symmetric H).
     assert abs(eig.eigenvalues[0] - float(evals[-1])) <= 1e-4 * abs(eig.eigenvalues[0]) + 1e-12
@@ -268,7 +268,7 @@ def test_checked_lanczos_stops_when_the_tolerance_is_below_the_precision():
     model, loss, x, y = CASES_BY_NAME["mlp"].make(torch.float64, batch=6)
     lam = float(torch.linalg.eigvalsh(exact_hessian(model, loss, x, y))[-1])
     y32 = y.float() if y.is_floating_point() else y
-    eig = gn.hessian_eigenvalues(model.float(), loss, (x.float(), y32), tol=1e-12, max_iter=1000)
+    eig = gn.hessian_eigenvalues(model.float(), loss, (x.float(), y32), tol=1e-12, max_hvps=1000)
     assert not eig.converged and eig.num_hvps < 200
     assert eig.residuals[0] < 1e-4 and eig.eigenvalues[0] == pytest.approx(lam, rel=1e-4)
 

@@ -93,7 +93,7 @@ def test_noise_law_exponent_and_finite_population_bend():
     N = 512
     x, y = TASK.sample(N, torch.Generator().manual_seed(15))
     sizes = [2, 4, 8, 16, 32, 64, 128, 256, 384, 448, 496, 512]
-    law = gn.noise_law(TASK.model(), TASK.loss_fn(), x, y, sizes, repeats=200, seed=0)
+    law = gn.noise_law(TASK.model(), TASK.loss_fn(), (x, y), sizes, repeats=200, seed=0)
     assert abs(law.exponent + 1) < 0.05
     assert law.exponent_interval[0] < -1 < law.exponent_interval[1]
     # Near B = N the error follows tr Σ/B·(N−B)/(N−1), not tr Σ/B.
@@ -106,7 +106,7 @@ def test_noise_law_exponent_and_finite_population_bend():
 
 def test_noise_law_figure(tmp_path):
     x, y = TASK.sample(128, torch.Generator().manual_seed(16))
-    law = gn.noise_law(TASK.model(), TASK.loss_fn(), x, y, [2, 8, 32, 128], repeats=8)
+    law = gn.noise_law(TASK.model(), TASK.loss_fn(), (x, y), [2, 8, 32, 128], repeats=8)
     fig = law.plot()
     paths = gn.plots.save(fig, tmp_path / "law")
     assert all((tmp_path / p.split("/")[-1]).stat().st_size > 1000 for p in paths)
@@ -152,9 +152,9 @@ def test_fit_critical_batch_recovers_parameters():
         (lambda: gn.fit_critical_batch([64, 64, 64], [10, 11, 12]), "at least 3 distinct batch sizes"),
         (lambda: gn.fit_critical_batch([8, 16, 32], [10, 0, 12]), "positive and finite"),
         (lambda: gn.fit_critical_batch([8, 16], [10, 5]), "at least 3 distinct"),
-        (lambda: gn.noise_law(TASK.model(), TASK.loss_fn(), *TASK.sample(64), [16]), "at least 2 distinct batch sizes"),
-        (lambda: gn.noise_law(TASK.model(), TASK.loss_fn(), *TASK.sample(64), [16, 64], finite_population=False), "without the finite-population correction"),
-        (lambda: gn.noise_law(TASK.model(), TASK.loss_fn(), *TASK.sample(64), [16, 65]), r"must lie in \[1, N=64\]"),
+        (lambda: gn.noise_law(TASK.model(), TASK.loss_fn(), TASK.sample(64), [16]), "at least 2 distinct batch sizes"),
+        (lambda: gn.noise_law(TASK.model(), TASK.loss_fn(), TASK.sample(64), [16, 64], finite_population=False), "without the finite-population correction"),
+        (lambda: gn.noise_law(TASK.model(), TASK.loss_fn(), TASK.sample(64), [16, 65]), r"must lie in \[1, N=64\]"),
         (lambda: gn.noise_scale(TASK.model(), TASK.loss_fn(), batches(1, 16)), "at least 2 batches"),
         (lambda: gn.noise_scale(TASK.model(), TASK.loss_fn(), batches(3, 1)), "batch of 1 example"),
         (lambda: gn.noise_scale(TASK.model(), TASK.loss_fn(), batches(3, 8), estimator="x"), "unknown estimator"),

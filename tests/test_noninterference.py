@@ -53,13 +53,13 @@ CALLS = {
     "accumulator": lambda m, l, x, y: (a := gn.StatsAccumulator(m, l), a.update(x, y), a.compute()),
     "noise_scale": lambda m, l, x, y: gn.noise_scale(m, l, [(x[:5], y[:5]), (x[5:], y[5:])]),
     "two_batch": lambda m, l, x, y: gn.two_batch_stats(m, l, x, y, micro_batches=2),
-    "noise_law": lambda m, l, x, y: gn.noise_law(m, l, x, y, [2, 5], repeats=3),
+    "noise_law": lambda m, l, x, y: gn.noise_law(m, l, (x, y), [2, 5], repeats=3),
 }
 
 # Curvature needs a deterministic loss: dropout off (eval) but everything else as above.
 CURVATURE = {
     "hessian_eigenvalues_lanczos": lambda m, l, x, y: gn.hessian_eigenvalues(m, l, (x, y), k=2),
-    "hessian_eigenvalues_power": lambda m, l, x, y: gn.hessian_eigenvalues(m, l, (x, y), method="power", max_iter=20),
+    "hessian_eigenvalues_power": lambda m, l, x, y: gn.hessian_eigenvalues(m, l, (x, y), method="power", max_hvps=20),
     "hessian_trace": lambda m, l, x, y: gn.hessian_trace(m, l, (x, y), method="hutch++", num_hvps=9),
     "epsilon_sharpness": lambda m, l, x, y: gn.epsilon_sharpness(m, l, (x, y), max_iter=2),
     "random_slice": lambda m, l, x, y: gn.random_slice(m, l, (x, y), steps=3),

@@ -43,7 +43,7 @@ def body(cfg: Config) -> dict:
         if state == "trained":
             train(model, loss_fn, x, y, steps=cfg.train_steps, batch=64, lr=cfg.lr, momentum=0.9, seed=cfg.seed)
         sizes = [b for b in cfg.batch_sizes if b <= x.shape[0]]
-        law = gn.noise_law(model, loss_fn, x, y, sizes, repeats=cfg.repeats, seed=cfg.seed)
+        law = gn.noise_law(model, loss_fn, (x, y), sizes, repeats=cfg.repeats, seed=cfg.seed)
         out[state] = law.to_dict()
     return out
 

@@ -15,6 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from gradnoise._compat import renamed_keywords
+from gradnoise._data import Data
 from gradnoise._functional import LossFn
 from gradnoise.hessian import HessianOperator, HVPMethod, hessian_operator
 from gradnoise.trace.hutchinson import hutchinson
@@ -43,17 +45,18 @@ class TraceEstimate:
         return dataclasses.asdict(self)
 
 
+@renamed_keywords(batches="data")
 def hessian_trace(
     model: nn.Module,
     loss_fn: LossFn,
-    batches,
+    data: Data,
     *,
     method: TraceMethod = "hutchinson",
     num_hvps: int = 99,
     seed: int = 0,
     hvp: HVPMethod = "auto",
 ) -> TraceEstimate:
-    """``tr H`` of the mean loss over ``batches`` by Hutchinson (Rademacher probes) or
+    """``tr H`` of the mean loss over ``data`` by Hutchinson (Rademacher probes) or
     Hutch++ (:mod:`gradnoise.trace.hutchpp`).
 
     Args:
@@ -70,7 +73,7 @@ def hessian_trace(
     estimator = TRACE_ESTIMATORS.get(method)
     if estimator is None:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(map(repr, TRACE_ESTIMATORS))}")
-    op = hessian_operator(model, loss_fn, batches, method=hvp)
+    op = hessian_operator(model, loss_fn, data, method=hvp)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     try:
         estimate, stderr = estimator(op, num_hvps, generator)
