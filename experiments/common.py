@@ -3,7 +3,12 @@ their config and seed, skip-if-present unless --force, and training helpers.
 
 Every experiment lives in ``experiments/<name>/run.py`` with a frozen ``Config`` (full-mode
 defaults) and a ``QUICK`` override dict for ``--quick`` (the CI smoke run). Results go to
-``experiments/<name>/results/<mode>.json`` (``mode`` is ``full`` or ``quick``).
+``<out>/results/<name>/<mode>.json`` (``mode`` is ``full`` or ``quick``; ``--out`` defaults
+to ``gradnoise-reproduce`` in the working directory). The report's own results are in
+``paper_figures/results`` (``gradnoise reproduce --out paper_figures`` renews them).
+
+The package installs this folder as ``gradnoise.experiments`` (imports are relative, so
+``python -m experiments.<name>.run`` from a checkout runs the same code).
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ from torch import nn
 
 log = logging.getLogger("gradnoise.experiments")
 
-ROOT = Path(__file__).resolve().parent
+DEFAULT_OUT = Path("gradnoise-reproduce")
 
 
-def results_path(name: str, quick: bool) -> Path:
-    return ROOT / name / "results" / ("quick.json" if quick else "full.json")
+def results_path(name: str, quick: bool, out: Path = DEFAULT_OUT) -> Path:
+    return Path(out) / "results" / name / ("quick.json" if quick else "full.json")
 
 
 def parse(config_cls, quick_overrides: dict, argv=None, description: str = ""):
@@ -35,6 +40,7 @@ def parse(config_cls, quick_overrides: dict, argv=None, description: str = ""):
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--force", action="store_true", help="re-run even if results exist")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results go to OUT/results/<name>/ (default: %(default)s)")
     for f in dataclasses.fields(config_cls):
         kind = type(f.default) if f.default is not dataclasses.MISSING else str
         if kind is tuple:
@@ -46,12 +52,13 @@ def parse(config_cls, quick_overrides: dict, argv=None, description: str = ""):
     args = p.parse_args(argv)
     overrides = dict(quick_overrides) if args.quick else {}
     overrides.update({f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls) if getattr(args, f.name) is not None})
-    return dataclasses.replace(config_cls(), **overrides), args.quick, args.force
+    return dataclasses.replace(config_cls(), **overrides), args.quick, args.force, args.out
 
 
-def run_experiment(name: str, config, quick: bool, force: bool, body: Callable[[object], dict]) -> dict:
+def run_experiment(name: str, config, quick: bool, force: bool, body: Callable[[object], dict],
+                   out: Path = DEFAULT_OUT) -> dict:  # fmt: skip
     """Run ``body(config)`` unless its results exist; write them with config, seed and timing."""
-    path = results_path(name, quick)
+    path = results_path(name, quick, out)
     if path.exists() and not force:
         log.info("%s: results exist at %s (use --force to re-run)", name, path)
         return json.loads(path.read_text())
@@ -113,5 +120,5 @@ def accuracy(model: nn.Module, x, y) -> float:
 def main(name: str, config_cls, quick_overrides: dict, body: Callable[[object], dict], description: str, argv=None) -> dict:
     """The command line of every experiment: parse, then run (or load) it."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg, quick, force = parse(config_cls, quick_overrides, argv, description)
-    return run_experiment(name, cfg, quick, force, body)
+    cfg, quick, force, out = parse(config_cls, quick_overrides, argv, description)
+    return run_experiment(name, cfg, quick, force, body, out)

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -109,31 +110,30 @@ EXPERIMENTS = {  # experiment → the figure script that reads it (None: a table
 def _reproduce_parser(sub) -> None:
     p = sub.add_parser(
         "reproduce",
-        help="run the experiments and render the paper figures (from the repository root)",
-        description="Run experiments/<name>/run.py (skipping those with results unless --force), "
-        "then paper_figures/*.py. --quick uses small sizes (the CI smoke run).",
+        help="run the experiments and render the paper figures",
+        description="Run the experiments (skipping those with results unless --force), then draw "
+        "their figures: results in OUT/results/<name>/, figures in OUT/figures/. --quick uses "
+        "small sizes (the CI smoke run).",
     )
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--quick", action="store_true", help="small sizes (minutes, not hours)")
+    p.add_argument("--force", action="store_true", help="re-run experiments whose results exist")
     p.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(EXPERIMENTS)}")
+    p.add_argument("--out", type=Path, default=Path("gradnoise-reproduce"), help="output folder (default: %(default)s)")
 
 
-def reproduce(quick: bool, force: bool, only: str | None) -> None:
-    import subprocess
-    import sys
-
-    if not (Path("experiments").is_dir() and Path("paper_figures").is_dir()):
-        raise ValueError("gradnoise reproduce runs from the repository root (where experiments/ and paper_figures/ are)")
+def reproduce(quick: bool, force: bool, only: str | None, out: Path = Path("gradnoise-reproduce")) -> None:
+    """Run the experiments and their figure scripts (installed as ``gradnoise.experiments``
+    and ``gradnoise.paper_figures``), each in its own process, writing under ``out``."""
     names = list(EXPERIMENTS) if only is None else only.split(",")
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         raise ValueError(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}")
-    flags = (["--quick"] if quick else []) + (["--force"] if force else [])
+    common = ["--out", str(out)] + (["--quick"] if quick else [])
     for name in names:
         print(f"== experiment {name}", flush=True)
-        subprocess.run([sys.executable, "-m", f"experiments.{name}.run", *flags], check=True)
+        subprocess.run([sys.executable, "-m", f"gradnoise.experiments.{name}.run", *common, *(["--force"] if force else [])], check=True)
         if EXPERIMENTS[name]:
-            subprocess.run([sys.executable, "-m", f"paper_figures.{EXPERIMENTS[name]}", *(["--quick"] if quick else [])], check=True)
+            subprocess.run([sys.executable, "-m", f"gradnoise.paper_figures.{EXPERIMENTS[name]}", *common], check=True)
 
 
 def _fmt(v) -> str:
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.plot / 'run.pdf'} and {args.plot / 'run.png'}")
     elif args.command == "reproduce":
         try:
-            reproduce(args.quick, args.force, args.only)
+            reproduce(args.quick, args.force, args.only, args.out)
         except ValueError as exc:
             parser.error(str(exc))
     return 0

@@ -2,12 +2,12 @@
 
 import numpy as np
 
-from paper_figures.common import args, figure, load, out
+from .common import args, figure, load, out
 
 
 def main():
     a = args(__doc__)
-    rows = load("batchnorm_small_batch", a.quick)["results"]["rows"]
+    rows = load("batchnorm_small_batch", a)["results"]["rows"]
     fig, ax = figure()
     for i, norm in enumerate(dict.fromkeys(r["norm"] for r in rows)):
         bs = sorted({r["batch_size"] for r in rows if r["norm"] == norm})
@@ -16,7 +16,7 @@ def main():
         ax.errorbar(bs, m, yerr=s, fmt="o-", capsize=3, color=f"C{i}", label=norm)
     ax.set(xscale="log", xlabel="batch size $B$", ylabel="test accuracy (eval mode)", title="MNIST-1D CNN: normalisation vs batch size")
     ax.legend(frameon=False, fontsize="small")
-    print(out(fig, "batchnorm_small_batch", a.quick))
+    print(out(fig, "batchnorm_small_batch", a))
 
 
 if __name__ == "__main__":

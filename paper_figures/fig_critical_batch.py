@@ -3,12 +3,13 @@ against the measured noise scales (claim 4)."""
 
 from gradnoise import CriticalBatchFit
 from gradnoise.plots import plot_critical_batch
-from paper_figures.common import args, figure, load, out
+
+from .common import args, figure, load, out
 
 
 def main():
     a = args(__doc__)
-    res = load("critical_batch", a.quick)["results"]
+    res = load("critical_batch", a)["results"]
     fig, ax = figure(size=(5.6, 4.0))
     seeds = res["per_seed"]
     points = [(r["batch_size"], r["steps"]) for ps in seeds for r in ps["best"] if r["steps"]]
@@ -25,7 +26,7 @@ def main():
     else:
         ax.plot(b, s, "o")
     ax.set_title(f"MNIST-1D MLP: steps to {res['target']}")
-    print(out(fig, "critical_batch", a.quick))
+    print(out(fig, "critical_batch", a))
     for ps in seeds:
         f = ps["fit"]
         print(f"seed {ps['seed']}: best per B", [(r["batch_size"], r["lr"], r["steps"]) for r in ps["best"]])

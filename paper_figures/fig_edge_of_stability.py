@@ -1,11 +1,11 @@
 """Figure: λ_max under full-batch gradient descent against 2/η (claim 10)."""
 
-from paper_figures.common import args, figure, load, out
+from .common import args, figure, load, out
 
 
 def main():
     a = args(__doc__)
-    runs = load("edge_of_stability", a.quick)["results"]["runs"]
+    runs = load("edge_of_stability", a)["results"]["runs"]
     fig, axes = figure(2, size=(5.2, 3.9))
     for i, run in enumerate(runs):
         lam = run["lambda_max"]
@@ -16,7 +16,7 @@ def main():
     axes[0].legend(frameon=False, fontsize="small")
     axes[1].set(yscale="log", xlabel="step", ylabel="training loss", title="loss")
     axes[1].legend(frameon=False, fontsize="small")
-    print(out(fig, "edge_of_stability", a.quick))
+    print(out(fig, "edge_of_stability", a))
     for run in runs:
         lam = [p["lambda_max"] for p in run["lambda_max"]]
         late = lam[len(lam) // 2 :]

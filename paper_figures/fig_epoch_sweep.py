@@ -3,7 +3,7 @@
 import numpy as np
 from matplotlib.ticker import LogFormatter, NullLocator
 
-from paper_figures.common import args, figure, load, out
+from .common import args, figure, load, out
 
 PROTOCOLS = {
     "fixed_epochs": "25 epochs, one lr (seed 001)",
@@ -21,7 +21,7 @@ def series(rows, protocol, key):
 
 def main():
     a = args(__doc__)
-    res = load("epoch_sweep", a.quick)
+    res = load("epoch_sweep", a)
     rows, cfg = res["results"]["rows"], res["config"]
     fig, axes = figure(3, size=(4.6, 3.9))
     for i, (p, label) in enumerate(PROTOCOLS.items()):
@@ -45,7 +45,7 @@ def main():
         ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     axes[1].legend(frameon=False, fontsize="x-small", loc="best")
     axes[2].legend(frameon=False, fontsize="x-small")
-    print(out(fig, "epoch_sweep", a.quick))
+    print(out(fig, "epoch_sweep", a))
     print("chosen learning rates:", res["results"]["chosen_lr"])
     for p in PROTOCOLS:
         for b, acc, sd in zip(*series(rows, p, "test_accuracy"), strict=True):

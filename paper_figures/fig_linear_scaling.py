@@ -2,12 +2,12 @@
 
 import numpy as np
 
-from paper_figures.common import args, figure, load, out
+from .common import args, figure, load, out
 
 
 def main():
     a = args(__doc__)
-    res = load("linear_scaling", a.quick)
+    res = load("linear_scaling", a)
     rows, cfg = res["results"]["rows"], res["config"]
     fig, axes = figure(2, size=(5.0, 3.9))
     for i, warm in enumerate((False, True)):
@@ -26,7 +26,7 @@ def main():
     axes[1].set(xscale="log", yscale="log", xlabel="batch size $B$", ylabel="final training loss", title="training loss")
     for ax in axes:
         ax.legend(frameon=False, fontsize="small")
-    print(out(fig, "linear_scaling", a.quick))
+    print(out(fig, "linear_scaling", a))
     for r in rows:
         print(f"B={r['batch_size']:5d} warmup={r['warmup']!s:5} seed={r['seed']} lr={r['lr']:.3g} train loss {r['train_loss']:.4g} test acc {r['test_accuracy']:.3f} diverged={r['diverged']}")
 

@@ -2,12 +2,12 @@
 
 import numpy as np
 
-from paper_figures.common import args, figure, load, out
+from .common import args, figure, load, out
 
 
 def main():
     a = args(__doc__)
-    res = load("memory", a.quick)["results"]
+    res = load("memory", a)["results"]
     fig, ax = figure()
     for i, (name, r) in enumerate(res.items()):
         b = np.array(r["batch_sizes"], float)
@@ -17,7 +17,7 @@ def main():
         ax.plot(grid, (r["gn_fixed_bytes"] + r["gn_bytes_per_example"] * grid) / 2**20, ":", color=f"C{i}", lw=1.5, label=f"{name.upper()}: gn.per_example_memory ({r['gn_bytes_per_example'] / 1024:.1f} KiB)")
     ax.set(xscale="log", yscale="log", xlabel="batch size $B$", ylabel="peak memory of a step (MiB)", title="memory grows linearly in B")
     ax.legend(frameon=False, fontsize="x-small")
-    print(out(fig, "memory", a.quick))
+    print(out(fig, "memory", a))
     for name, r in res.items():
         print(f"{name}: r={r['linearity_r']:.5f}, {r['fit_bytes_per_example']:.0f} B/example (fit) vs {r['gn_bytes_per_example']:.0f} (gn), "
               f"predicted {r['predicted_peak_at_largest'] / 2**20:.1f} MiB vs measured {r['measured_peak_at_largest'] / 2**20:.1f} MiB at B={r['batch_sizes'][-1]}")  # fmt: skip

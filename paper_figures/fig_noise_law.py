@@ -4,12 +4,13 @@ import numpy as np
 
 from gradnoise import NoiseLaw
 from gradnoise.plots import plot_noise_law
-from paper_figures.common import args, figure, load, out
+
+from .common import args, figure, load, out
 
 
 def main():
     a = args(__doc__)
-    res = load("noise_law", a.quick)["results"]
+    res = load("noise_law", a)["results"]
     fig, axes = figure(3, size=(4.8, 3.9))
     for ax, state in zip(axes[:2], ("init", "trained"), strict=True):
         law = NoiseLaw(**{k: tuple(v) if isinstance(v, list) else v for k, v in res[state].items()})
@@ -28,7 +29,7 @@ def main():
     ax.plot(b, b / b[0], ":", color="0.4", label="compute per step ∝ B")
     ax.set(xscale="log", yscale="log", xlabel="batch size $B$", ylabel="relative to theory at smallest B", title="diminishing returns")
     ax.legend(frameon=False, fontsize="x-small")
-    print(out(fig, "noise_law", a.quick))
+    print(out(fig, "noise_law", a))
     for state in ("init", "trained"):
         r = res[state]
         print(f"{state}: exponent {r['exponent']:.4f} {r['exponent_interval']}, raw {r['raw_exponent']:.4f}, trΣ fit {r['trace_cov_fit']:.4g} vs exact {r['trace_cov']:.4g}")

@@ -2,12 +2,12 @@
 
 import numpy as np
 
-from paper_figures.common import args, figure, load, out
+from .common import args, figure, load, out
 
 
 def main():
     a = args(__doc__)
-    res = load("noise_over_training", a.quick)["results"]
+    res = load("noise_over_training", a)["results"]
     fig, axes = figure(2, size=(5.2, 3.9))
     for i, run in enumerate(res["runs"]):
         recs = [r for r in run["records"] if r["trace_cov"] is not None and r["step"] > 0]
@@ -32,7 +32,7 @@ def main():
     axes[0].legend(frameon=False, fontsize="x-small")
     axes[1].set(xscale="log", xlabel="step", ylabel="training loss (full set)", title="loss")
     axes[1].legend(frameon=False, fontsize="small")
-    print(out(fig, "noise_over_training", a.quick))
+    print(out(fig, "noise_over_training", a))
     for run in res["runs"]:
         cp = run["checkpoints"]
         print(f"seed {run['seed']}: B_simple {cp[0]['b_simple']:.3g} → {cp[-1]['b_simple']:.3g} ({cp[-1]['b_simple'] / cp[0]['b_simple']:.2g}×), "

@@ -1,14 +1,14 @@
 """Figure: small- vs large-batch solutions — the loss along the line between them, and
 their sharpness and test accuracy (claim 5)."""
 
-from paper_figures.common import args, figure, load, out
+from .common import args, figure, load, out
 
 LABELS = {"small": "small batch", "large_same_lr": "large batch, same lr", "large_tuned_lr": "large batch, tuned lr"}
 
 
 def main():
     a = args(__doc__)
-    res = load("sharp_minima", a.quick)
+    res = load("sharp_minima", a)
     cfg, runs = res["config"], res["results"]["runs"]
     fig, axes = figure(3, size=(4.8, 3.9))
     for i, key in enumerate(("line_to_large_same_lr", "line_to_large_tuned_lr")):
@@ -33,7 +33,7 @@ def main():
         ax.scatter([], [], color=f"C{m}", label=LABELS[k])
     ax.set(xlabel=r"$\lambda_{\max}$ of the training loss", ylabel="test accuracy", title="sharpness vs generalisation")
     ax.legend(frameon=False, fontsize="x-small")
-    print(out(fig, "sharp_minima", a.quick))
+    print(out(fig, "sharp_minima", a))
     for run in runs:
         print(f"seed {run['seed']} (tuned lr {run['tuned_lr']}):")
         for k in keys:

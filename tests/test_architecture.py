@@ -97,3 +97,21 @@ def test_functions_are_short():
                 if body and body[-1].end_lineno - body[0].lineno + 1 > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name}")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines of code: {long}"
+
+
+def test_every_package_is_installed():
+    """pyproject.toml lists every package folder of the distribution (the experiments and
+    figures are mapped into ``gradnoise``): a new subpackage that is not listed would be
+    missing from an installed copy."""
+    import tomllib
+
+    root = PACKAGE.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    folders = {"gradnoise": PACKAGE, **{k: root / v for k, v in config["package-dir"].items()}}
+    found = set()
+    for name, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            found.add(".".join((name, *rel)))
+    assert found == listed, f"not listed: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from experiments import common
 from gradnoise.tasks import bn_cnn, gn_cnn, mnist1d_data, mnist1d_mlp
+
+from .. import common
 
 NAME = "accumulation"
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from experiments import common
-from experiments.common import accuracy, train
 from gradnoise.tasks import mnist1d_cnn, mnist1d_data
+
+from .. import common
+from ..common import accuracy, train
 
 NAME = "batchnorm_small_batch"
 

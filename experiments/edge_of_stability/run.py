@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 import gradnoise as gn
-from experiments import common
 from gradnoise.tasks import mnist1d_data
+
+from .. import common
 
 NAME = "edge_of_stability"
 

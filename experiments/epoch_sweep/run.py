@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from experiments import common
-from experiments.common import accuracy, sgd_step
 from gradnoise.tasks import mnist1d_cnn, mnist1d_data
+
+from .. import common
+from ..common import accuracy, sgd_step
 
 NAME = "epoch_sweep"
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from experiments import common
-from experiments.common import accuracy, sgd_step
 from gradnoise.tasks import mnist1d_data, mnist1d_mlp
+
+from .. import common
+from ..common import accuracy, sgd_step
 
 NAME = "linear_scaling"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments import common
+from .. import common
 
 NAME = "memory"
 

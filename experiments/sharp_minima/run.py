@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 import gradnoise as gn
-from experiments import common
-from experiments.common import accuracy, train
 from gradnoise.tasks import mnist1d_data, mnist1d_mlp
+
+from .. import common
+from ..common import accuracy, train
 
 NAME = "sharp_minima"
 
