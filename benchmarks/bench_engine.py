@@ -1,6 +1,6 @@
 """Per-example gradients and gradient statistics against a plain forward + backward.
 
-    python benchmarks/bench_engine.py [--device cuda] [--models mlp,cnn,transformer]
+    python -m benchmarks.bench_engine [--device cuda] [--models mlp,cnn,transformer]
         [--sizes 128,512,2048] [--threads 2] [--anchors] [--budget 2.0] [--out FILE]
 
 Rows per model and batch size: the floor (plain forward + backward, ``loss.backward()``),
@@ -29,10 +29,9 @@ import torch
 from torch import nn
 
 import gradnoise as gn
+from benchmarks._timing import interleaved_medians, peak_bytes, track_rss
+from gradnoise.rules import prefers_gram, rule_for
 from gradnoise.tasks import mnist1d_cnn, mnist1d_mlp, tiny_transformer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import interleaved_medians, peak_bytes, track_rss  # noqa: E402
 
 
 def make(name: str, batch: int, device: torch.device):
@@ -103,7 +102,7 @@ def bare_hooks(model, loss_fn, x, y, gram: bool):
     (the floor of the design before the Gram path). ``gram=True``: as the engine now does,
     layers where ``prefers_gram`` holds skip the weight gradient and take |g_i|² and |ḡ_W|²
     from the Gram matrices AAᵀ, DDᵀ (the floor of the current design)."""
-    from gradnoise.rules import prefers_gram
+
 
     linears = _linears_with_bias(model)
     if linears is None:
@@ -216,7 +215,7 @@ def bare_rule_hooks(model, loss_fn, x, y):
     object; checked against ``gradient_stats`` before it is timed; ``None`` for other models
     and for models without convolutions (see :func:`bare_hooks`). The lower bound of the
     design on the CNN."""
-    from gradnoise.rules import rule_for
+
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -336,7 +335,7 @@ def memory_child(args) -> None:
 
 
 def memory_of(name, batch, argv) -> dict:
-    cmd = [sys.executable, __file__, *argv, "--memory-of", f"{name}:{batch}"]
+    cmd = [sys.executable, "-m", "benchmarks.bench_engine", *argv, "--memory-of", f"{name}:{batch}"]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -1,7 +1,7 @@
 """Per-step overhead of gradnoise.Monitor on the MNIST-1D MLP, against the same training
 step without it, in the same process.
 
-    python benchmarks/bench_monitor.py [--threads 2] [--batch 128] [--steps 300]
+    python -m benchmarks.bench_monitor [--threads 2] [--batch 128] [--steps 300]
 
 Rows: the plain step (forward, backward, SGD step); with the noise scale every step
 (hooks mode: no extra forward/backward); with the noise scale and per-element variance /

@@ -1,6 +1,6 @@
 """Time to λ_max of the MNIST-1D MLP Hessian on 4000 examples, against the anchors.
 
-    python benchmarks/bench_sharpness.py [--device cuda] [--threads 2] [--repeats 3]
+    python -m benchmarks.bench_sharpness [--device cuda] [--threads 2] [--repeats 3]
 
 The model is trained briefly (SGD, 300 steps), then put in eval mode. The reference λ_max
 is ARPACK Lanczos to 1e-10 with its residual checked. Rows: gradnoise Lanczos (checked after every
