@@ -52,14 +52,14 @@ def _measure_parser(sub) -> None:
         help="train a task briefly and measure gradient noise at several batch sizes",
         description="Train briefly, then measure tr Σ, |G|², the gradient noise E|ĝ−G|² and "
         "B_simple at several batch sizes (ratio of averages over disjoint batches), print a "
-        "table and write JSON.",
+        "table (and JSON with --out).",
     )
     _problem_args(p, d)
     p.add_argument("--batch-sizes", type=parse_sizes, default=d.batch_sizes, help="comma-separated (default: 16,64,256,1024)")
     p.add_argument("--batches", type=int, default=d.batches, help="disjoint batches per batch size (default: %(default)s)")
     p.add_argument("--method", default=d.method, choices=["auto", "fast", "vmap"], help="per-example engine (default: %(default)s)")
     p.add_argument("--no-suggest", dest="suggest", action="store_false", help="skip B_noise and the batch-size suggestion")
-    p.add_argument("--out", type=Path, default=Path("gradnoise_measure.json"), help="JSON output (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON to this file")
 
 
 def _sharpness_parser(sub) -> None:
@@ -69,14 +69,14 @@ def _sharpness_parser(sub) -> None:
         help="train a task briefly and measure the curvature of its loss",
         description="Train briefly, then the Hessian's top-k eigenvalues (Lanczos), its trace "
         "(Hutch++) and the ε-sharpness of Keskar et al. (2017) over the first N training "
-        "examples, in eval mode; print them and write JSON.",
+        "examples, in eval mode; print them (and JSON with --out).",
     )
     _problem_args(p, d)
     p.add_argument("--examples", type=int, default=d.examples, help="examples the loss is averaged over (default: %(default)s)")
     p.add_argument("--k", type=int, default=d.k, help="eigenvalues (default: %(default)s)")
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="ε of the ε-sharpness box (default: %(default)s)")
     p.add_argument("--trace-hvps", type=int, default=d.trace_hvps)
-    p.add_argument("--out", type=Path, default=Path("gradnoise_sharpness.json"))
+    p.add_argument("--out", type=Path, default=None, help="also write the results as JSON to this file")
 
 
 def _watch_parser(sub) -> None:
@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         print(result.table())
         if result.suggestion:
             print("\nWhat batch size? " + result.suggestion["reasoning"])
-        args.out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        print(f"\nwrote {args.out}")
+        if args.out is not None:
+            args.out.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            print(f"\nwrote {args.out}")
     elif args.command == "sharpness":
         config = _config(SharpnessConfig, args)
         try:
@@ -199,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  2/lr for SGD at lr={config.lr}: {r['two_over_lr']:.4g}  (λ_max above it: unstable for full-batch GD)")
         print(f"  trace (Hutch++, {t['num_hvps']} HVPs): {t['trace']:.4g} ± {t['stderr']:.2g}")
         print(f"  ε-sharpness (ε={s['epsilon']}, full space, L-BFGS-B): {s['sharpness']:.4g} %  (loss {s['loss']:.4g} → {s['max_loss']:.4g})")
-        args.out.write_text(json.dumps(r, indent=2) + "\n")
-        print(f"\nwrote {args.out}")
+        if args.out is not None:
+            args.out.write_text(json.dumps(r, indent=2) + "\n")
+            print(f"\nwrote {args.out}")
     elif args.command == "watch":
         import time
 

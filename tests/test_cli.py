@@ -22,6 +22,16 @@ def test_measure_builtin_task(tmp_path, capsys):
     assert data["rows"][0]["noise"] > data["rows"][1]["noise"]  # 1/B
 
 
+def test_commands_write_nothing_without_out(tmp_path, monkeypatch, capsys):
+    """Without --out, measure and sharpness only print: nothing lands in the working
+    directory (a repository checkout, typically)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["measure", "--task", "linreg", "--train-steps", "5", "--batch-sizes", "8,32", "--batches", "2", "--no-suggest"]) == 0
+    assert main(["sharpness", "--task", "linreg", "--train-steps", "5", "--examples", "64", "--k", "1", "--trace-hvps", "6"]) == 0
+    assert "wrote" not in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_measure_user_entry_point(tmp_path, monkeypatch):
     mod = types.ModuleType("my_models")
 
