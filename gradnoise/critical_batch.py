@@ -48,8 +48,9 @@ class CriticalBatchFit:
     batch_sizes: tuple[float, ...] = field(repr=False)
     steps: tuple[float, ...] = field(repr=False)
 
-    def predict(self, batch_size):
-        return self.s_min + self.e_min / np.asarray(batch_size, dtype=float)
+    def predict(self, batch_size: float) -> float:
+        """Steps to the target at ``batch_size``: ``S_min + E_min / B``."""
+        return float(self.s_min + self.e_min / float(batch_size))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

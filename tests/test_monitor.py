@@ -270,7 +270,6 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.timeout(120) if hasattr(pytest.mark, "timeout") else (lambda f: f)
 def test_ddp_two_processes_match_single_process(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)

@@ -198,4 +198,7 @@ def test_critical_batch_sweep_on_analytic_task():
     assert all(s is not None for s in steps)
     assert steps[0] > steps[-1]  # larger batches need fewer steps
     fit = sweep.fit()
-    assert fit.s_min > 0 and fit.e_min > 0 and fit.b_crit > 0
+    assert fit.r2 > 0.8  # the measured steps follow S_min + E_min/B
+    # McCandlish et al. 2018: B_crit ≈ B_noise to within an order of magnitude; on this task
+    # (B_noise = 10.6 at the start) the fit gives 8.5 with this seed
+    assert TASK.b_noise / 3 < fit.b_crit < TASK.b_noise * 3
