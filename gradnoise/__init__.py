@@ -16,7 +16,7 @@ from gradnoise.critical_batch import (
 )
 from gradnoise.eigen import HessianEigen, hessian_eigenvalues
 from gradnoise.hessian import HessianOperator, hessian_operator
-from gradnoise.monitor import Monitor, log_spaced
+from gradnoise.monitor import Monitor
 from gradnoise.noise_law import NoiseLaw, noise_law
 from gradnoise.noise_scale import (
     NoiseScale,
@@ -27,6 +27,7 @@ from gradnoise.noise_scale import (
     two_batch_stats,
 )
 from gradnoise.per_sample import per_sample_grads, per_sample_grads_loop
+from gradnoise.schedules import log_spaced
 from gradnoise.sharpness import (
     EpsilonSharpness,
     Landscape,

@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -47,13 +46,21 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from gradnoise._functional import LossFn, as_tuple, trainable_params
+from gradnoise._functional import (
+    LossFn,
+    as_tuple,
+    batch_size_of,
+    check_loss_fn,
+    check_no_train_batchnorm,
+    trainable_params,
+)
 from gradnoise._moments import Moments, centred_m2, centred_sums, scaled_rows, squared_norms
 from gradnoise.eigen import hessian_eigenvalues
 from gradnoise.engine.plan import param_owners
 from gradnoise.engine.step_hooks import StepHooks
 from gradnoise.noise_scale import NoiseScaleEMA, two_batch
 from gradnoise.rules import rule_for
+from gradnoise.schedules import Schedule, check_schedule, is_due, log_spaced
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
 from gradnoise.stats import gradient_stats
 from gradnoise.summary import LayerStats, summarise, summarise_scalars
@@ -62,31 +69,7 @@ __all__ = ["Monitor", "log_spaced"]
 
 log = logging.getLogger(__name__)
 
-Schedule = int | Callable[[int], bool] | None
 Mode = Literal["auto", "hooks", "separate"]
-
-
-def log_spaced(base: float = 1.25, start: int = 0) -> Callable[[int], bool]:
-    """A schedule due at steps ``start``, and ``⌊base^i⌋`` (deduplicated): dense early,
-    sparse late, as for quantities that change fastest at the start of training."""
-    if base <= 1:
-        raise ValueError(f"base must be > 1, got {base}")
-    due: set[int] = {start}
-    x = 1.0
-    while x < 1e9:
-        due.add(int(x))
-        x *= base
-    return lambda step: step in due
-
-
-def _due(schedule: Schedule, step: int) -> bool:
-    if schedule is None:
-        return False
-    if isinstance(schedule, int):
-        if schedule < 1:
-            raise ValueError(f"an integer schedule means every k ≥ 1 steps, got {schedule}")
-        return step % schedule == 0
-    return bool(schedule(step))
 
 
 def _sq(t: Tensor) -> Tensor:
@@ -165,6 +148,9 @@ class Monitor:
     ) -> None:
         if mode not in ("auto", "hooks", "separate"):
             raise ValueError(f"unknown mode {mode!r}; choose 'auto', 'hooks' or 'separate'")
+        check_loss_fn(loss_fn)  # a sum-reduced loss would scale tr Σ and |G|² by B²
+        check_schedule(every, "every")
+        check_schedule(sharpness_every, "sharpness_every")
         if sharpness_every is not None and sharpness_data is None:
             raise ValueError("sharpness_every needs sharpness_data=(inputs, targets): λ_max is of a stated set of examples")
         if accumulation_steps < 1:
@@ -210,7 +196,13 @@ class Monitor:
             if tensorboard:
                 self._sinks.append(TensorBoardSink(self.run_dir))
         self._armed = False
-        self.attach()
+        self._closed = False
+        self._batchnorms = [m for m in self.inner.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        try:
+            self.attach()
+        except BaseException:
+            self.close()  # nothing may stay on the caller's model
+            raise
 
     # ------------------------------------------------------------------ set-up
 
@@ -227,7 +219,13 @@ class Monitor:
         if mode == "auto":
             mode = "separate" if uncovered else "hooks"
         if self._dist is not None:
-            mode = "hooks" if not uncovered else "separate"
+            if uncovered:
+                raise ValueError(
+                    "under DDP the Monitor measures the global batch in hooks mode, which needs every "
+                    f"trainable parameter in a supported layer; not covered: {uncovered[:5]}. "
+                    "mode='separate' would measure only this rank's local batch"
+                )
+            mode = "hooks"
         return mode
 
     def attach(self) -> None:
@@ -246,7 +244,7 @@ class Monitor:
         if (self.accumulation_steps > 1 or self._dist is not None) and not self._param_handles:
             for p in self._params.values():
                 self._param_handles.append(p.register_hook(self._on_param_grad))
-        self._armed = _due(self.every, self._step)
+        self._armed = is_due(self.every, self._step)
 
     def _on_param_grad(self, g: Tensor) -> None:
         """Gradient of one backward (before accumulation / all-reduce): its squared norm."""
@@ -259,6 +257,7 @@ class Monitor:
 
     def close(self) -> None:
         """Remove the hooks and close the sinks."""
+        self._closed = True
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
@@ -282,12 +281,14 @@ class Monitor:
         Call after ``backward()`` and before ``optimizer.step()``/``zero_grad()``, with the
         whole batch of this optimizer step.
         """
+        if self._closed:
+            raise RuntimeError("Monitor.step() after close(): create a new Monitor to measure again")
         step = self._step
         record = None
         try:
             if self._armed:
                 record = self._record(step, inputs, targets, optimizer, loss)
-            if _due(self.sharpness_every, step):
+            if is_due(self.sharpness_every, step):
                 record = self._sharpness(record or self._base(step, inputs, optimizer, loss), optimizer)
             if record is not None:
                 self._write(record)
@@ -301,7 +302,7 @@ class Monitor:
                 self._hooks.reset()
             self._micro_sq, self._pending_sq, self._pending_count = [], 0.0, 0
             self._step += 1
-            self._armed = _due(self.every, self._step)
+            self._armed = is_due(self.every, self._step)
         return record
 
     def _base(self, step, inputs, optimizer, loss) -> dict:
@@ -315,7 +316,9 @@ class Monitor:
 
     def _record(self, step, inputs, targets, optimizer, loss) -> dict:
         rec = self._base(step, inputs, optimizer, loss)
-        B = as_tuple(inputs)[0].shape[0]
+        B = batch_size_of(inputs, targets, min_size=2)
+        if self.mode == "hooks":  # the user's own forward: its BatchNorm layers must not couple examples
+            check_no_train_batchnorm((type(m).__name__, m) for m in self._batchnorms)
         if self.mode == "separate":
             stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
             rec["loss"] = rec["loss"] if rec["loss"] is not None else stats.loss
@@ -339,6 +342,9 @@ class Monitor:
         else:
             rec["grad_norm"] = grad_norm
         rec.update(self._two_batch(B))
+        bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v) and not k.startswith(("b_simple", "two_batch_b_simple"))]
+        if bad:
+            raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}: the loss or the gradients overflow")
         return rec
 
     def _stats_from_hooks(self, B: int):
