@@ -174,6 +174,7 @@ def suggest_batch_size(
     base_batch: int | None = None,
     hessian: bool = True,
     hessian_examples: int = 32,
+    dataset_size: int | None = None,
     seed: int = 0,
 ) -> BatchSizeSuggestion:
     """Suggest a batch size from the gradient noise scale and the memory it would need.
@@ -183,7 +184,20 @@ def suggest_batch_size(
     steps; above it, extra examples buy little. The suggestion is the largest power of two
     not above that estimate that also fits in memory. Learning rates: the linear scaling
     rule from ``(base_lr, base_batch)``, and ``ε_opt(B) = ε_max/(1 + B_noise/B)``.
+
+    Args:
+        data: batches from the training distribution (at least 2): a list of
+            ``(inputs, targets)`` pairs or a DataLoader.
+        memory_budget: bytes a step may use (default: what the device has free).
+        base_lr, base_batch: a learning rate known to work at ``base_batch``, for the
+            linear-scaling suggestion.
+        dataset_size: ``N``, the training set's size: no batch larger than ``N`` is
+            suggested or reported as fitting.
+
+    Raises:
+        ValueError: a budget, learning rate, batch or data-set size that is not positive.
     """
+    _check_positive(memory_budget=memory_budget, base_lr=base_lr, base_batch=base_batch, dataset_size=dataset_size)
 
     bs = as_data(data)
     ns = noise_scale(model, loss_fn, bs, hessian=hessian, hessian_examples=hessian_examples, seed=seed)
@@ -206,9 +220,11 @@ def suggest_batch_size(
 
         probed = oom_probe(model, loss_fn, make_batch, start=max(1, len(y0)))
         max_b = probed if probed else max_b
-    suggested = _pow2_floor(target) if math.isfinite(target) else (max_b or 1)
+    suggested = _pow2_floor(target) if math.isfinite(target) else (max_b or dataset_size or 1)
     if max_b is not None:
         suggested = min(suggested, _pow2_floor(max_b))
+    if dataset_size is not None:
+        suggested = min(suggested, _pow2_floor(dataset_size))
     lr_lin = base_lr * suggested / base_batch if base_lr is not None and base_batch else None
     lr_eps = ns.eps_opt(suggested) if ns.b_noise is not None and ns.eps_max is not None and math.isfinite(ns.eps_max) else None
     name = "B_noise" if target is ns.b_noise else "B_simple"
@@ -219,7 +235,10 @@ def suggest_batch_size(
     ]
     if max_b is not None:
         where = "CUDA allocator peak" if device.type == "cuda" else "activations saved for backward ×2, estimated"
-        lines.append(f"  memory: ~{mem[1] / 1024:.1f} KiB per example ({where}), so at most B ≈ {max_b:,} fits in {budget / 2**30:.1f} GiB.")
+        fits = f"at most B ≈ {max_b:,} fits in {budget / 2**30:.1f} GiB"
+        if dataset_size is not None and max_b >= dataset_size:
+            fits = f"the whole data set (N = {dataset_size:,}) fits in {budget / 2**30:.1f} GiB"
+        lines.append(f"  memory: ~{mem[1] / 1024:.1f} KiB per example ({where}), so {fits}.")
     lines.append(f"  suggested B = {suggested} (largest power of two ≤ the estimate{' and the memory limit' if max_b else ''}).")
     if lr_eps is not None:
         lines.append(f"  ε_opt({suggested}) = {lr_eps:.4g} (plain-SGD step size on the local quadratic model; a ceiling, not a tuned rate).")
@@ -237,3 +256,9 @@ def suggest_batch_size(
         lr_eps_opt=lr_eps,
         reasoning="\n".join(lines),
     )
+
+
+def _check_positive(**values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not value > 0 or not math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive number or None, got {value!r}")

@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -75,7 +76,9 @@ def fit_critical_batch(
         raise ValueError(
             f"fitting S_min and E_min needs at least 3 distinct batch sizes, got {sorted(set(b.tolist()))}"
         )
-    if np.any(b <= 0) or np.any(s <= 0) or not np.all(np.isfinite(s)):
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    if np.any(b <= 0) or np.any(s <= 0) or not np.all(np.isfinite(s)) or not np.all(np.isfinite(b)):
         raise ValueError("batch sizes and steps must be positive and finite (a run that never reached the target has no step count: leave it out)")
     # Start from the linear fit of S against 1/B, then fit in log space (relative errors).
     A = np.stack([np.ones_like(b), 1 / b], axis=1)
@@ -85,7 +88,21 @@ def fit_critical_batch(
     def model(bb, log_s, log_e):
         return np.log(np.exp(log_s) + np.exp(log_e) / bb)
 
-    popt, pcov = optimize.curve_fit(model, b, np.log(s), p0=np.log(p0), maxfev=20000)
+    order = np.argsort(b)
+    if s[order][0] <= s[order][-1]:
+        raise ValueError(
+            f"the steps do not fall with the batch size ({s[order][0]:g} steps at B = {b[order][0]:g}, "
+            f"{s[order][-1]:g} at B = {b[order][-1]:g}): the data do not support S = S_min + E_min/B, "
+            "so no critical batch size can be fitted"
+        )
+    with warnings.catch_warnings():  # a covariance that cannot be estimated is reported below
+        warnings.simplefilter("ignore", optimize.OptimizeWarning)
+        popt, pcov = optimize.curve_fit(model, b, np.log(s), p0=np.log(p0), maxfev=20000)
+    if not np.all(np.isfinite(pcov)):
+        raise ValueError(
+            "the fit of S = S_min + E_min/B is not determined by these steps (its covariance is "
+            "not finite): measure more batch sizes on both sides of the bend"
+        )
     resid = np.log(s) - model(b, *popt)
     dof = max(len(b) - 2, 1)
     t = float(stats.t.ppf(1 - (1 - confidence) / 2, dof))

@@ -221,7 +221,7 @@ def measure(config: MeasureConfig) -> MeasureResult:
         batches = [(x[i], y[i]) for i in perm[: 8 * b].split(b)]
         suggestion = suggest_batch_size(
             model, loss_fn, batches, base_lr=config.lr, base_batch=config.train_batch,
-            hessian_examples=32, seed=config.seed,
+            hessian_examples=32, dataset_size=n, seed=config.seed,
         ).to_dict()  # fmt: skip
     return MeasureResult(
         config=config,

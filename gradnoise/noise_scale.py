@@ -280,7 +280,8 @@ def noise_scale(
     Args:
         model, loss_fn: as in :func:`gradnoise.gradient_stats`.
         data: at least 2 batches from the same distribution: a list of ``(inputs,
-            targets)`` pairs or a DataLoader.
+            targets)`` pairs or a DataLoader. Batches of unequal size are weighted by their
+            size (the variance of each batch's estimates falls as ``1/B``).
         estimator: ``"per-example"`` (unbiased tr Σ and |G|² from per-example gradients of
             each batch) or ``"two-batch"`` (each batch split into ``micro_batches`` equal
             parts; only batch gradients are used).
@@ -318,16 +319,20 @@ def noise_scale(
             g2, tr = two_batch_stats(model, loss_fn, x, y, micro_batches=micro_batches)
             trs.append(tr)
             g2s.append(g2)
-    tr, g2 = float(np.mean(trs)), float(np.mean(g2s))
+    # Each batch's estimates are unbiased with a variance that falls as 1/B: batches of
+    # unequal size are weighted by their size (equal sizes: the plain mean).
+    w = np.array([x[0].shape[0] for x, _ in batches], dtype=float)
+    w /= w.mean()
+    tr, g2 = float(np.mean(w * trs)), float(np.mean(w * g2s))
     per_layer = {}
     if layers:
         for name in layers[0]:
-            lt = float(np.mean([ls[name].trace_cov for ls in layers]))
-            lg = float(np.mean([ls[name].grad_norm_sq for ls in layers]))
+            lt = float(np.mean(w * [ls[name].trace_cov for ls in layers]))
+            lg = float(np.mean(w * [ls[name].grad_norm_sq for ls in layers]))
             per_layer[name] = LayerNoise(lt, lg, _ratio(lt, lg))
     result = NoiseScale(
         b_simple=_ratio(tr, g2),
-        b_simple_interval=ratio_interval(np.array(trs), np.array(g2s), method=interval, confidence=confidence, seed=seed),
+        b_simple_interval=ratio_interval(w * trs, w * g2s, method=interval, confidence=confidence, seed=seed),
         trace_cov=tr,
         grad_norm_sq=g2,
         per_layer=per_layer,
