@@ -84,6 +84,7 @@ class HessianOperator:
     _chain: Chain | None = field(default=None, repr=False)
     _chain_batches: list | None = field(default=None, repr=False)
     _requested: str = field(default="", repr=False)  # the method asked of hessian_operator
+    _batched: bool = field(default=True, repr=False)  # matmat in batched backward passes
 
     @property
     def names(self) -> list[str]:
@@ -135,22 +136,34 @@ class HessianOperator:
 
     def matmat(self, V: Tensor, *, chunk: int = 64) -> Tensor:
         """``H V`` for ``V`` of shape ``[P, k]``: blocks of vectors in one batched backward
-        (``is_grads_batched``) with double backward, column by column otherwise."""
+        (``is_grads_batched``) with double backward, column by column otherwise, and also
+        where an operation of the model has no batched second derivative (``GroupNorm``'s
+        backward, for one): then column by column from the first failure on."""
         V = V.to(dtype=self.dtype, device=self.device)
-        if self.method != "double-backward":
+        if V.shape[1] == 0:
+            return V.clone()
+        if self.method != "double-backward" or not self._batched:
             return torch.stack([self.matvec(c) for c in V.T], dim=1)
         self._build_graphs()
         cols = []
         for start in range(0, V.shape[1], chunk):
             block = V[:, start : start + chunk].T.contiguous()  # [c, P]
-            out = torch.zeros_like(block)
-            for leaves, gs, w in self._graphs:
-                vs = [t.reshape(block.shape[0], *p.shape) for t, p in zip(self._split(block), leaves.values(), strict=True)]
-                hv = torch.autograd.grad(gs, list(leaves.values()), grad_outputs=vs, retain_graph=True, allow_unused=True, is_grads_batched=True)
-                out += w * torch.cat([(torch.zeros_like(v) if h is None else h).reshape(block.shape[0], -1) for v, h in zip(vs, hv, strict=True)], dim=1)
-            cols.append(out.T)
+            try:
+                cols.append(self._batched_block(block).T)
+            except RuntimeError:  # no batching rule: the rest one column at a time
+                self._batched = False
+                cols.append(torch.stack([self.matvec(c) for c in block], dim=1))
+                return torch.cat([*cols, self.matmat(V[:, start + chunk :])], dim=1)
             self.num_hvps += block.shape[0]
         return torch.cat(cols, dim=1)
+
+    def _batched_block(self, block: Tensor) -> Tensor:
+        out = torch.zeros_like(block)
+        for leaves, gs, w in self._graphs:
+            vs = [t.reshape(block.shape[0], *p.shape) for t, p in zip(self._split(block), leaves.values(), strict=True)]
+            hv = torch.autograd.grad(gs, list(leaves.values()), grad_outputs=vs, retain_graph=True, allow_unused=True, is_grads_batched=True)
+            out += w * torch.cat([(torch.zeros_like(v) if h is None else h).reshape(block.shape[0], -1) for v, h in zip(vs, hv, strict=True)], dim=1)
+        return out
 
     def _split(self, block: Tensor) -> list[Tensor]:
         return list(block.split([p.numel() for p in self.params.values()], dim=1))

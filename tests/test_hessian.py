@@ -306,3 +306,17 @@ def test_lanczos_long_run_has_no_ghost_eigenvalues(k, rest):
     np.testing.assert_allclose(vals, h.sort(descending=True).values[:k].numpy(), rtol=1e-8)
     assert max(res) <= 1e-8 and op.num_hvps > 50  # a long run
     torch.testing.assert_close(vecs.T @ vecs, torch.eye(k, dtype=vecs.dtype), rtol=0, atol=1e-8)
+
+
+def test_batched_products_equal_single_products_on_the_case_zoo(case):
+    """``matmat`` (one batched backward per block, or column by column where a layer has no
+    batched second derivative, as GroupNorm) equals ``matvec`` column by column, and the
+    trace estimators built on it run on every case."""
+    model, loss, x, y = case.make(torch.float64)
+    model.eval()
+    op = gn.hessian_operator(model, loss, (x, y), method="double-backward")
+    V = torch.randn(op.dim, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cols = torch.stack([op.matvec(v) for v in V.T], dim=1)
+    torch.testing.assert_close(op.matmat(V), cols, rtol=1e-10, atol=1e-12 * float(cols.abs().max()))
+    est = gn.hessian_trace(model, loss, (x, y), method="hutch++", num_hvps=6)
+    assert math.isfinite(est.trace) and est.num_hvps == 6
