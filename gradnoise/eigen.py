@@ -6,6 +6,7 @@ one function, :func:`hessian_eigenvalues`, with one meaning of ``which`` for all
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,6 +21,10 @@ from gradnoise._functional import LossFn
 from gradnoise.hessian import HessianOperator, HVPMethod, hessian_operator
 
 __all__ = ["EIGENSOLVERS", "HessianEigen", "hessian_eigenvalues"]
+
+# The smallest relative residual the products of a dtype can certify, in units of its
+# machine epsilon: a residual computed in float32 below ~6e-5 is rounding, not convergence.
+RESOLVABLE = 512
 
 
 Which = Literal["LA", "LM", "SA"]
@@ -119,7 +124,9 @@ def hessian_eigenvalues(
             products) or ``"power"`` (power iteration with shifts for "LA"/"SA" and
             deflation for ``k>1``).
         tol: relative residual ``‖Hv − λv‖/|λ|`` to reach (the eigenvalue's error is at
-            most ``tol·|λ|``, and typically far less).
+            most ``tol·|λ|``, and typically far less). Below ``512 ε`` of the
+            operator's dtype (``6.1e-5`` in float32) the residuals cannot certify it: a
+            ``RuntimeWarning`` says so and ``converged`` is ``False``.
         max_hvps: the solver's budget of Hessian-vector products (``"arpack"`` counts in
             restarts of ``ncv − k`` products, so it may overshoot by one restart; the
             residual checks of ``"arpack"`` and ``"power"`` add ``k``). The old name
@@ -137,6 +144,8 @@ def hessian_eigenvalues(
     """
     if which not in ("LA", "LM", "SA"):
         raise ValueError(f"unknown which={which!r}; choose 'LA', 'LM' or 'SA'")
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"tol is a relative residual in (0, 1), got {tol!r}")
     solver = EIGENSOLVERS.get(method)
     if solver is None:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(map(repr, EIGENSOLVERS))}")
@@ -147,11 +156,20 @@ def hessian_eigenvalues(
     start = (v0.detach().reshape(-1).to(op.dtype) if v0 is not None else torch.randn(op.dim, generator=g, dtype=op.dtype)).to(op.device)
     if not isinstance(max_hvps, int) or max_hvps < 1:
         raise ValueError(f"max_hvps must be a positive int, got {max_hvps!r}")
+    resolvable = RESOLVABLE * torch.finfo(op.dtype).eps
+    if tol < resolvable:
+        warnings.warn(
+            f"tol={tol:g} is below what {op.dtype} products resolve (about {resolvable:.1e} relative): "
+            "the residuals cannot certify it, so the result says converged=False; use a float64 "
+            "model and data for a tighter bound",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     vals, vecs, residuals = solver(op, k, which, tol, max_hvps, start)
     op.release()
     return HessianEigen(
         eigenvalues=tuple(vals), eigenvectors=vecs, num_hvps=op.num_hvps, residuals=residuals,
-        converged=all(r <= tol for r in residuals), which=which, method=method,
+        converged=tol >= resolvable and all(r <= tol for r in residuals), which=which, method=method,
         num_examples=op.num_examples, names=tuple(op.names),
     )  # fmt: skip
 

@@ -320,3 +320,20 @@ def test_batched_products_equal_single_products_on_the_case_zoo(case):
     torch.testing.assert_close(op.matmat(V), cols, rtol=1e-10, atol=1e-12 * float(cols.abs().max()))
     est = gn.hessian_trace(model, loss, (x, y), method="hutch++", num_hvps=6)
     assert math.isfinite(est.trace) and est.num_hvps == 6
+
+
+def test_a_tolerance_below_the_dtype_is_never_reported_as_converged():
+    """float32 products cannot certify a relative residual of 1e-6: warned, converged=False
+    (also when warm-started from the eigenvector itself); at 1e-3 the bound holds against
+    the float64 eigenvalue."""
+    model, loss, x, y = CASES_BY_NAME["mlp"].make(torch.float64, batch=16)
+    exact = float(torch.linalg.eigvalsh(exact_hessian(model, loss, x, y))[-1])
+    m32 = CASES_BY_NAME["mlp"].make(torch.float32, batch=16)[0]
+    first = gn.hessian_eigenvalues(m32, loss, (x.float(), y), tol=1e-3)
+    assert first.converged and abs(first.eigenvalues[0] - exact) <= 1e-3 * abs(exact)
+    with pytest.warns(RuntimeWarning, match="below what torch.float32 products resolve"):
+        warm = gn.hessian_eigenvalues(m32, loss, (x.float(), y), tol=1e-6, v0=first.eigenvectors[:, 0])
+    assert not warm.converged
+    for bad in (0.0, -1e-3, 2.0, float("nan")):
+        with pytest.raises(ValueError, match="tol is a relative residual"):
+            gn.hessian_eigenvalues(model, loss, (x, y), tol=bad)
