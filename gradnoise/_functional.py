@@ -178,6 +178,27 @@ def check_loss_value(loss: Tensor) -> float:
     return value
 
 
+_ELEMENTWISE_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
+
+
+def check_target_shape(loss_fn: LossFn, outputs: Any, targets: Any) -> None:
+    """Refuse a target that broadcasts against the output of an elementwise loss: the batch
+    loss then couples every output with every target (``[B, 1]`` against ``[B]`` is a
+    ``[B, B]`` loss), which is not a mean of per-example losses.
+
+    Raises:
+        ValueError: naming both shapes and the fix.
+    """
+    if isinstance(loss_fn, _ELEMENTWISE_LOSSES) and isinstance(outputs, Tensor) and isinstance(targets, Tensor):
+        if outputs.shape != targets.shape:
+            raise ValueError(
+                f"{type(loss_fn).__name__}: the targets' shape {tuple(targets.shape)} differs from the "
+                f"outputs' {tuple(outputs.shape)} and would broadcast, so the loss is not a mean of "
+                "per-example losses; give the targets the outputs' shape (e.g. y.view_as(outputs) or "
+                "y.unsqueeze(1))"
+            )
+
+
 def check_loss_fn(loss_fn: LossFn) -> None:
     """Refuse loss functions that are not mean-reduced, instead of silently rescaling."""
     if not callable(loss_fn):

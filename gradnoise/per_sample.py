@@ -22,6 +22,7 @@ from gradnoise._functional import (
     check_loss_fn,
     check_loss_value,
     check_no_train_batchnorm,
+    check_target_shape,
     check_vmappable,
     frozen_state,
     preserved_state,
@@ -101,7 +102,9 @@ def check_first_example(model, loss_fn, params, state, xs, ys) -> None:
     """Evaluate example 0 plainly so that a bad loss gets a clear error before vmap runs."""
     with torch.no_grad():
         out = functional_call(model, {**params, **state}, tuple(t[:1] for t in xs))
-        check_loss_value(loss_fn(out, ys[0][:1] if len(ys) == 1 else tuple(t[:1] for t in ys)))
+        y1 = ys[0][:1] if len(ys) == 1 else tuple(t[:1] for t in ys)
+        check_target_shape(loss_fn, out, y1)
+        check_loss_value(loss_fn(out, y1))
 
 
 def vmap_grads_and_losses(

@@ -18,7 +18,7 @@ from gradnoise.engine.module_vmap import close_to, local_tensors, module_grads
 from gradnoise.engine.plan import Plan, Route
 from gradnoise.per_sample import vmap_grads_and_losses
 
-__all__ = ["Pass", "assemble", "check_finite"]
+__all__ = ["CANCELLATION", "Pass", "assemble", "cancelled", "check_finite"]
 
 
 @dataclass
@@ -64,10 +64,27 @@ class _Parts:
 def assemble(p: Pass) -> Moments:
     """The :class:`Moments` of a pass: rule parameters from their norms and the batch
     gradient (centred sums by subtraction), the others from materialised per-example
-    gradients (centred sums), merged."""
+    gradients (centred sums), merged.
+
+    A rule parameter whose centred sum ``S − B|ḡ|²`` cancels below what its dtype resolves
+    (:func:`cancelled`: the mean gradient dominates the spread, e.g. near-identical
+    examples in float32) is measured again from materialised per-example gradients, whose
+    centred sums do not cancel.
+    """
     parts = _Parts(methods=dict(p.route.paths))
     _collect_rules(p, parts)
     _collect_units(p, parts)
+    factors = {n: p.recorder.factors[m] for n, m in p.route.gram.items() if m in p.recorder.factors}
+    for n in p.route.gram.keys() - factors.keys():  # output never reached by the backward pass
+        p.mean[n] = torch.zeros_like(p.params[n])
+    sums = _rule_sums(p, parts, factors) if parts.sq else None
+    lost = cancelled(sums, p.params) if sums else []
+    if lost:
+        for n in lost:
+            del parts.sq[n], parts.sum_sq[n]
+            factors.pop(n, None)
+        parts.whole_model.extend(lost)
+        sums = _rule_sums(p, parts, factors) if parts.sq else None
     merged = []
     if parts.grads:
         part = moments_from_grads(parts.grads, torch.zeros(p.batch), "fast", p.variance)
@@ -75,7 +92,21 @@ def assemble(p: Pass) -> Moments:
         merged.append(part)
     if parts.whole_model:
         merged.append(_whole_model(p, parts.whole_model))
-    return _combine(p, parts, merged)
+    return _combine(p, parts, merged, factors, sums)
+
+
+# A centred sum S − B|ḡ|² whose rounding error (≈ ε·S) exceeds this fraction of it is
+# measured again without cancellation (its error bound: well under 1 %).
+CANCELLATION = 1e-4
+
+
+def cancelled(sums: _RuleSums, params: dict[str, Tensor]) -> list[str]:
+    """Parameters whose centred sum ``Σ_i |g_i|² − B|ḡ|²`` lost more than
+    :data:`CANCELLATION` of itself to the rounding of its dtype (``ε · Σ_i |g_i|²``)."""
+    return [
+        n for n, h in zip(sums.names, sums.host, strict=True)
+        if h.sum_sq > 0 and torch.finfo(params[n].dtype).eps * h.sum_sq > CANCELLATION * h.trace_m2
+    ]  # fmt: skip
 
 
 def _collect_rules(p: Pass, parts: _Parts) -> None:
@@ -141,14 +172,36 @@ def _whole_model(p: Pass, names: list[str]) -> Moments:
     return out
 
 
-def _combine(p: Pass, parts: _Parts, merged: list[Moments]) -> Moments:
-    """Rule parameters: mean from the batch gradient, centred sums by subtraction; the
-    scalars of all of them in a few stacked operations and one transfer. Then the
-    materialised parts, merged in."""
-    B, mean, gram, params = p.batch, p.mean, p.route.gram, p.params
-    factors = {n: p.recorder.factors[m] for n, m in gram.items() if m in p.recorder.factors}
-    for n in gram.keys() - factors.keys():  # output never reached by the backward pass
-        mean[n] = torch.zeros_like(params[n])
+@dataclass
+class _RuleSums:
+    """The rule parameters' per-example norms stacked (``rows``, unscaled), their scaled
+    per-example total, and each one's host scalars (:func:`~gradnoise._moments.centred_sums`)."""
+
+    names: list[str]
+    rows: Tensor
+    scale: float
+    sq_total: Tensor
+    host: list
+
+
+def _rule_sums(p: Pass, parts: _Parts, factors: dict) -> _RuleSums:
+    """Centred sums of the rule parameters in a few stacked operations and one transfer."""
+    sq, B = parts.sq, p.batch
+    dense = [n for n in sq if n not in factors]
+    names = dense + [n for n in sq if n in factors]
+    scale = 1.0 if p.variance else B * B
+    rows, sq_total, host = centred_sums(
+        [sq[n] for n in names], [p.mean[n] for n in dense], B, scale=scale,
+        mean_sq=[p.recorder.mean_sq[p.route.gram[n]] for n in names[len(dense):]], total=True,
+    )  # fmt: skip
+    check_finite([h.mean_sq + h.sum_sq for h in host], names)
+    return _RuleSums(names, rows, scale, sq_total, host)
+
+
+def _combine(p: Pass, parts: _Parts, merged: list[Moments], factors: dict, sums: _RuleSums | None) -> Moments:
+    """Rule parameters: mean from the batch gradient, centred sums by subtraction (``sums``).
+    Then the materialised parts, merged in."""
+    B, mean, params = p.batch, p.mean, p.params
     order = list(params)
     scalars: dict[str, tuple[float, float]] = {}
     sq_map: dict[str, Tensor] = {}
@@ -156,21 +209,15 @@ def _combine(p: Pass, parts: _Parts, merged: list[Moments]) -> Moments:
     m2_map: dict[str, Tensor] | None = {} if p.variance else None
     sq_total = None
     sq = parts.sq
-    if sq:
-        dense = [n for n in sq if n not in factors]
-        names = dense + [n for n in sq if n in factors]
-        scale = 1.0 if p.variance else B * B
-        rows, sq_total, host = centred_sums(
-            [sq[n] for n in names], [mean[n] for n in dense], B, scale=scale,
-            mean_sq=[p.recorder.mean_sq[gram[n]] for n in names[len(dense):]], total=True,
-        )  # fmt: skip
-        check_finite([h.mean_sq + h.sum_sq for h in host], names)
+    if sums is not None:
+        names, host = sums.names, sums.host
+        sq_total = sums.sq_total
         scalars = {n: (h.trace_m2, h.mean_sq) for n, h in zip(names, host, strict=True)}
-        sq_map = _rows_by_name(names, scaled_rows(rows, scale), order)
-        tm2_map = _values_by_name(names, [h.trace_m2 for h in host], rows.device, order)
+        sq_map = _rows_by_name(names, scaled_rows(sums.rows, sums.scale), order)
+        tm2_map = _values_by_name(names, [h.trace_m2 for h in host], sums.rows.device, order)
         if m2_map is not None:  # in place on the rules' own buffers
-            sums = centred_m2_([parts.sum_sq[n] for n in names], [mean[n] for n in names], B)
-            m2_map.update(zip(names, sums, strict=True))
+            centred = centred_m2_([parts.sum_sq[n] for n in names], [mean[n] for n in names], B)
+            m2_map.update(zip(names, centred, strict=True))
     out_mean = {n: mean[n] for n in sq if n not in factors}
     methods = parts.methods
     if merged:  # some parameters materialised: plain dicts, merged

@@ -29,6 +29,7 @@ from gradnoise._functional import (
     check_loss_fn,
     check_loss_value,
     check_no_train_batchnorm,
+    check_target_shape,
     frozen_state,
     is_known_mean_loss,
     preserved_state,
@@ -133,6 +134,7 @@ def fast_moments(
             recorder.active = False
             route = route_for(plan, modules, recorder.calls, B, gram_ok)
             recorder.set_actions(route.actions)
+            check_target_shape(loss_fn, outputs, ys[0] if len(ys) == 1 else ys)
             loss = loss_fn(outputs, ys[0] if len(ys) == 1 else ys)
             loss_value = check_loss_value(loss)
             if known_mean or is_known_mean_loss(loss_fn, targets):
