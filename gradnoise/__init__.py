@@ -27,6 +27,7 @@ from gradnoise.noise_scale import (
     two_batch_stats,
 )
 from gradnoise.per_sample import per_sample_grads, per_sample_grads_loop
+from gradnoise.rundir import read_run
 from gradnoise.schedules import log_spaced
 from gradnoise.sharpness import (
     EpsilonSharpness,
@@ -36,7 +37,6 @@ from gradnoise.sharpness import (
     loss_along_line,
     random_slice,
 )
-from gradnoise.sinks import read_run
 from gradnoise.stats import GradientStats, LayerStats, StatsAccumulator, gradient_stats
 from gradnoise.trace import TraceEstimate, hessian_trace
 

@@ -24,7 +24,7 @@ from gradnoise.measure import (
     parse_sizes,
 )
 from gradnoise.plots import plot_run
-from gradnoise.sinks import read_run
+from gradnoise.rundir import read_run
 from gradnoise.tasks import TASKS
 
 
@@ -145,7 +145,10 @@ def _fmt(v) -> str:
 
 
 def watch_summary(run_dir: Path, last: int = 10) -> str:
-    config, records = read_run(run_dir)
+    try:
+        config, records = read_run(run_dir)
+    except FileNotFoundError as exc:
+        raise ValueError(f"{run_dir} holds no gradnoise run ({exc})") from None
     if not config and not records:
         raise ValueError(f"{run_dir} holds no gradnoise run (no config.json or metrics.jsonl)")
     lines = [f"run {run_dir}: {config.get('model', '?')} ({config.get('num_params', '?')} parameters), "

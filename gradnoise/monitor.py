@@ -60,7 +60,8 @@ from gradnoise.engine.plan import param_owners
 from gradnoise.engine.step_hooks import StepHooks
 from gradnoise.noise_scale import NoiseScaleEMA, two_batch
 from gradnoise.rules import rule_for
-from gradnoise.schedules import Schedule, check_schedule, is_due, log_spaced
+from gradnoise.rundir import open_run_dir
+from gradnoise.schedules import Schedule, check_schedule, describe, is_due, log_spaced
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
 from gradnoise.stats import gradient_stats
 from gradnoise.summary import LayerStats, summarise, summarise_scalars
@@ -124,6 +125,9 @@ class Monitor:
         tensorboard: also write TensorBoard scalars to ``run_dir`` (optional extra).
         strict: re-raise exceptions from metrics instead of logging and counting them.
         config: extra entries for ``config.json`` (hyperparameters, seed, ...).
+        resume: continue the run already in ``run_dir`` after its last complete record
+            (same columns; its config must agree). Without it a ``run_dir`` that holds a
+            run is refused.
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class Monitor:
         tensorboard: bool = False,
         strict: bool = False,
         config: dict | None = None,
+        resume: bool = False,
     ) -> None:
         if mode not in ("auto", "hooks", "separate"):
             raise ValueError(f"unknown mode {mode!r}; choose 'auto', 'hooks' or 'separate'")
@@ -182,17 +187,17 @@ class Monitor:
         self._sinks: list = [self.history]
         self.run_dir = None if run_dir is None else Path(run_dir)
         if self.run_dir is not None and self._rank0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             cfg = {
                 "model": type(self.inner).__name__, "num_params": sum(p.numel() for p in self._params.values()),
-                "loss_fn": type(loss_fn).__name__, "every": repr(every), "sharpness_every": repr(sharpness_every),
+                "loss_fn": type(loss_fn).__name__, "every": describe(every), "sharpness_every": describe(sharpness_every),
                 "variance": variance, "ema": ema, "accumulation_steps": accumulation_steps,
                 "loss_scale": self.loss_scale, "mode": self.mode,
                 "world_size": 1 if self._dist is None else self._dist.get_world_size(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(config or {}),
             }  # fmt: skip
-            (self.run_dir / "config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
-            self._sinks += [JSONLSink(self.run_dir / "metrics.jsonl"), CSVSink(self.run_dir / "metrics.csv")]
+            run = open_run_dir(self.run_dir, json.loads(json.dumps(cfg, default=str)), resume=resume)
+            self._step, self._keys = run.next_step, run.columns
+            self._sinks += [JSONLSink(self.run_dir / "metrics.jsonl"), CSVSink(self.run_dir / "metrics.csv", run.columns)]
             if tensorboard:
                 self._sinks.append(TensorBoardSink(self.run_dir))
         self._armed = False

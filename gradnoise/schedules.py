@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["Schedule", "check_schedule", "is_due", "log_spaced"]
+__all__ = ["Schedule", "check_schedule", "describe", "is_due", "log_spaced"]
 
 
 Schedule = int | Callable[[int], bool] | None
@@ -21,7 +21,20 @@ def log_spaced(base: float = 1.25, start: int = 0) -> Callable[[int], bool]:
     while x < 1e9:
         due.add(int(x))
         x *= base
-    return lambda step: step in due
+
+    def schedule(step: int) -> bool:
+        return step in due
+
+    schedule.description = f"log-spaced: step {start} and ⌊{base:g}^i⌋"
+    return schedule
+
+
+def describe(schedule: Schedule) -> int | str | None:
+    """A readable description for a run's config: the integer itself, ``None``, or the
+    callable's ``description`` (else its name)."""
+    if schedule is None or isinstance(schedule, int):
+        return schedule
+    return getattr(schedule, "description", None) or getattr(schedule, "__name__", type(schedule).__name__)
 
 
 def check_schedule(schedule: Schedule, name: str) -> None:

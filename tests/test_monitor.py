@@ -169,7 +169,7 @@ def test_schedules_and_sharpness(tmp_path):
     assert with_lam == [0, 1, 2, 4, 8]
     assert all(r["two_over_lr"] == pytest.approx(20.0) for r in mon.history.records if r.get("lambda_max") is not None)
     config, records = gn.read_run(tmp_path)
-    assert config["every"] == "2" and len(records) == 6
+    assert config["every"] == 2 and len(records) == 6  # a number, as written
     with open(tmp_path / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 6 and "lambda_max" in rows[0]
