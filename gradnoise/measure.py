@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,10 +112,13 @@ def load_entry_point(spec: str):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"--model must look like 'package.module:factory', got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # as `python -m` does: a module in the working directory imports
+        sys.path.insert(0, cwd)
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load {spec!r}: {exc}") from exc
+        raise ValueError(f"cannot load {spec!r}: {exc} (looked in {cwd} and on sys.path)") from exc
     out = factory()
     if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[0], nn.Module)):
         raise ValueError(f"{spec} must return (model, loss_fn, (x_train, y_train)), got {type(out).__name__}")

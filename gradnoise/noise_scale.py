@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -146,8 +147,8 @@ def ratio_interval(
             return (float(np.nanmin(loo)), math.inf)
         se = math.sqrt((n - 1) / n * np.sum((loo - loo.mean()) ** 2))
         r = _ratio(num.mean(), den.mean())
-        t = stats.t.ppf(1 - alpha / 2, n - 1)
-        return (r - t * se, r + t * se)
+        t = float(stats.t.ppf(1 - alpha / 2, n - 1))
+        return (float(r - t * se), float(r + t * se))
     if method != "bootstrap":
         raise ValueError(f"unknown interval method {method!r}; choose 'bootstrap' or 'jackknife'")
 
@@ -155,10 +156,14 @@ def ratio_interval(
         mb = np.mean(b, axis=axis)
         return np.where(mb > 0, np.mean(a, axis=axis) / np.where(mb > 0, mb, 1.0), np.inf)
 
-    res = stats.bootstrap(
-        (num, den), statistic, paired=True, vectorized=True, confidence_level=confidence,
-        n_resamples=n_resamples, method="percentile", random_state=np.random.default_rng(seed),
-    )  # fmt: skip
+    # Resamples whose |G|² mean is ≤ 0 give an infinite ratio on purpose; scipy's standard
+    # error of them is NaN, which it would warn about to the user.
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.bootstrap(
+            (num, den), statistic, paired=True, vectorized=True, confidence_level=confidence,
+            n_resamples=n_resamples, method="percentile", random_state=np.random.default_rng(seed),
+        )  # fmt: skip
     lo, hi = res.confidence_interval
     return (float(lo), float(hi) if np.isfinite(hi) else math.inf)
 

@@ -72,3 +72,25 @@ def test_sharpness_builtin_task(tmp_path, capsys):
     eig = data["eigenvalues"]["eigenvalues"]
     assert len(eig) == 2 and eig[0] >= eig[1] > 0  # linear regression: H = 2·(1/n)XᵀX ≻ 0
     assert data["eigenvalues"]["converged"]
+
+
+def test_a_model_module_in_the_working_directory_imports(tmp_path, monkeypatch, capsys):
+    """As with `python -m`, `--model mymodels:factory` finds mymodels.py in the working
+    directory; a missing one says where it looked."""
+    (tmp_path / "cwd_models_for_test.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "def factory():\n    torch.manual_seed(0)\n"
+        "    return nn.Linear(3, 2), nn.CrossEntropyLoss(), (torch.randn(64, 3), torch.randint(0, 2, (64,)))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["measure", "--model", "cwd_models_for_test:factory", "--train-steps", "2", "--batch-sizes", "8,16", "--no-suggest"]) == 0
+    with pytest.raises(SystemExit):
+        main(["measure", "--model", "no_such_module_here:factory"])
+    assert f"looked in {tmp_path}" in capsys.readouterr().err
+
+
+def test_measure_prints_no_numpy_warnings(recwarn):
+    """Infinite bootstrap resamples (|G|² ≤ 0 in a resample) are intended: no RuntimeWarning."""
+    assert main(["measure", "--task", "linreg", "--train-steps", "300", "--batch-sizes", "16,64", "--batches", "4"]) == 0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
