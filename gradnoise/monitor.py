@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -52,9 +51,10 @@ from gradnoise._functional import (
     batch_size_of,
     check_loss_fn,
     check_no_train_batchnorm,
+    is_measuring,
     trainable_params,
 )
-from gradnoise._moments import Moments, centred_m2, centred_sums, scaled_rows, squared_norms
+from gradnoise._moments import squared_norms
 from gradnoise.eigen import hessian_eigenvalues
 from gradnoise.engine.plan import param_owners
 from gradnoise.engine.step_hooks import StepHooks
@@ -64,7 +64,7 @@ from gradnoise.rundir import open_run_dir
 from gradnoise.schedules import Schedule, check_schedule, describe, is_due, log_spaced
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
 from gradnoise.stats import gradient_stats
-from gradnoise.summary import LayerStats, summarise, summarise_scalars
+from gradnoise.step_stats import StepStats, step_stats
 
 __all__ = ["Monitor", "log_spaced"]
 
@@ -77,17 +77,6 @@ def _sq(t: Tensor) -> Tensor:
     """``|t|²`` in one pass (no squared or float64 copy)."""
     flat = t.detach().reshape(-1)
     return flat.dot(flat)
-
-
-@dataclass(frozen=True)
-class _StepStats:
-    """What a record needs of a step's statistics (hooks mode skips the per-parameter ones)."""
-
-    trace_cov: float
-    grad_norm_sq: float
-    b_simple: float
-    gsnr: float | None
-    per_layer: dict[str, LayerStats]
 
 
 def _dist():
@@ -183,6 +172,7 @@ class Monitor:
         self._hooks: StepHooks | None = None
         self._param_handles: list = []
         self._micro_sq: list[float] = []  # |g|² of each backward's gradient (accumulation, DDP)
+        self._micro_batches: list[int] = []  # the size of each forward's batch (accumulation)
         self._pending_sq, self._pending_count = 0.0, 0  # of the backward in progress
         self._sinks: list = [self.history]
         self.run_dir = None if run_dir is None else Path(run_dir)
@@ -249,7 +239,13 @@ class Monitor:
         if (self.accumulation_steps > 1 or self._dist is not None) and not self._param_handles:
             for p in self._params.values():
                 self._param_handles.append(p.register_hook(self._on_param_grad))
+            # the micro-batches' sizes, from the model's own forward passes
+            self._param_handles.append(self.inner.register_forward_pre_hook(self._on_forward))
         self._armed = is_due(self.every, self._step)
+
+    def _on_forward(self, module: nn.Module, args: tuple) -> None:
+        if self._armed and torch.is_grad_enabled() and not is_measuring() and args and isinstance(args[0], Tensor):
+            self._micro_batches.append(args[0].shape[0])
 
     def _on_param_grad(self, g: Tensor) -> None:
         """Gradient of one backward (before accumulation / all-reduce): its squared norm."""
@@ -306,6 +302,7 @@ class Monitor:
             if self._hooks is not None:
                 self._hooks.reset()
             self._micro_sq, self._pending_sq, self._pending_count = [], 0.0, 0
+            self._micro_batches = []
             self._step += 1
             self._armed = is_due(self.every, self._step)
         return record
@@ -320,6 +317,11 @@ class Monitor:
         }
 
     def _record(self, step, inputs, targets, optimizer, loss) -> dict:
+        if self.accumulation_steps > 1 and self._dist is None and len(self._micro_sq) != self.accumulation_steps:
+            raise ValueError(
+                f"accumulation_steps={self.accumulation_steps} but {len(self._micro_sq)} backward passes since the "
+                "last step(): call step() once per optimizer step, after all its micro-batches"
+            )
         rec = self._base(step, inputs, optimizer, loss)
         B = batch_size_of(inputs, targets, min_size=2)
         if self.mode == "hooks":  # the user's own forward: its BatchNorm layers must not couple examples
@@ -352,48 +354,21 @@ class Monitor:
             raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}: the loss or the gradients overflow")
         return rec
 
-    def _stats_from_hooks(self, B: int):
+    def _stats_from_hooks(self, B: int) -> StepStats | None:
         """Statistics of this step from the hooks' per-example norms and ``.grad``."""
         if self._dist is not None:
             return None  # under DDP .grad is the all-reduced mean: use the two-batch estimate
-        hooks = self._hooks
-        if hooks.failed:
-            raise RuntimeError(f"a layer hook failed during backward: {hooks.failed}")
-        hooks.flush()
-        several = [m for m, c in hooks.calls.items() if c > self.accumulation_steps]
-        if several:
-            raise RuntimeError(f"modules called more than once per forward {several[:3]}: use Monitor(mode='separate')")
-        mean, m2, rows = {}, ({} if self.variance else None), []
         factor = self.loss_scale * self.accumulation_steps
-        for name, p in self._params.items():
-            if p.grad is None or name not in hooks.sq:
-                raise RuntimeError(f"no gradient recorded for {name!r}: call step() after backward() and before zero_grad()")
-            g = p.grad if not p.grad.requires_grad else p.grad.detach()
-            parts = hooks.sq[name]
-            s = parts[0] if len(parts) == 1 else torch.cat(parts)
-            if s.shape[0] != B:
-                raise RuntimeError(f"the hooks saw {s.shape[0]} examples but the batch has {B}: pass the whole batch of this optimizer step")
-            mean[name] = g
-            rows.append(s)
-            if m2 is not None:
-                mean[name] = g = g if factor == 1 else g / factor
-                m2[name] = centred_m2(hooks.sum_sq[name], g, B)
-        # All parameters' scalars in a few stacked operations: Σ_i|g_i|² − B|ḡ|² per parameter
-        # (.grad is the user's gradient: divided by the loss scale and accumulation steps on
-        # the host scalars, unless the variance needs the mean itself).
-        sq_rows, _, host = centred_sums(rows, list(mean.values()), B, mean_scale=1.0 if m2 is not None else 1.0 / factor)
-        if m2 is None:  # the scalars only: one transfer, no per-parameter tensors
-            total, per_layer = summarise_scalars(self._numels, host, B, "hooks")
-            return _StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer)
-        names = list(mean)
-        tm2 = torch.tensor([h.trace_m2 for h in host], dtype=torch.float64, device=sq_rows.device)
-        m = Moments(
-            B, mean, dict(zip(names, tm2.unbind(), strict=True)), m2,
-            dict(zip(names, scaled_rows(sq_rows).unbind(), strict=True)),
-            0.0, dict.fromkeys(mean, "hooks"), {n: (h.trace_m2, h.mean_sq) for n, h in zip(names, host, strict=True)},
-        )  # fmt: skip
-        total, _, per_layer = summarise(m, per_param=False)
-        return _StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, total.gsnr, per_layer)
+        return step_stats(self._hooks, self._params, self._numels, B, factor, self.accumulation_steps)
+
+    def _micro_sizes(self, B: int, k: int) -> list[int]:
+        """The micro-batches' sizes, as the model's forward passes saw them."""
+        if len(self._micro_batches) != k or sum(self._micro_batches) != B:
+            raise ValueError(
+                f"{k} micro-batches of sizes {self._micro_batches} do not make the batch of {B} given to "
+                "step(): pass the whole batch of this optimizer step"
+            )
+        return self._micro_batches
 
     def _two_batch(self, B: int) -> dict:
         """Two-batch estimate from micro-batch (accumulation) or per-rank (DDP) gradients."""
@@ -408,8 +383,9 @@ class Monitor:
             self._dist.all_reduce(t)
             small = float(t) / self._dist.get_world_size()
             b, total = B, B * self._dist.get_world_size()
-        else:
-            b, total = B // k, B
+        else:  # E mean_j|g_j|² = |G|² + tr Σ·h and E|(1/k)Σ_j g_j|² = |G|² + tr Σ·h/k, h = mean_j 1/b_j
+            h = sum(1 / b for b in self._micro_sizes(B, k)) / k
+            b, total = 1 / h, k / h
         if not 0 < b < total:
             return {}
         g2, tr = two_batch(small, big, b, total)

@@ -1,0 +1,81 @@
+"""The noise statistics of one training step from the monitor's step hooks (per-example
+squared norms recorded in the user's backward pass) and the parameters' ``.grad``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gradnoise._moments import Moments, centred_m2, centred_sums, scaled_rows
+from gradnoise.engine.step_hooks import StepHooks
+from gradnoise.summary import LayerStats, summarise, summarise_scalars
+
+__all__ = ["StepStats", "step_stats"]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What a record needs of a step's statistics (hooks mode skips the per-parameter ones)."""
+
+    trace_cov: float
+    grad_norm_sq: float
+    b_simple: float
+    gsnr: float | None
+    per_layer: dict[str, LayerStats]
+
+
+def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, int], B: int, factor: float,
+               accumulation_steps: int) -> StepStats:  # fmt: skip
+    """``tr Σ``, ``|G|²``, ``B_simple`` (and the GSNR with ``hooks.elementwise``) of a batch of
+    ``B`` from the hooks and ``.grad``; ``factor`` (loss scale × accumulation steps) turns
+    ``.grad`` into the mean gradient.
+
+    Raises:
+        RuntimeError: a hook failed, a module ran more often than once per micro-batch, a
+            parameter has no gradient, or the hooks saw another number of examples than ``B``.
+    """
+    if hooks.failed:
+        raise RuntimeError(f"a layer hook failed during backward: {hooks.failed}")
+    hooks.flush()
+    sizes = [t.shape[0] for t in next(iter(hooks.sq.values()), [])]
+    if len(set(sizes)) > 1:  # .grad/factor is then not the mean over the examples
+        raise ValueError(
+            f"micro-batches of unequal sizes {sizes}: the accumulated gradient is not the mean over "
+            "the examples, which the per-example statistics need; use equal micro-batches or "
+            "mode='separate'"
+        )
+    several = [m for m, c in hooks.calls.items() if c > accumulation_steps]
+    if several:
+        raise RuntimeError(f"modules called more than once per forward {several[:3]}: use Monitor(mode='separate')")
+    mean, m2, rows = {}, ({} if hooks.elementwise else None), []
+    for name, p in params.items():
+        if p.grad is None or name not in hooks.sq:
+            raise RuntimeError(f"no gradient recorded for {name!r}: call step() after backward() and before zero_grad()")
+        g = p.grad if not p.grad.requires_grad else p.grad.detach()
+        parts = hooks.sq[name]
+        s = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if s.shape[0] != B:
+            raise RuntimeError(f"the hooks saw {s.shape[0]} examples but the batch has {B}: pass the whole batch of this optimizer step")
+        mean[name] = g
+        rows.append(s)
+        if m2 is not None:
+            mean[name] = g = g if factor == 1 else g / factor
+            m2[name] = centred_m2(hooks.sum_sq[name], g, B)
+    # All parameters' scalars in a few stacked operations: Σ_i|g_i|² − B|ḡ|² per parameter
+    # (.grad is the user's gradient: divided by the loss scale and accumulation steps on
+    # the host scalars, unless the variance needs the mean itself).
+    sq_rows, _, host = centred_sums(rows, list(mean.values()), B, mean_scale=1.0 if m2 is not None else 1.0 / factor)
+    if m2 is None:  # the scalars only: one transfer, no per-parameter tensors
+        total, per_layer = summarise_scalars(numels, host, B, "hooks")
+        return StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer)
+    names = list(mean)
+    tm2 = torch.tensor([h.trace_m2 for h in host], dtype=torch.float64, device=sq_rows.device)
+    m = Moments(
+        B, mean, dict(zip(names, tm2.unbind(), strict=True)), m2,
+        dict(zip(names, scaled_rows(sq_rows).unbind(), strict=True)),
+        0.0, dict.fromkeys(mean, "hooks"), {n: (h.trace_m2, h.mean_sq) for n, h in zip(names, host, strict=True)},
+    )  # fmt: skip
+    total, _, per_layer = summarise(m, per_param=False)
+    return StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, total.gsnr, per_layer)
