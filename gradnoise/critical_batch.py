@@ -127,12 +127,17 @@ def fit_critical_batch(
 
 @dataclass(frozen=True)
 class SweepRun:
+    """One training run of a sweep: steps to the target (``None``: not reached), and whether
+    it was stopped early because it could no longer beat the best learning rate at its
+    batch size."""
+
     batch_size: int
     lr: float
-    steps: int | None  # None: target not reached within max_steps
+    steps: int | None
     examples: int | None
     seconds: float
     final_loss: float
+    stopped: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,14 +157,15 @@ class SweepResult:
 
 
 def _progress(i: int, n: int, text: str) -> None:
+    """A progress bar on a terminal, one line per run elsewhere (both on stderr)."""
     if sys.stderr.isatty():
         done = int(30 * i / n)
         sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{n} {text[:50]:<50}")
-        sys.stderr.flush()
         if i == n:
             sys.stderr.write("\n")
     else:
-        log.info("%d/%d %s", i, n, text)
+        sys.stderr.write(f"critical_batch_sweep [{i}/{n}] {text}\n")
+    sys.stderr.flush()
 
 
 def critical_batch_sweep(
@@ -181,7 +187,10 @@ def critical_batch_sweep(
     """Train from the same initialisation at each batch size until a target is reached.
 
     The learning rate is tuned per batch size over ``lrs`` (a grid, or a callable ``B →
-    grid`` for a named rule such as linear scaling); the run with the fewest steps counts.
+    grid`` for a named rule such as linear scaling); the run with the fewest steps counts,
+    and a run is stopped once it has taken as many steps as the best one at its batch size
+    (``SweepRun.stopped``). Progress goes to stderr, one line per run when not on a terminal
+    (``progress=False``: none).
     Batches are sampled with replacement; the target is checked every ``eval_every`` steps
     on ``eval_data`` (default: the training data) — loss ``≤ target_loss`` or accuracy
     ``≥ target_accuracy``.
@@ -203,33 +212,15 @@ def critical_batch_sweep(
             raise ValueError(f"empty learning-rate grid for B={B}")
         these = []
         for lr in grid:
-            torch.manual_seed(seed)
-            model = make_model()
-            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-            g = torch.Generator().manual_seed(seed + 1)
-            start, steps, loss_val = time.perf_counter(), None, math.nan
-            for step in range(1, max_steps + 1):
-                idx = torch.randint(0, x.shape[0], (B,), generator=g)
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x[idx]), y[idx])
-                if not torch.isfinite(loss):
-                    break
-                loss.backward()
-                opt.step()
-                if step % eval_every == 0:
-                    with torch.no_grad():
-                        out = model(ex)
-                        loss_val = float(loss_fn(out, ey))
-                        hit = loss_val <= target_loss if target_loss is not None else float((out.argmax(1) == ey).float().mean()) >= target_accuracy
-                    if hit:
-                        steps = step
-                        break
-            run = SweepRun(B, lr, steps, None if steps is None else steps * B, time.perf_counter() - start, loss_val)
+            # a run that has taken as many steps as the best one so far cannot beat it
+            limit = min([max_steps] + [r.steps for r in these if r.steps is not None])
+            run = _train_to_target(make_model, loss_fn, x, y, ex, ey, B, lr, momentum, limit, max_steps,
+                                   eval_every, seed, target_loss, target_accuracy)  # fmt: skip
             runs.append(run)
             these.append(run)
             done += 1
             if progress:
-                _progress(done, total, f"B={B} lr={lr:g}: {steps if steps else '—'} steps")
+                _progress(done, total, f"B={B} lr={lr:g}: {run.steps or ('stopped' if run.stopped else '—')} steps")
         reached = [r for r in these if r.steps is not None]
         best.append(min(reached, key=lambda r: r.steps) if reached else these[0])
     target = f"loss ≤ {target_loss}" if target_loss is not None else f"accuracy ≥ {target_accuracy}"
@@ -241,3 +232,31 @@ def _single_tensors(pair: Pair, name: str) -> Pair:
     if len(pair[0]) != 1 or len(pair[1]) != 1:
         raise ValueError(f"{name}: critical_batch_sweep takes one input tensor and one target tensor")
     return pair
+
+
+def _train_to_target(make_model, loss_fn, x, y, ex, ey, B: int, lr: float, momentum: float, limit: int,
+                     max_steps: int, eval_every: int, seed: int, target_loss, target_accuracy) -> SweepRun:  # fmt: skip
+    """SGD from the seeded initialisation until the target is reached (checked every
+    ``eval_every`` steps), the loss is not finite, or ``limit`` steps (``stopped`` when the
+    limit is below ``max_steps``: another learning rate already did better)."""
+    torch.manual_seed(seed)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    g = torch.Generator().manual_seed(seed + 1)
+    start, loss_val = time.perf_counter(), math.nan
+    for step in range(1, limit + 1):
+        idx = torch.randint(0, x.shape[0], (B,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[idx]), y[idx])
+        if not torch.isfinite(loss):
+            break
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0:
+            with torch.no_grad():
+                out = model(ex)
+                loss_val = float(loss_fn(out, ey))
+                hit = loss_val <= target_loss if target_loss is not None else float((out.argmax(1) == ey).float().mean()) >= target_accuracy
+            if hit and (step < limit or limit == max_steps):  # a tie with the best is no better
+                return SweepRun(B, lr, step, step * B, time.perf_counter() - start, loss_val)
+    return SweepRun(B, lr, None, None, time.perf_counter() - start, loss_val, stopped=limit < max_steps)

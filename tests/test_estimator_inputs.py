@@ -76,3 +76,19 @@ def test_suggest_batch_size_never_exceeds_the_data_set():
     s = gn.suggest_batch_size(TASK.model(), TASK.loss_fn(), data, hessian=False, dataset_size=8, memory_budget=2**30)
     assert s.suggested <= 8
     assert "the whole data set (N = 8) fits" in s.reasoning
+
+
+def test_sweep_stops_runs_that_cannot_win_and_reports_progress(capsys):
+    """A learning rate slower than the best one at its batch size is stopped when it has
+    taken as many steps (the best runs are those of a sweep without it); progress is one
+    line per run on stderr when not on a terminal."""
+    x, y = TASK.sample(2048, torch.Generator().manual_seed(21))
+    kwargs = dict(target_loss=TASK.sigma**2 * 1.5, max_steps=3000, eval_every=5)
+    make = lambda: torch.nn.Linear(8, 1, bias=False).double()  # noqa: E731
+    both = gn.critical_batch_sweep(make, TASK.loss_fn(), (x, y), [4, 16, 64], lrs=[0.2, 0.01], **kwargs)
+    err = capsys.readouterr().err
+    assert err.count("critical_batch_sweep [") == 6 and "[6/6]" in err
+    fast = gn.critical_batch_sweep(make, TASK.loss_fn(), (x, y), [4, 16, 64], lrs=[0.2], progress=False, **kwargs)
+    assert [(r.lr, r.steps) for r in both.best] == [(r.lr, r.steps) for r in fast.best]
+    slow = [r for r in both.runs if r.lr == 0.01]
+    assert all(r.stopped and r.steps is None for r in slow)
