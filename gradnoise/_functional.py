@@ -147,6 +147,12 @@ def batch_size_of(inputs: Batch, targets: Batch, *, min_size: int = 1) -> int:
 
 
 def check_device(model_params: dict[str, Tensor], inputs: Batch, targets: Batch) -> None:
+    """Inputs and targets on the model's device. (Their dtype is the model's business: a
+    model may cast its inputs; one that does not fails in its own forward, naming both.)
+
+    Raises:
+        ValueError: naming both devices and the fix.
+    """
     device = next(iter(model_params.values())).device
     for t in as_tuple(inputs) + as_tuple(targets):
         if t.device != device:

@@ -127,7 +127,7 @@ class HessianOperator:
         total = 0.0
         with torch.no_grad(), preserved_state(self.model):
             for x, y in self.batches:
-                total += float(self._loss(p, x, y)) * x[0].shape[0]
+                total += check_loss_value(self._loss(p, x, y)) * x[0].shape[0]
         return total / self.num_examples
 
     def gradient(self) -> Tensor:

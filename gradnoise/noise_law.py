@@ -16,7 +16,15 @@ from torch import Tensor, nn
 
 from gradnoise._compat import deprecated
 from gradnoise._data import Data, as_data, concat
-from gradnoise._functional import LossFn, batch_size_of, mean_gradient
+from gradnoise._functional import (
+    LossFn,
+    batch_size_of,
+    check_device,
+    check_loss_fn,
+    check_no_train_batchnorm,
+    mean_gradient,
+    trainable_params,
+)
 from gradnoise.plots import plot_noise_law
 from gradnoise.stats import StatsAccumulator
 
@@ -114,6 +122,10 @@ def noise_law(
         raise TypeError("noise_law() takes (model, loss_fn, data, batch_sizes); data is (inputs, targets)")
     xs, ys = concat(as_data(data))
     N = batch_size_of(xs, ys, min_size=2)
+    params = trainable_params(model)  # a model with trainable parameters, or a clear error
+    check_loss_fn(loss_fn)
+    check_no_train_batchnorm(model)
+    check_device(params, xs, ys)
     sizes = tuple(sorted({int(b) for b in batch_sizes}))
     if len(sizes) < 2:
         raise ValueError(f"a power law needs at least 2 distinct batch sizes, got {sizes}")

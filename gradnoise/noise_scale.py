@@ -22,7 +22,17 @@ from torch import nn
 
 from gradnoise._compat import deprecated, renamed_keywords
 from gradnoise._data import Data, as_data, unpacked
-from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of, mean_gradient
+from gradnoise._functional import (
+    Batch,
+    LossFn,
+    as_tuple,
+    batch_size_of,
+    check_device,
+    check_loss_fn,
+    check_no_train_batchnorm,
+    mean_gradient,
+    trainable_params,
+)
 from gradnoise.b_noise import b_noise
 from gradnoise.stats import Method, gradient_stats
 
@@ -201,6 +211,10 @@ def two_batch_stats(
         ValueError: if the batch does not split into ``micro_batches ≥ 2`` equal parts.
     """
     B = batch_size_of(inputs, targets, min_size=2)
+    params = trainable_params(model)  # a model with trainable parameters, or a clear error
+    check_loss_fn(loss_fn)
+    check_no_train_batchnorm(model)
+    check_device(params, inputs, targets)
     if micro_batches < 2 or B % micro_batches:
         raise ValueError(f"a batch of {B} does not split into {micro_batches} equal micro-batches (need ≥ 2 that divide it)")
     b = B // micro_batches
