@@ -64,7 +64,7 @@ from gradnoise.rundir import open_run_dir
 from gradnoise.schedules import Schedule, check_schedule, describe, is_due, log_spaced
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
 from gradnoise.stats import gradient_stats
-from gradnoise.step_stats import StepStats, step_stats
+from gradnoise.step_stats import CancellationError, StepStats, step_stats
 
 __all__ = ["Monitor", "log_spaced"]
 
@@ -331,7 +331,10 @@ class Monitor:
             rec["loss"] = rec["loss"] if rec["loss"] is not None else stats.loss
             grad_norm = math.sqrt(max(stats.grad_norm_sq + stats.trace_cov / B, 0.0))  # |ḡ|
         else:
-            stats = self._stats_from_hooks(B)  # LayerStats-like: the scalars and per_layer
+            try:
+                stats = self._stats_from_hooks(B)  # LayerStats-like: the scalars and per_layer
+            except CancellationError:  # this step measured again, by the engine (which does not cancel)
+                stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
             if stats is not None:  # |ḡ|² = |G|²_est + tr Σ_est / B (module docstring of stats)
                 grad_norm = math.sqrt(max(stats.grad_norm_sq + stats.trace_cov / B, 0.0))
             else:

@@ -55,3 +55,19 @@ def test_a_broadcasting_target_is_refused(method, loss):
         gn.gradient_stats(model, loss, x, y, method=method)
     ok = gn.gradient_stats(model, loss, x, y.unsqueeze(1), method=method)
     assert ok.batch_size == 16
+
+
+def test_the_monitor_measures_a_cancelling_step_without_cancellation():
+    """Hooks mode on near-identical float32 examples: the step whose centred sums would cancel
+    is measured again by the engine; the record matches float64."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = _near_identical(1e-3)
+    ref_model = nn.Linear(4, 1).double()
+    ref_model.load_state_dict(model.state_dict())
+    ref = gn.gradient_stats(ref_model, nn.MSELoss(), x.double(), y.double(), method="vmap")
+    mon = gn.Monitor(model, nn.MSELoss(), mode="hooks", strict=True)
+    nn.MSELoss()(model(x), y).backward()
+    rec = mon.step(x, y)
+    assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-4)
+    mon.close()
