@@ -103,9 +103,10 @@ CANCELLATION = 1e-4
 def cancelled(sums: _RuleSums, params: dict[str, Tensor]) -> list[str]:
     """Parameters whose centred sum ``Σ_i |g_i|² − B|ḡ|²`` lost more than
     :data:`CANCELLATION` of itself to the rounding of its dtype (``ε · Σ_i |g_i|²``)."""
+    eps = {t: torch.finfo(t).eps for t in {params[n].dtype for n in sums.names}}
     return [
         n for n, h in zip(sums.names, sums.host, strict=True)
-        if h.sum_sq > 0 and torch.finfo(params[n].dtype).eps * h.sum_sq > CANCELLATION * h.trace_m2
+        if eps[params[n].dtype] * h.sum_sq > CANCELLATION * h.trace_m2 and h.sum_sq > 0
     ]  # fmt: skip
 
 
@@ -158,8 +159,8 @@ def _collect_units(p: Pass, parts: _Parts) -> None:
 
 def _whole_model(p: Pass, names: list[str]) -> Moments:
     """Moments of ``names`` by ``vmap`` of the whole model (in chunks of ``chunk_size``)."""
-    sub = {n: p.params[n] for n in names}
-    rest = {**{n: t for n, t in p.params.items() if n not in sub}, **p.state}
+    sub = {n: p.params[n].detach() for n in names}
+    rest = {**{n: t.detach() for n, t in p.params.items() if n not in sub}, **p.state}
     B = p.batch
     step = p.chunk_size or B
     out = None

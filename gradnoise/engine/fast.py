@@ -145,8 +145,7 @@ def fast_moments(
             mean = _backward(loss, params, plan, recorder, route)
         if direct and route.units:  # detached parameters and buffers for vmap
             state = frozen_state(model)
-            params = named
-        params = {n: p.detach() for n, p in params.items()}
+            params = {n: p.detach() for n, p in named.items()}
         return assemble(Pass(
             model, loss_fn, xs, ys, params, state, plan, modules, route, recorder, mean, loss_sum,
             variance, chunk_size,
