@@ -65,6 +65,24 @@ def test_an_earlier_run_is_refused_unless_resumed(tmp_path):
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
 
 
+def test_sigkill_leaves_parseable_files(tmp_path):
+    """A run killed at any point keeps every finished record, and its files still parse."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "run"), "new", "1000000"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, records = gn.read_run(tmp_path / "run")
+    assert len(records) >= 20 and [r["step"] for r in records] == list(range(len(records)))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) - len(records) <= 1  # at most the record being written is lost
+    with open(tmp_path / "run" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) >= len(records) - 1 and float(rows[0]["trace_cov"]) > 0
+
+
 def test_a_killed_run_resumes_after_its_last_complete_record(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
