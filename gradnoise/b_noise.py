@@ -16,7 +16,7 @@ from torch import nn
 from gradnoise._compat import renamed_keywords
 from gradnoise._data import Data, as_data, concat
 from gradnoise._functional import LossFn
-from gradnoise.hessian import hessian_operator
+from gradnoise.hessian import HVPMethod, hessian_operator
 from gradnoise.per_sample import per_sample_grads
 
 __all__ = ["BNoise", "b_noise"]
@@ -57,6 +57,7 @@ def b_noise(
     dataset_size: int | None = None,
     confidence: float = 0.95,
     seed: int = 0,
+    hvp: HVPMethod = "auto",
 ) -> BNoise:
     """Estimate ``B_noise = tr(HΣ)/GᵀHG`` with Hessian-vector products.
 
@@ -65,6 +66,8 @@ def b_noise(
     the per-example gradient deviations of the first ``examples`` examples (one HVP each,
     ``1/(m−1)`` normalisation); ``GᵀHG`` from one HVP, corrected for the noise in ``Ĝ``:
     ``E[ĜᵀHĜ] = GᵀHG + tr(HΣ)(1/n − 1/N)`` over ``n`` examples (``1/N = 0`` for a stream).
+    ``hvp``: how Hessian-vector products are computed, as ``method`` of
+    :func:`~gradnoise.hessian_operator`.
 
     Raises:
         ValueError: fewer than 2 examples for ``tr(HΣ)``, and as :func:`hessian_operator`.
@@ -72,7 +75,7 @@ def b_noise(
     from scipy import stats
 
     bs = as_data(data)
-    op = hessian_operator(model, loss_fn, bs)
+    op = hessian_operator(model, loss_fn, bs, method=hvp)
     n = op.num_examples
     xs, ys = concat(bs)
     m = min(examples, n)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from gradnoise._compat import renamed_keywords
 from gradnoise._data import Data, as_data, unpacked
 from gradnoise._functional import LossFn, as_tuple, preserved_state
+from gradnoise.hessian import HVPMethod
 from gradnoise.noise_scale import noise_scale
 
 __all__ = ["BatchSizeSuggestion", "oom_probe", "per_example_memory", "suggest_batch_size"]
@@ -174,6 +175,7 @@ def suggest_batch_size(
     base_batch: int | None = None,
     hessian: bool = True,
     hessian_examples: int = 32,
+    hvp: HVPMethod = "auto",
     dataset_size: int | None = None,
     seed: int = 0,
 ) -> BatchSizeSuggestion:
@@ -191,6 +193,8 @@ def suggest_batch_size(
         memory_budget: bytes a step may use (default: what the device has free).
         base_lr, base_batch: a learning rate known to work at ``base_batch``, for the
             linear-scaling suggestion.
+        hvp: how ``B_noise``'s Hessian-vector products are computed (``method`` of
+            :func:`~gradnoise.hessian_operator`).
         dataset_size: ``N``, the training set's size: no batch larger than ``N`` is
             suggested or reported as fitting.
 
@@ -200,7 +204,7 @@ def suggest_batch_size(
     _check_positive(memory_budget=memory_budget, base_lr=base_lr, base_batch=base_batch, dataset_size=dataset_size)
 
     bs = as_data(data)
-    ns = noise_scale(model, loss_fn, bs, hessian=hessian, hessian_examples=hessian_examples, seed=seed)
+    ns = noise_scale(model, loss_fn, bs, hessian=hessian, hessian_examples=hessian_examples, hvp=hvp, seed=seed)
     target = ns.b_noise if (hessian and ns.b_noise is not None and math.isfinite(ns.b_noise)) else ns.b_simple
     x0, y0 = unpacked(bs[0])
     n0 = bs[0][0][0].shape[0]

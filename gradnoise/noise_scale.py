@@ -34,6 +34,7 @@ from gradnoise._functional import (
     trainable_params,
 )
 from gradnoise.b_noise import b_noise
+from gradnoise.hessian import HVPMethod
 from gradnoise.stats import Method, gradient_stats
 
 __all__ = [
@@ -291,6 +292,7 @@ def noise_scale(
     confidence: float = 0.95,
     hessian: bool = False,
     hessian_examples: int = 64,
+    hvp: HVPMethod = "auto",
     method: Method = "auto",
     seed: int = 0,
 ) -> NoiseScale:
@@ -309,6 +311,7 @@ def noise_scale(
         hessian: also estimate ``B_noise = tr(HΣ)/GᵀHG`` (see :func:`b_noise`).
         hessian_examples: examples (from the first batches) whose gradient deviations
             estimate ``tr(HΣ)``; one Hessian-vector product each.
+        hvp: how those products are computed (``method`` of :func:`~gradnoise.hessian_operator`).
 
     Returns:
         :class:`NoiseScale`.
@@ -364,7 +367,7 @@ def noise_scale(
         grad_norm_sq_batches=tuple(g2s),
     )
     if hessian:
-        bn = b_noise(model, loss_fn, batches, examples=hessian_examples, confidence=confidence, seed=seed)
+        bn = b_noise(model, loss_fn, batches, examples=hessian_examples, confidence=confidence, seed=seed, hvp=hvp)
         result = dataclasses.replace(result, b_noise=bn.b_noise, b_noise_interval=bn.interval, eps_max=bn.eps_max)
     return result
 

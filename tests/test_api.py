@@ -145,3 +145,16 @@ def test_eigen_product_budget_is_kept():
     power = gn.hessian_eigenvalues(model, loss, (x, y), k=2, method="power", tol=1e-14, max_hvps=7)
     assert lanczos.num_hvps <= 5 and power.num_hvps <= 7 + 2
     assert not math.isnan(lanczos.eigenvalues[0])
+
+
+def test_every_function_that_computes_hessian_products_takes_hvp():
+    """``hvp=`` picks the product backend wherever Hessian-vector products are computed, and
+    the backends agree."""
+    import inspect
+
+    for fn in (gn.hessian_eigenvalues, gn.hessian_trace, gn.b_noise, gn.noise_scale, gn.suggest_batch_size):
+        assert "hvp" in inspect.signature(fn).parameters, fn.__name__
+    model, loss, x, y = _problem()
+    a = gn.b_noise(model, loss, (x, y), examples=8, hvp="double-backward")
+    b = gn.b_noise(model, loss, (x, y), examples=8, hvp="forward-over-reverse")
+    assert a.b_noise == pytest.approx(b.b_noise, rel=1e-9)
