@@ -200,7 +200,7 @@ def kept_outputs(modules: dict[str, nn.Module], batch: int, gram: bool) -> dict[
     whose rule has moments where skipping their parameters' gradients saves work: with
     ``Σ_i g_i²`` (per-example gradients are formed anyway), or when their input needs no
     gradient (the backward pass then skips the layer). Otherwise the Gram forms of the norms
-    and the backward's own weight gradient are cheaper (measured on the MNIST-1D CNN).
+    and the backward's own weight gradient are cheaper.
     Depends only on the model, the batch size and ``gram``.
     """
     return {
