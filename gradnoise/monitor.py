@@ -64,7 +64,7 @@ from gradnoise.rundir import open_run_dir
 from gradnoise.schedules import Schedule, check_schedule, describe, is_due, log_spaced
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
 from gradnoise.stats import gradient_stats
-from gradnoise.step_stats import CancellationError, StepStats, step_stats
+from gradnoise.step_stats import CancellationError, HooksCannotMeasure, StepStats, step_stats
 
 __all__ = ["Monitor", "log_spaced"]
 
@@ -168,6 +168,7 @@ class Monitor:
         params = trainable_params(self.inner)
         self._params = {n: p for n, p in self.inner.named_parameters() if n in params}
         self._numels = {n: p.numel() for n, p in self._params.items()}
+        self._requested_mode = mode
         self.mode = self._choose_mode(mode)
         self._hooks: StepHooks | None = None
         self._param_handles: list = []
@@ -334,6 +335,13 @@ class Monitor:
             try:
                 stats = self._stats_from_hooks(B)  # LayerStats-like: the scalars and per_layer
             except CancellationError:  # this step measured again, by the engine (which does not cancel)
+                stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
+            except HooksCannotMeasure as exc:  # a module reused, or a layer not on the batch
+                if self._requested_mode != "auto" or self._dist is not None:
+                    raise
+                log.info("gradnoise.Monitor: %s; measuring in mode='separate' from now on", exc)
+                self._hooks.remove()
+                self._hooks, self.mode = None, "separate"
                 stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
             if stats is not None:  # |ḡ|² = |G|²_est + tr Σ_est / B (module docstring of stats)
                 grad_norm = math.sqrt(max(stats.grad_norm_sq + stats.trace_cov / B, 0.0))

@@ -13,7 +13,12 @@ from gradnoise.engine.assemble import CANCELLATION
 from gradnoise.engine.step_hooks import StepHooks
 from gradnoise.summary import LayerStats, summarise, summarise_scalars
 
-__all__ = ["CancellationError", "StepStats", "step_stats"]
+__all__ = ["CancellationError", "HooksCannotMeasure", "StepStats", "step_stats"]
+
+
+class HooksCannotMeasure(RuntimeError):
+    """The hooks cannot give this step's per-example statistics: a module ran more than once
+    per forward, or a layer ran on something other than the batch (``wpe(arange(T))``)."""
 
 
 class CancellationError(FloatingPointError):
@@ -54,7 +59,7 @@ def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, in
         )
     several = [m for m, c in hooks.calls.items() if c > accumulation_steps]
     if several:
-        raise RuntimeError(f"modules called more than once per forward {several[:3]}: use Monitor(mode='separate')")
+        raise HooksCannotMeasure(f"modules called more than once per forward {several[:3]}: use Monitor(mode='separate')")
     mean, m2, rows = {}, ({} if hooks.elementwise else None), []
     for name, p in params.items():
         if p.grad is None or name not in hooks.sq:
@@ -63,7 +68,10 @@ def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, in
         parts = hooks.sq[name]
         s = parts[0] if len(parts) == 1 else torch.cat(parts)
         if s.shape[0] != B:
-            raise RuntimeError(f"the hooks saw {s.shape[0]} examples but the batch has {B}: pass the whole batch of this optimizer step")
+            raise HooksCannotMeasure(
+                f"the hooks saw {s.shape[0]} examples of {name!r} but the batch has {B}: pass the whole "
+                "batch of this optimizer step (or the layer does not run on the batch: use mode='separate')"
+            )
         mean[name] = g
         rows.append(s)
         if m2 is not None:

@@ -148,6 +148,51 @@ class Reused(nn.Module):
         return self.out(self.lin(torch.tanh(self.lin(x))))
 
 
+class ResNetBlock(nn.Module):
+    """A ResNet basic block on images (conv, BatchNorm in eval mode, ReLU, conv, BatchNorm,
+    a 1×1 projection shortcut), pooled into a Linear head."""
+
+    def __init__(self, cin=3, cout=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
+        self.short = nn.Conv2d(cin, cout, 1, bias=False)
+        self.head = nn.Linear(cout, 3)
+        for bn in (self.bn1, self.bn2):  # non-trivial running statistics, used in eval mode
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+        self.eval()
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.conv1(x)))
+        h = torch.relu(self.bn2(self.conv2(h)) + self.short(x))
+        return self.head(h.mean((2, 3)))
+
+
+class NanoGPTBlock(nn.Module):
+    """nanoGPT's pattern: token and position embeddings (``wpe(arange(T))``), a pre-norm
+    block with causal self-attention through one qkv Linear and SDPA, a GELU MLP, and a head
+    on the last position."""
+
+    def __init__(self, vocab=9, dim=8, heads=2, max_len=8):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(max_len, dim)
+        self.ln1, self.ln2, self.lnf = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc, self.out = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.head, self.heads = nn.Linear(dim, vocab, bias=False), heads
+
+    def forward(self, idx):
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        q, k, v = self.qkv(self.ln1(x)).split(x.shape[-1], dim=2)
+        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, -1))
+        x = x + self.out(torch.nn.functional.gelu(self.fc(self.ln2(x))))
+        return self.head(self.lnf(x)[:, -1])
+
+
 def frozen_mlp():
     m = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
     m[0].weight.requires_grad_(False)
@@ -189,5 +234,9 @@ CASES = [
     Case("reused-module", Reused, randn(4), labels(3)),
     Case("transformer", lambda: tasks.tiny_transformer(vocab=8, dim=8, heads=2, max_len=6, classes=3), ids(8, 6), labels(3)),
     Case("mnist1d-cnn", lambda: tasks.mnist1d_cnn(channels=6), randn(40), labels(10)),
+    Case("resnet-block", ResNetBlock, randn(3, 6, 6), labels(3)),
+    # T = 5 ≠ B = 6: a position embedding whose length equals the batch size is issue 23's
+    # known gap (its leading dimension is taken for the batch's)
+    Case("nanogpt-block", NanoGPTBlock, ids(9, 5), labels(9)),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}

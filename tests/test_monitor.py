@@ -340,3 +340,22 @@ def test_hooks_mode_covers_attention():
     for name, layer in ref.per_layer.items():  # the scalar-only path groups like gradient_stats
         assert rec[f"b_simple/{name}"] == pytest.approx(layer.b_simple, rel=1e-7), name
     mon.close()
+
+
+def test_monitor_on_the_case_zoo_equals_gradient_stats(case):
+    """On every model of the zoo (a ResNet block, a nanoGPT block, an LSTM, attention, tied
+    and reused modules...) the Monitor in its default mode records the tr Σ and |G|² of
+    gradient_stats on the same batch; where the hooks cannot measure a step (a module called
+    twice, a layer not on the batch) it switches to mode='separate' instead of failing."""
+    model, loss, x, y = case.make(torch.float64, batch=6)
+    xs = x if isinstance(x, tuple) else (x,)
+    mon = gn.Monitor(model, loss, strict=True)
+    for _ in range(2):  # the second step in the mode the first one settled on
+        model.zero_grad()
+        loss(model(*xs), y).backward()
+        rec = mon.step(x, y)
+    mon.close()
+    ref = gn.gradient_stats(model, loss, x, y)
+    assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-8)
+    assert rec["grad_norm_sq"] == pytest.approx(ref.grad_norm_sq, rel=1e-8, abs=1e-8 * ref.trace_cov)
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
