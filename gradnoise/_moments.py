@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CANCELLATION",
     "HostSums",
     "Moments",
     "centred_m2",
@@ -90,6 +91,11 @@ class Moments:
         return Moments(n, mean, trace_m2, m2, sq, self.loss_sum + other.loss_sum, methods, promoted=True)
 
 
+# A centred sum S − B|ḡ|² whose rounding error (≈ ε·S in the gradients' dtype) exceeds this
+# fraction of it cannot be trusted (its error bound is then well under 1 %).
+CANCELLATION = 1e-4
+
+
 class HostSums(NamedTuple):
     """One parameter's scalars on the host (float64): ``Σ_i |g_i − ḡ|²``, ``|ḡ|²`` and
     ``Σ_i |g_i|²``."""
@@ -97,6 +103,12 @@ class HostSums(NamedTuple):
     trace_m2: float
     mean_sq: float
     sum_sq: float
+
+    def cancelled(self, eps: float) -> bool:
+        """Whether ``trace_m2 = S − B|ḡ|²`` lost more than :data:`CANCELLATION` of itself to
+        the rounding of a dtype with machine epsilon ``eps`` (the mean gradient dominating
+        the spread, e.g. near-identical examples in float32)."""
+        return self.sum_sq > 0 and eps * self.sum_sq > CANCELLATION * self.trace_m2
 
 
 def squared_norms(tensors: list[Tensor]) -> Tensor:

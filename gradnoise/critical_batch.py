@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from gradnoise._data import Data, Pair, as_data, concat
 from gradnoise._functional import LossFn
@@ -202,6 +202,7 @@ def critical_batch_sweep(
         raise ValueError("give exactly one of target_loss and target_accuracy")
     (x,), (y,) = _single_tensors(concat(as_data(data)), "data")
     (ex,), (ey,) = _single_tensors(concat(as_data(eval_data, name="eval_data")), "eval_data") if eval_data is not None else ((x,), (y,))
+    sweep = _Sweep(make_model, loss_fn, x, y, ex, ey, momentum, max_steps, eval_every, seed, target_loss, target_accuracy)
     runs, best = [], []
     grid_of = lrs if callable(lrs) else (lambda b: lrs)
     total = sum(len(list(grid_of(b))) for b in batch_sizes)
@@ -214,8 +215,7 @@ def critical_batch_sweep(
         for lr in grid:
             # a run that has taken as many steps as the best one so far cannot beat it
             limit = min([max_steps] + [r.steps for r in these if r.steps is not None])
-            run = _train_to_target(make_model, loss_fn, x, y, ex, ey, B, lr, momentum, limit, max_steps,
-                                   eval_every, seed, target_loss, target_accuracy)  # fmt: skip
+            run = _train_to_target(sweep, B, lr, limit)
             runs.append(run)
             these.append(run)
             done += 1
@@ -234,15 +234,33 @@ def _single_tensors(pair: Pair, name: str) -> Pair:
     return pair
 
 
-def _train_to_target(make_model, loss_fn, x, y, ex, ey, B: int, lr: float, momentum: float, limit: int,
-                     max_steps: int, eval_every: int, seed: int, target_loss, target_accuracy) -> SweepRun:  # fmt: skip
+@dataclass(frozen=True)
+class _Sweep:
+    """What every run of a sweep shares: the model, data, optimiser settings and target."""
+
+    make_model: Callable[[], nn.Module]
+    loss_fn: LossFn
+    x: Tensor
+    y: Tensor
+    ex: Tensor  # evaluation inputs and targets
+    ey: Tensor
+    momentum: float
+    max_steps: int
+    eval_every: int
+    seed: int
+    target_loss: float | None
+    target_accuracy: float | None
+
+
+def _train_to_target(s: _Sweep, B: int, lr: float, limit: int) -> SweepRun:
     """SGD from the seeded initialisation until the target is reached (checked every
     ``eval_every`` steps), the loss is not finite, or ``limit`` steps (``stopped`` when the
     limit is below ``max_steps``: another learning rate already did better)."""
-    torch.manual_seed(seed)
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    g = torch.Generator().manual_seed(seed + 1)
+    loss_fn, x, y, ex, ey, target_loss, max_steps = s.loss_fn, s.x, s.y, s.ex, s.ey, s.target_loss, s.max_steps
+    torch.manual_seed(s.seed)
+    model = s.make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=s.momentum)
+    g = torch.Generator().manual_seed(s.seed + 1)
     start, loss_val = time.perf_counter(), math.nan
     for step in range(1, limit + 1):
         idx = torch.randint(0, x.shape[0], (B,), generator=g)
@@ -252,11 +270,11 @@ def _train_to_target(make_model, loss_fn, x, y, ex, ey, B: int, lr: float, momen
             break
         loss.backward()
         opt.step()
-        if step % eval_every == 0:
+        if step % s.eval_every == 0:
             with torch.no_grad():
                 out = model(ex)
                 loss_val = float(loss_fn(out, ey))
-                hit = loss_val <= target_loss if target_loss is not None else float((out.argmax(1) == ey).float().mean()) >= target_accuracy
+                hit = loss_val <= target_loss if target_loss is not None else float((out.argmax(1) == ey).float().mean()) >= s.target_accuracy
             if hit and (step < limit or limit == max_steps):  # a tie with the best is no better
                 return SweepRun(B, lr, step, step * B, time.perf_counter() - start, loss_val)
     return SweepRun(B, lr, None, None, time.perf_counter() - start, loss_val, stopped=limit < max_steps)

@@ -150,10 +150,9 @@ class HessianOperator:
             block = V[:, start : start + chunk].T.contiguous()  # [c, P]
             try:
                 cols.append(self._batched_block(block).T)
-            except RuntimeError:  # no batching rule: the rest one column at a time
+            except RuntimeError:  # no batching rule: this block and the rest one column at a time
                 self._batched = False
-                cols.append(torch.stack([self.matvec(c) for c in block], dim=1))
-                return torch.cat([*cols, self.matmat(V[:, start + chunk :])], dim=1)
+                return torch.cat([*cols, self.matmat(V[:, start:])], dim=1)
             self.num_hvps += block.shape[0]
         return torch.cat(cols, dim=1)
 

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from gradnoise._moments import Moments, centred_m2, centred_sums, scaled_rows
-from gradnoise.engine.assemble import CANCELLATION
 from gradnoise.engine.step_hooks import StepHooks
 from gradnoise.summary import LayerStats, summarise, summarise_scalars
 
@@ -23,7 +22,7 @@ class HooksCannotMeasure(RuntimeError):
 
 class CancellationError(FloatingPointError):
     """A parameter's centred sum ``Σ_i |g_i|² − B|ḡ|²`` cancelled below what its dtype
-    resolves (see :func:`gradnoise.engine.assemble.cancelled`)."""
+    resolves (:meth:`~gradnoise._moments.HostSums.cancelled`)."""
 
 
 @dataclass(frozen=True)
@@ -81,8 +80,7 @@ def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, in
     # (.grad is the user's gradient: divided by the loss scale and accumulation steps on
     # the host scalars, unless the variance needs the mean itself).
     sq_rows, _, host = centred_sums(rows, list(mean.values()), B, mean_scale=1.0 if m2 is not None else 1.0 / factor)
-    lost = [n for n, h in zip(params, host, strict=True)
-            if h.sum_sq > 0 and torch.finfo(params[n].dtype).eps * h.sum_sq > CANCELLATION * h.trace_m2]  # fmt: skip
+    lost = [n for n, h in zip(params, host, strict=True) if h.cancelled(torch.finfo(params[n].dtype).eps)]
     if lost:
         raise CancellationError(f"the centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")
     if m2 is None:  # the scalars only: one transfer, no per-parameter tensors

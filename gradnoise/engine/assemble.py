@@ -18,7 +18,7 @@ from gradnoise.engine.module_vmap import close_to, local_tensors, module_grads
 from gradnoise.engine.plan import Plan, Route
 from gradnoise.per_sample import vmap_grads_and_losses
 
-__all__ = ["CANCELLATION", "Pass", "assemble", "cancelled", "check_finite"]
+__all__ = ["Pass", "assemble", "cancelled", "check_finite"]
 
 
 @dataclass
@@ -95,19 +95,9 @@ def assemble(p: Pass) -> Moments:
     return _combine(p, parts, merged, factors, sums)
 
 
-# A centred sum S − B|ḡ|² whose rounding error (≈ ε·S) exceeds this fraction of it is
-# measured again without cancellation (its error bound: well under 1 %).
-CANCELLATION = 1e-4
-
-
 def cancelled(sums: _RuleSums, params: dict[str, Tensor]) -> list[str]:
-    """Parameters whose centred sum ``Σ_i |g_i|² − B|ḡ|²`` lost more than
-    :data:`CANCELLATION` of itself to the rounding of its dtype (``ε · Σ_i |g_i|²``)."""
-    eps = {t: torch.finfo(t).eps for t in {params[n].dtype for n in sums.names}}
-    return [
-        n for n, h in zip(sums.names, sums.host, strict=True)
-        if eps[params[n].dtype] * h.sum_sq > CANCELLATION * h.trace_m2 and h.sum_sq > 0
-    ]  # fmt: skip
+    """Parameters whose centred sum lost too much to rounding (:meth:`HostSums.cancelled`)."""
+    return [n for n, h in zip(sums.names, sums.host, strict=True) if h.cancelled(torch.finfo(params[n].dtype).eps)]
 
 
 def _collect_rules(p: Pass, parts: _Parts) -> None:
