@@ -359,3 +359,40 @@ def test_monitor_on_the_case_zoo_equals_gradient_stats(case):
     assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-8)
     assert rec["grad_norm_sq"] == pytest.approx(ref.grad_norm_sq, rel=1e-8, abs=1e-8 * ref.trace_cov)
     assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
+DDP_UNCOVERED = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist, gradnoise as gn
+    from torch import nn
+    rank = int(sys.argv[1])
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    ddp = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 4), nn.PReLU()))
+    try:
+        gn.Monitor(ddp, nn.MSELoss())
+    except ValueError as exc:
+        print("refused:", exc, flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+    """
+)
+
+
+def test_ddp_refuses_a_model_it_would_measure_on_one_rank_only(tmp_path):
+    """Under DDP a model the rules do not cover would be measured in separate mode on rank
+    0's local batch while the record claims the global one: refused on every rank."""
+    import socket
+
+    script = tmp_path / "ddp_uncovered.py"
+    script.write_text(DDP_UNCOVERED)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), port], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:]
+    for out, _ in outs:
+        assert "refused: under DDP the Monitor measures the global batch in hooks mode" in out
