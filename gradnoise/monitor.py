@@ -233,7 +233,7 @@ class Monitor:
         if self.mode == "hooks" and self._hooks is None:
             modules = {m: mod for m, mod in self.inner.named_modules() if rule_for(mod) is not None}
             self._hooks = StepHooks(
-                modules, armed=lambda: self._armed, elementwise=self.variance, loss_scale=self.loss_scale,
+                self.inner, modules, armed=lambda: self._armed, elementwise=self.variance, loss_scale=self.loss_scale,
                 strict=self.strict,
             )  # fmt: skip
             self._hooks.install()

@@ -49,6 +49,11 @@ def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, in
     if hooks.failed:
         raise RuntimeError(f"a layer hook failed during backward: {hooks.failed}")
     hooks.flush()
+    if hooks.off_batch:
+        raise HooksCannotMeasure(
+            f"layers {sorted(hooks.off_batch)[:3]} run on a tensor that does not depend on the batch (such as a "
+            "position embedding on arange(T)): their per-example gradients need mode='separate'"
+        )
     sizes = [t.shape[0] for t in next(iter(hooks.sq.values()), [])]
     if len(set(sizes)) > 1:  # .grad/factor is then not the mean over the examples
         raise ValueError(

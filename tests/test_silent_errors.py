@@ -71,3 +71,60 @@ def test_the_monitor_measures_a_cancelling_step_without_cancellation():
     rec = mon.step(x, y)
     assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-4)
     mon.close()
+
+
+def _loop_reference_stats(model, loss, x, y):
+    """tr Σ and |G|² of each parameter from a float64 loop of torch.autograd.grad."""
+    g = gn.per_sample_grads_loop(model, loss, x, y)
+    B = x.shape[0]
+    out = {}
+    for k, v in g.items():
+        mean = v.mean(0)
+        trace = float(((v - mean) ** 2).sum() / (B - 1))
+        out[k] = (trace, float(mean.pow(2).sum()) - trace / B)
+    return out
+
+
+@pytest.mark.parametrize("seq", [5, 6, 4])  # T == B, T > B, T < B
+def test_a_layer_off_the_batch_is_never_taken_for_one_example_per_row(seq):
+    """nanoGPT's ``wpe(arange(T))`` with T equal to the batch size: its leading dimension is
+    not the batch (traced from the inputs, not guessed from a size), so its parameter gets
+    whole-model vmap and the float64 loop's numbers — on the first (traced) call and on the
+    second (from the plan's cache)."""
+    from tests.cases import NanoGPTBlock
+
+    torch.manual_seed(0)
+    model = NanoGPTBlock().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 9, (5, seq), generator=g), torch.randint(0, 9, (5,), generator=g)
+    ref = _loop_reference_stats(model, nn.CrossEntropyLoss(), x, y)
+    for _ in range(2):
+        got = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="fast")
+        assert got.per_param["wpe.weight"].method == "vmap"
+        assert got.per_param["wte.weight"].method == "fast"
+        for name, (trace, norm) in ref.items():
+            assert got.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
+            assert got.per_param[name].grad_norm_sq == pytest.approx(norm, rel=1e-9, abs=1e-12), name
+
+
+def test_the_monitor_never_measures_a_layer_off_the_batch_per_row():
+    """The same model in the Monitor with T == B: hooks mode refuses (it would record the
+    positions as examples); auto mode switches to 'separate' and records the reference."""
+    from tests.cases import NanoGPTBlock
+
+    torch.manual_seed(0)
+    model = NanoGPTBlock().double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 9, (5, 5), generator=g), torch.randint(0, 9, (5,), generator=g)
+    ref = _loop_reference_stats(model, nn.CrossEntropyLoss(), x, y)
+    with gn.Monitor(model, nn.CrossEntropyLoss(), mode="hooks", strict=True) as mon:
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        with pytest.raises(RuntimeError, match="does not depend on the batch.*wpe|wpe.*does not depend on the batch"):
+            mon.step(x, y)
+    model.zero_grad()
+    with gn.Monitor(model, nn.CrossEntropyLoss(), strict=True) as mon:
+        assert mon.mode == "hooks"
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        rec = mon.step(x, y)
+        assert mon.mode == "separate"
+    assert rec["trace_cov"] == pytest.approx(sum(t for t, _ in ref.values()), rel=1e-10)

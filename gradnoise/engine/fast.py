@@ -14,6 +14,7 @@ the standard ``torch.nn`` losses and checked on the batch for any other callable
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -38,7 +39,15 @@ from gradnoise._moments import Moments
 from gradnoise.engine.assemble import Pass, assemble
 from gradnoise.engine.graph import hook_edges
 from gradnoise.engine.hooks import Recorder, kept_outputs
-from gradnoise.engine.plan import Plan, Route, gram_ready, plan_for, route_for
+from gradnoise.engine.plan import (
+    Plan,
+    Route,
+    batch_trace,
+    gram_ready,
+    plan_for,
+    route_for,
+    traced_calls,
+)
 
 __all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
 
@@ -128,10 +137,14 @@ def fast_moments(
         state = frozen_state(model)
         params = {n: p.detach().requires_grad_(True) for n, p in named.items()}
 
+    trace = batch_trace(plan, xs)
     with preserved_state(model, modules.values()), torch.enable_grad():
         with recorder.installed():
-            outputs = model(*xs) if direct else functional_call(model, {**params, **state}, xs)
-            recorder.active = False
+            recorder.trace = trace
+            with trace if trace is not None else contextlib.nullcontext():
+                outputs = model(*xs) if direct else functional_call(model, {**params, **state}, xs)
+            recorder.active, recorder.trace = False, None
+            traced_calls(plan, xs, recorder.calls, trace is not None)
             route = route_for(plan, modules, recorder.calls, B, gram_ok)
             recorder.set_actions(route.actions)
             check_target_shape(loss_fn, outputs, ys[0] if len(ys) == 1 else ys)

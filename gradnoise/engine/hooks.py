@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
 from gradnoise.rules import linear_gram_norms, prefers_gram, rule_for
 
 __all__ = ["ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "kept_outputs", "rule_input"]
@@ -23,7 +24,8 @@ __all__ = ["ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "kep
 class ModuleCall:
     """One recorded module call (a plain class with slots: one is made per layer per call)."""
 
-    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "output_version", "last", "seq")
+    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "output_version", "last", "seq",
+                 "unbatched")  # fmt: skip
 
     def __init__(self, module: str, args: tuple, kwargs: dict, shapes: list, versions: list) -> None:
         self.module, self.args, self.kwargs, self.versions = module, args, kwargs, versions
@@ -33,6 +35,9 @@ class ModuleCall:
         self.output_version = 0
         self.last = False  # the backward pass goes no further than this call's output
         self.seq = 0  # position in the forward pass
+        # Argument positions and keywords that do not depend on the batch (BatchTrace);
+        # None while unknown, which no rule or module vmap takes as the batch.
+        self.unbatched: frozenset | None = None
 
 
 def flatten(obj: Any) -> list[Tensor | None]:
@@ -115,6 +120,7 @@ class Recorder(ModuleHooks):
         self._seq = itertools.count()
         self.grads: dict[str, dict[str, Tensor]] = {}
         self.active = True
+        self.trace: BatchTrace | None = None  # set while the forward pass is traced
 
     def set_actions(self, actions: dict[str, set[str]]) -> None:
         self.actions = actions
@@ -145,6 +151,10 @@ class Recorder(ModuleHooks):
                 for j, t in enumerate(outs):
                     if t is not None and t.requires_grad:
                         t.register_hook(functools.partial(on_grad, call, j))
+            if self.trace is not None:
+                call.unbatched = unbatched_entries(self.trace, args, kwargs)
+                if len(call.unbatched) < sum(isinstance(t, Tensor) for t in (*args, *kwargs.values())):
+                    self.trace.mark(output)  # also where the module's inside is not traced
             self.calls[name].append(call)
 
         return hook

@@ -33,8 +33,10 @@ def module_grads(
     bdim = batch_dim(module)
     is_rnn = isinstance(module, nn.RNNBase)
 
-    def dim_of(shape: torch.Size, position: int | str) -> int | None:
+    def dim_of(shape: torch.Size, position: int | str, output: bool = False) -> int | None:
         d = 1 if (is_rnn and position != 0) else bdim
+        if not output and (call.unbatched is None or position in call.unbatched):
+            return None  # traced off the batch (BatchTrace), or not traced
         if isinstance(position, str) and position in _UNBATCHED_MASKS and len(shape) == 2:
             return None
         return d if len(shape) > d and shape[d] == batch else None
@@ -42,7 +44,7 @@ def module_grads(
     entries = [(i, a) for i, a in enumerate(call.args)] + list(call.kwargs.items())
     batched = [(pos, t.detach(), dim_of(t.shape, pos)) for pos, t in entries if isinstance(t, Tensor)]
     outs = [
-        (t, g, None if t is None else dim_of(t, 0 if j == 0 else 1))
+        (t, g, None if t is None else dim_of(t, 0 if j == 0 else 1, output=True))
         for j, (t, g) in enumerate(zip(call.shapes, call.grads, strict=True))
     ]
     if any(g is not None and d is None for t, g, d in outs):

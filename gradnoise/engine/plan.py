@@ -23,12 +23,15 @@ import weakref
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from gradnoise._functional import trainable_params
+from gradnoise.engine.batch_trace import BatchTrace
 from gradnoise.engine.hooks import ModuleCall, batch_dim
 from gradnoise.rules import prefers_gram, rule_for
 
-__all__ = ["Plan", "Route", "ancestors", "param_owners", "plan_for", "route_for"]
+__all__ = ["Plan", "Route", "ancestors", "batch_trace", "on_batch", "param_owners", "plan_for", "route_for",
+           "traced_calls"]  # fmt: skip
 
 
 def param_owners(model: nn.Module, params: dict[str, Tensor]):
@@ -76,7 +79,7 @@ class Plan:
     """
 
     __slots__ = ("_refs", "_registries", "_ids", "_params", "_flags", "named", "owners", "recorded",
-                 "batchnorms", "direct", "routes")  # fmt: skip
+                 "batchnorms", "direct", "routes", "unbatched")  # fmt: skip
 
     def __init__(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
@@ -103,6 +106,7 @@ class Plan:
             b is not None for m in modules.values() for b in m._buffers.values()
         )
         self.routes: dict = {}  # by call signature (route_for)
+        self.unbatched: dict = {}  # by input signature: module → per call, what is off the batch
 
     def _current_ids(self) -> list[int]:  # ids: == on tensors would compare values
         return [id(v) for d in self._registries for v in d.values()]
@@ -128,6 +132,42 @@ def plan_for(model: nn.Module) -> Plan:
 
 
 MAX_ROUTES = 32  # routes cached per model (batch sizes × input shapes); cleared beyond
+
+
+def _input_signature(xs: tuple) -> tuple:
+    return tuple((t.shape, t.dtype) if isinstance(t, Tensor) else type(t) for t in tree_flatten(xs)[0])
+
+
+def batch_trace(plan: Plan, xs: tuple) -> BatchTrace | None:
+    """A :class:`~gradnoise.engine.batch_trace.BatchTrace` for this forward pass when the plan
+    has not yet traced inputs of this signature (shapes and dtypes), else ``None``."""
+    return None if _input_signature(xs) in plan.unbatched else BatchTrace(xs)
+
+
+def traced_calls(plan: Plan, xs: tuple, calls: dict[str, list[ModuleCall]], traced: bool) -> None:
+    """After the forward pass: remember what a traced pass found off the batch, or give the
+    calls of an untraced one what the traced pass of the same signature found. A call the
+    traced pass did not see (control flow that depends on values) stays unknown and the
+    signature is traced again next time."""
+    sig = _input_signature(xs)
+    if traced:
+        if len(plan.unbatched) >= MAX_ROUTES:
+            plan.unbatched.clear()
+        plan.unbatched[sig] = {m: [c.unbatched for c in cs] for m, cs in calls.items()}
+        return
+    known = plan.unbatched[sig]
+    for m, cs in calls.items():
+        flags = known.get(m, [])
+        for i, c in enumerate(cs):
+            c.unbatched = flags[i] if i < len(flags) else None
+        if len(cs) > len(flags):
+            del plan.unbatched[sig]
+            break
+
+
+def on_batch(call: ModuleCall) -> bool:
+    """Whether the call's first argument was traced to the batch."""
+    return call.unbatched is not None and 0 not in call.unbatched
 
 
 @dataclass(frozen=True)
@@ -157,7 +197,7 @@ def route_for(plan: Plan, modules: dict[str, nn.Module], calls: dict[str, list[M
     the input needs a gradient): routing costs a few percent of a small model's step."""
     sig = (B, gram_ok, tuple(
         (name, tuple((c.args[0].shape if c.args and isinstance(c.args[0], Tensor) else None, c.shapes[0],
-                      gram_ready(c)) for c in cs))
+                      gram_ready(c), c.unbatched) for c in cs))
         for name, cs in calls.items()
     ))  # fmt: skip
     route = plan.routes.get(sig)
@@ -180,7 +220,7 @@ def decide(owners, modules, calls, B: int):
     def batched(mname: str) -> bool:  # a rule needs the batch dimension on input and output
         bd = batch_dim(modules[mname])
         return all(
-            c.args and isinstance(c.args[0], Tensor) and c.args[0].dim() > bd and c.args[0].shape[bd] == B
+            on_batch(c) and c.args and isinstance(c.args[0], Tensor) and c.args[0].dim() > bd and c.args[0].shape[bd] == B
             and c.shapes[0] is not None and len(c.shapes[0]) > bd and c.shapes[0][bd] == B
             for c in calls[mname]
         )  # fmt: skip
@@ -195,7 +235,8 @@ def decide(owners, modules, calls, B: int):
         elif ruled and n_calls > 1:
             paths[name] = "fast-tied"
         else:
-            unit = next((a for a in ancestors(common_prefix([m for m, _ in os])) if calls.get(a)), "")
+            prefix = common_prefix([m for m, _ in os])
+            unit = next((a for a in ancestors(prefix) if calls.get(a) and all(map(on_batch, calls[a]))), "")
             units.setdefault(unit, []).append(name)
     return paths, units
 

@@ -8,8 +8,10 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from gradnoise._functional import is_measuring
+from gradnoise.engine.batch_trace import BatchTrace
 from gradnoise.engine.hooks import ModuleHooks, batch_dim, rule_input
 from gradnoise.rules import rule_for
 
@@ -28,7 +30,13 @@ class StepHooks(ModuleHooks):
     cost little to keep. Layers larger than :data:`DEFER_ELEMENTS` are done during the
     backward pass, so that their output gradients are not kept.
 
+    Which layers run on the batch is traced from the model's inputs
+    (:class:`~gradnoise.engine.batch_trace.BatchTrace`) in the first measured forward pass of
+    each input signature; a layer that runs on something else (``wpe(arange(T))``) is named
+    in :attr:`off_batch` and not measured.
+
     Args:
+        root: the model whose forward passes' inputs are the batch.
         modules: the layers to hook (each with a rule).
         armed: whether the current step is measured (checked in each forward pass).
         elementwise: also ``Σ_i g_i²`` per parameter.
@@ -37,9 +45,13 @@ class StepHooks(ModuleHooks):
             :attr:`failed` and raised by :meth:`flush`'s caller).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], *, armed: Callable[[], bool], elementwise: bool,
-                 loss_scale: float, strict: bool) -> None:  # fmt: skip
+    def __init__(self, root: nn.Module, modules: dict[str, nn.Module], *, armed: Callable[[], bool],
+                 elementwise: bool, loss_scale: float, strict: bool) -> None:  # fmt: skip
         super().__init__(modules)
+        self.root = root
+        self._traced: dict[tuple, set[str]] = {}  # input signature → layers off the batch
+        self._trace: BatchTrace | None = None
+        self._signature: tuple | None = None
         self.armed, self.elementwise, self.loss_scale, self.strict = armed, elementwise, loss_scale, strict
         self.rules = {name: rule_for(m) for name, m in modules.items()}  # fixed per module
         self.batch_dims = {name: batch_dim(m) for name, m in modules.items()}
@@ -52,13 +64,49 @@ class StepHooks(ModuleHooks):
         self.calls: dict[str, int] = {}
         self.failed: str | None = None
         self.pending: list[tuple] = []  # (name, module, input, output gradient), for flush()
+        self.off_batch: set[str] = set()  # layers of this step's forward passes not on the batch
 
+    def install(self) -> None:
+        super().install()
+        self._handles.append(self.root.register_forward_pre_hook(self._begin, with_kwargs=True))
+        self._handles.append(self.root.register_forward_hook(self._end, with_kwargs=True, always_call=True))
+
+    def remove(self) -> None:
+        self._stop_trace()
+        super().remove()
+
+    def _begin(self, module, args, kwargs) -> None:
+        if not self.armed() or not torch.is_grad_enabled() or is_measuring() or self._trace is not None:
+            return
+        flat = tree_flatten((args, kwargs))[0]
+        self._signature = tuple((t.shape, t.dtype) if isinstance(t, Tensor) else type(t) for t in flat)
+        if self._signature not in self._traced:
+            self._traced[self._signature] = set()
+            self._trace = BatchTrace((args, kwargs))
+            self._trace.__enter__()
+        self.off_batch |= self._traced[self._signature]
+
+    def _end(self, module, args, kwargs, output) -> None:
+        self._stop_trace()
+
+    def _stop_trace(self) -> None:
+        if self._trace is not None:
+            trace, self._trace = self._trace, None
+            trace.__exit__(None, None, None)
     def _forward_hook(self, name: str):
         whole_call = self.rules[name].whole_call
 
         def hook(module, args, kwargs, output):
             if not self.armed() or not torch.is_grad_enabled() or is_measuring():
                 return  # only the user's own forward passes of measured steps count
+            trace = self._trace
+            if trace is not None and not (args and trace.depends(args[0])):
+                self._traced[self._signature].add(name)
+                self.off_batch.add(name)
+            elif trace is not None:
+                trace.mark(output)  # also where the module's inside is not traced
+            if name in self.off_batch:
+                return
             out = output[0] if isinstance(output, tuple) and output else output  # attention: (y, weights)
             if isinstance(out, Tensor) and out.requires_grad and args and isinstance(args[0], Tensor):
                 out.register_hook(self._backward_hook(name, module, rule_input(whole_call, args, kwargs)))
