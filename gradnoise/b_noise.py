@@ -15,9 +15,10 @@ from torch import nn
 
 from gradnoise._compat import renamed_keywords
 from gradnoise._data import Data, as_data, concat
-from gradnoise._functional import LossFn
+from gradnoise._functional import LossFn, trainable_params
 from gradnoise.hessian import HVPMethod, hessian_operator
 from gradnoise.per_sample import per_sample_grads
+from gradnoise.preconditioner import Preconditioner, preconditioner_weights
 
 __all__ = ["BNoise", "b_noise"]
 
@@ -58,6 +59,7 @@ def b_noise(
     confidence: float = 0.95,
     seed: int = 0,
     hvp: HVPMethod = "auto",
+    preconditioner: Preconditioner | None = None,
 ) -> BNoise:
     """Estimate ``B_noise = tr(HΣ)/GᵀHG`` with Hessian-vector products.
 
@@ -68,6 +70,11 @@ def b_noise(
     ``E[ĜᵀHĜ] = GᵀHG + tr(HΣ)(1/n − 1/N)`` over ``n`` examples (``1/N = 0`` for a stream).
     ``hvp``: how Hessian-vector products are computed, as ``method`` of
     :func:`~gradnoise.hessian_operator`.
+
+    With a diagonal ``preconditioner`` ``P`` (as in :func:`~gradnoise.gradient_stats`), the
+    P-metric quantities (McCandlish et al. 2018, §2 with ``Δθ = −εPĝ``): ``B_noise^P =
+    tr(PHPΣ)/GᵀPHPG``, ``|G|²`` as ``GᵀPG`` and ``ε_max = GᵀPG/GᵀPHPG``; each product is
+    ``H(P ⊙ v)``, so that ``(g_i − G)ᵀPHP(g_i − G) = uᵀHu`` with ``u = P ⊙ (g_i − G)``.
 
     Raises:
         ValueError: fewer than 2 examples for ``tr(HΣ)``, and as :func:`hessian_operator`.
@@ -84,16 +91,20 @@ def b_noise(
     g = per_sample_grads(model, loss_fn, tuple(t[:m] for t in xs), ys[0][:m] if len(ys) == 1 else tuple(t[:m] for t in ys))
     flat = torch.cat([v.reshape(m, -1) for v in g.values()], dim=1)
     dev = flat - flat.mean(0)
+    P = torch.ones_like(flat[0])
+    if preconditioner is not None:
+        weights = preconditioner_weights(trainable_params(model, detach=False), preconditioner)
+        P = torch.cat([weights[k].reshape(-1) for k in g])
     q = np.concatenate([
-        (blk * op.matmat(blk.T).T).sum(1).double().cpu().numpy() for blk in dev.split(256)
-    ]) * m / (m - 1)  # (g_i − ḡ)ᵀH(g_i − ḡ); mean(q) is unbiased for tr(HΣ)
+        (u * op.matmat(u.T).T).sum(1).double().cpu().numpy() for u in (dev * P).split(256)
+    ]) * m / (m - 1)  # (g_i − ḡ)ᵀPHP(g_i − ḡ); mean(q) is unbiased for tr(PHPΣ)
     tr_hs = float(q.mean())
     G = op.gradient()
     inv_n = 1.0 / n - (0.0 if dataset_size is None else 1.0 / dataset_size)
-    # trace of Σ from the same deviations, for the |G|² correction
-    tr_s = float(dev.square().sum()) / (m - 1)
-    gthg = float(G @ op.matvec(G)) - tr_hs * inv_n
-    g2 = float(G @ G) - tr_s * inv_n
+    # trace of PΣ from the same deviations, for the |G|²_P correction
+    tr_s = float((dev.square() * P).sum()) / (m - 1)
+    gthg = float((P * G) @ op.matvec(P * G)) - tr_hs * inv_n
+    g2 = float(G @ (P * G)) - tr_s * inv_n
     res = stats.bootstrap((q,), np.mean, confidence_level=confidence, n_resamples=2000, method="percentile", random_state=np.random.default_rng(seed))
     lo, hi = res.confidence_interval
     ratio = (lambda x: x / gthg) if gthg > 0 else (lambda x: math.inf)

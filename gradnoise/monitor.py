@@ -35,6 +35,7 @@ raised into the training loop, unless ``strict=True``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -51,32 +52,33 @@ from gradnoise._functional import (
     batch_size_of,
     check_loss_fn,
     check_no_train_batchnorm,
-    is_measuring,
     trainable_params,
 )
 from gradnoise._moments import squared_norms
 from gradnoise.eigen import hessian_eigenvalues
 from gradnoise.engine.plan import param_owners
 from gradnoise.engine.step_hooks import StepHooks
-from gradnoise.noise_scale import NoiseScaleEMA, two_batch
+from gradnoise.micro_batches import MicroBatches
+from gradnoise.noise_scale import NoiseScaleEMA
+from gradnoise.preconditioner import Preconditioner, check_preconditioner, step_metric
 from gradnoise.rules import rule_for
 from gradnoise.rundir import open_run_dir
 from gradnoise.schedules import Schedule, check_schedule, describe, is_due, log_spaced
 from gradnoise.sinks import CSVSink, JSONLSink, MemorySink, TensorBoardSink
 from gradnoise.stats import gradient_stats
-from gradnoise.step_stats import CancellationError, HooksCannotMeasure, StepStats, step_stats
+from gradnoise.step_stats import (
+    CancellationError,
+    HooksCannotMeasure,
+    StepStats,
+    preconditioned_step_stats,
+    step_stats,
+)
 
 __all__ = ["Monitor", "log_spaced"]
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "hooks", "separate"]
-
-
-def _sq(t: Tensor) -> Tensor:
-    """``|t|²`` in one pass (no squared or float64 copy)."""
-    flat = t.detach().reshape(-1)
-    return flat.dot(flat)
 
 
 def _dist():
@@ -117,6 +119,11 @@ class Monitor:
         resume: continue the run already in ``run_dir`` after its last complete record
             (same columns; its config must agree). Without it a ``run_dir`` that holds a
             run is refused.
+        preconditioner: the run's ``Adam``/``AdamW`` optimizer (or a dict ``P``): each record
+            also holds the noise scale of its update in the P-metric, ``trace_cov_precond``,
+            ``grad_norm_sq_precond`` and ``b_simple_precond`` (``tr(PΣ)``, ``GᵀPG``, their
+            ratio; :mod:`gradnoise.preconditioner`), from the optimizer's state before its
+            step, read only; ``None`` before its first step.
     """
 
     def __init__(
@@ -139,6 +146,7 @@ class Monitor:
         strict: bool = False,
         config: dict | None = None,
         resume: bool = False,
+        preconditioner: Preconditioner | None = None,
     ) -> None:
         if mode not in ("auto", "hooks", "separate"):
             raise ValueError(f"unknown mode {mode!r}; choose 'auto', 'hooks' or 'separate'")
@@ -168,13 +176,12 @@ class Monitor:
         params = trainable_params(self.inner)
         self._params = {n: p for n, p in self.inner.named_parameters() if n in params}
         self._numels = {n: p.numel() for n, p in self._params.items()}
+        check_preconditioner(self._params, preconditioner)
+        self.preconditioner = preconditioner
         self._requested_mode = mode
         self.mode = self._choose_mode(mode)
         self._hooks: StepHooks | None = None
-        self._param_handles: list = []
-        self._micro_sq: list[float] = []  # |g|² of each backward's gradient (accumulation, DDP)
-        self._micro_batches: list[int] = []  # the size of each forward's batch (accumulation)
-        self._pending_sq, self._pending_count = 0.0, 0  # of the backward in progress
+        self._micro: MicroBatches | None = None  # accumulation or DDP: the two-batch estimate
         self._sinks: list = [self.history]
         self.run_dir = None if run_dir is None else Path(run_dir)
         if self.run_dir is not None and self._rank0:
@@ -234,28 +241,17 @@ class Monitor:
             modules = {m: mod for m, mod in self.inner.named_modules() if rule_for(mod) is not None}
             self._hooks = StepHooks(
                 self.inner, modules, armed=lambda: self._armed, elementwise=self.variance, loss_scale=self.loss_scale,
-                strict=self.strict,
+                strict=self.strict, metric=self._metric if self.preconditioner is not None else None,
             )  # fmt: skip
             self._hooks.install()
-        if (self.accumulation_steps > 1 or self._dist is not None) and not self._param_handles:
-            for p in self._params.values():
-                self._param_handles.append(p.register_hook(self._on_param_grad))
-            # the micro-batches' sizes, from the model's own forward passes
-            self._param_handles.append(self.inner.register_forward_pre_hook(self._on_forward))
+        if (self.accumulation_steps > 1 or self._dist is not None) and self._micro is None:
+            self._micro = MicroBatches(
+                self.inner, self._params, armed=lambda: self._armed, loss_scale=self.loss_scale, dist=self._dist
+            )
         self._armed = is_due(self.every, self._step)
 
-    def _on_forward(self, module: nn.Module, args: tuple) -> None:
-        if self._armed and torch.is_grad_enabled() and not is_measuring() and args and isinstance(args[0], Tensor):
-            self._micro_batches.append(args[0].shape[0])
-
-    def _on_param_grad(self, g: Tensor) -> None:
-        """Gradient of one backward (before accumulation / all-reduce): its squared norm."""
-        if self._armed:
-            self._pending_sq += float(_sq(g))
-            self._pending_count += 1
-            if self._pending_count == len(self._params):  # all parameters of this backward seen
-                self._micro_sq.append(self._pending_sq / self.loss_scale**2)
-                self._pending_sq, self._pending_count = 0.0, 0
+    def _metric(self) -> dict[str, Tensor] | None:
+        return step_metric(self._params, self.preconditioner)
 
     def close(self) -> None:
         """Remove the hooks and close the sinks."""
@@ -263,9 +259,9 @@ class Monitor:
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
-        for h in self._param_handles:
-            h.remove()
-        self._param_handles = []
+        if self._micro is not None:
+            self._micro.remove()
+            self._micro = None
         for s in self._sinks:
             s.close()
 
@@ -302,8 +298,8 @@ class Monitor:
         finally:
             if self._hooks is not None:
                 self._hooks.reset()
-            self._micro_sq, self._pending_sq, self._pending_count = [], 0.0, 0
-            self._micro_batches = []
+            if self._micro is not None:
+                self._micro.reset()
             self._step += 1
             self._armed = is_due(self.every, self._step)
         return record
@@ -318,9 +314,10 @@ class Monitor:
         }
 
     def _record(self, step, inputs, targets, optimizer, loss) -> dict:
-        if self.accumulation_steps > 1 and self._dist is None and len(self._micro_sq) != self.accumulation_steps:
+        seen = len(self._micro.sq) if self._micro is not None else 1
+        if self.accumulation_steps > 1 and self._dist is None and seen != self.accumulation_steps:
             raise ValueError(
-                f"accumulation_steps={self.accumulation_steps} but {len(self._micro_sq)} backward passes since the "
+                f"accumulation_steps={self.accumulation_steps} but {seen} backward passes since the "
                 "last step(): call step() once per optimizer step, after all its micro-batches"
             )
         rec = self._base(step, inputs, optimizer, loss)
@@ -359,11 +356,32 @@ class Monitor:
                     rec[f"b_simple/{name}"] = ls.b_simple
         else:
             rec["grad_norm"] = grad_norm
-        rec.update(self._two_batch(B))
+        if self.preconditioner is not None:
+            rec.update(self._preconditioned(inputs, targets, B))
+        if self._micro is not None:
+            rec.update(self._micro.record(B, self.loss_scale * self.accumulation_steps))
         bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v) and not k.startswith(("b_simple", "two_batch_b_simple"))]
         if bad:
             raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}: the loss or the gradients overflow")
         return rec
+
+    def _preconditioned(self, inputs, targets, B: int) -> dict:
+        """This step's noise scale in the optimizer's metric: from the hooks' ``|g_i|²_P``, or
+        measured by the engine (mode 'separate', or a step whose centred sums cancel)."""
+        keys = ("trace_cov_precond", "grad_norm_sq_precond", "b_simple_precond")
+        if self._dist is not None:  # the hooks' per-example statistics are not of the global batch
+            return dict.fromkeys(keys)
+        P = self._hooks.step_weights() if self._hooks is not None else step_metric(self._params, self.preconditioner)
+        if P is None:  # the optimizer has not stepped yet
+            return dict.fromkeys(keys)
+        stats = None
+        if self._hooks is not None:
+            with contextlib.suppress(CancellationError):
+                factor = self.loss_scale * self.accumulation_steps
+                stats = preconditioned_step_stats(self._hooks, self._params, self._numels, B, factor)
+        if stats is None:
+            stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=False, preconditioner=P)
+        return dict(zip(keys, (stats.trace_cov, stats.grad_norm_sq, stats.b_simple), strict=True))
 
     def _stats_from_hooks(self, B: int) -> StepStats | None:
         """Statistics of this step from the hooks' per-example norms and ``.grad``."""
@@ -371,36 +389,6 @@ class Monitor:
             return None  # under DDP .grad is the all-reduced mean: use the two-batch estimate
         factor = self.loss_scale * self.accumulation_steps
         return step_stats(self._hooks, self._params, self._numels, B, factor, self.accumulation_steps)
-
-    def _micro_sizes(self, B: int, k: int) -> list[int]:
-        """The micro-batches' sizes, as the model's forward passes saw them."""
-        if len(self._micro_batches) != k or sum(self._micro_batches) != B:
-            raise ValueError(
-                f"{k} micro-batches of sizes {self._micro_batches} do not make the batch of {B} given to "
-                "step(): pass the whole batch of this optimizer step"
-            )
-        return self._micro_batches
-
-    def _two_batch(self, B: int) -> dict:
-        """Two-batch estimate from micro-batch (accumulation) or per-rank (DDP) gradients."""
-        if not self._micro_sq:
-            return {}
-        k = len(self._micro_sq)
-        small = sum(self._micro_sq) / k
-        big = sum(float(_sq(p.grad)) for p in self._params.values() if p.grad is not None)
-        big /= (self.loss_scale * self.accumulation_steps) ** 2 if self._dist is None else 1.0
-        if self._dist is not None:  # per-rank local gradient vs the all-reduced one
-            t = torch.tensor([small], dtype=torch.float64, device=next(iter(self._params.values())).device)
-            self._dist.all_reduce(t)
-            small = float(t) / self._dist.get_world_size()
-            b, total = B, B * self._dist.get_world_size()
-        else:  # E mean_j|g_j|² = |G|² + tr Σ·h and E|(1/k)Σ_j g_j|² = |G|² + tr Σ·h/k, h = mean_j 1/b_j
-            h = sum(1 / b for b in self._micro_sizes(B, k)) / k
-            b, total = 1 / h, k / h
-        if not 0 < b < total:
-            return {}
-        g2, tr = two_batch(small, big, b, total)
-        return {"two_batch_trace_cov": tr, "two_batch_grad_norm_sq": g2, "two_batch_b_simple": tr / g2 if g2 > 0 else math.inf}
 
     def _sharpness(self, record: dict, optimizer) -> dict:
         modes = [(m, m.training) for m in self.inner.modules()]

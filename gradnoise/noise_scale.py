@@ -35,6 +35,7 @@ from gradnoise._functional import (
 )
 from gradnoise.b_noise import b_noise
 from gradnoise.hessian import HVPMethod
+from gradnoise.preconditioner import Preconditioner, preconditioner_weights
 from gradnoise.stats import Method, gradient_stats
 
 __all__ = [
@@ -71,6 +72,9 @@ class NoiseScale:
         per_layer: per-module averaged estimates and ``B_simple``.
         num_batches, examples: how much data went in.
         estimator: ``"per-example"`` or ``"two-batch"``.
+        metric: ``"euclidean"``, or ``"preconditioned"``: ``B_simple^P = tr(PΣ)/GᵀPG`` and
+            ``B_noise^P = tr(PHPΣ)/GᵀPHPG`` (:mod:`gradnoise.preconditioner`); ``eps_max``
+            is then ``GᵀPG/GᵀPHPG``, the step size that multiplies ``Pĝ``.
         interval_method, confidence: how the intervals were computed (``"bootstrap"`` or
             ``"jackknife"``) and their level.
     """
@@ -86,6 +90,7 @@ class NoiseScale:
     num_batches: int = 0
     examples: int = 0
     estimator: str = "per-example"
+    metric: str = "euclidean"
     interval_method: str = "bootstrap"
     confidence: float = 0.95
     trace_cov_batches: tuple[float, ...] = field(default=(), repr=False)
@@ -200,13 +205,15 @@ def two_batch(small_norm_sq: float, large_norm_sq: float, small: int, large: int
 
 
 def two_batch_stats(
-    model: nn.Module, loss_fn: LossFn, inputs: Batch, targets: Batch, *, micro_batches: int
+    model: nn.Module, loss_fn: LossFn, inputs: Batch, targets: Batch, *, micro_batches: int,
+    preconditioner: Preconditioner | None = None,
 ) -> tuple[float, float]:
     """``(|G|², tr Σ)`` from one batch split into equal micro-batches (gradient accumulation).
 
     The micro-batch gradients are what an accumulating training loop computes anyway; their
     mean is the full-batch gradient, and the mean of their squared norms is ``|g_b|²``.
-    Only batch gradients are needed (no per-example engine).
+    Only batch gradients are needed (no per-example engine). With a ``preconditioner``, the
+    squared norms are ``|g|²_P = Σ P ⊙ g²``, which gives ``(GᵀPG, tr(PΣ))``.
 
     Raises:
         ValueError: if the batch does not split into ``micro_batches ≥ 2`` equal parts.
@@ -220,11 +227,17 @@ def two_batch_stats(
         raise ValueError(f"a batch of {B} does not split into {micro_batches} equal micro-batches (need ≥ 2 that divide it)")
     b = B // micro_batches
     xs, ys = as_tuple(inputs), as_tuple(targets)
+    weights = None
+    if preconditioner is not None:
+        weights = preconditioner_weights(trainable_params(model, detach=False), preconditioner)
     grads = []
     for k in range(micro_batches):
         sl = slice(k * b, (k + 1) * b)
         g = mean_gradient(model, loss_fn, [(tuple(t[sl] for t in xs), tuple(t[sl] for t in ys))])
-        grads.append(torch.cat([v.reshape(-1) for v in g.values()]).double())
+        flat = torch.cat([v.reshape(-1) for v in g.values()]).double()
+        if weights is not None:
+            flat = flat * torch.cat([weights[k].reshape(-1) for k in g]).double().sqrt()
+        grads.append(flat)
     small = float(torch.stack([g.dot(g) for g in grads]).mean())
     big_g = torch.stack(grads).mean(0)
     return two_batch(small, float(big_g.dot(big_g)), b, B)
@@ -295,6 +308,7 @@ def noise_scale(
     hvp: HVPMethod = "auto",
     method: Method = "auto",
     seed: int = 0,
+    preconditioner: Preconditioner | None = None,
 ) -> NoiseScale:
     """``B_simple`` (and optionally ``B_noise``) over many batches, with an interval.
 
@@ -312,6 +326,9 @@ def noise_scale(
         hessian_examples: examples (from the first batches) whose gradient deviations
             estimate ``tr(HΣ)``; one Hessian-vector product each.
         hvp: how those products are computed (``method`` of :func:`~gradnoise.hessian_operator`).
+        preconditioner: a diagonal ``P`` (a dict, or an ``Adam``/``AdamW`` optimizer; see
+            :func:`~gradnoise.gradient_stats`): the noise scales of the update ``−εPĝ``,
+            ``B_simple^P`` and ``B_noise^P`` (``metric="preconditioned"``).
 
     Returns:
         :class:`NoiseScale`.
@@ -333,12 +350,13 @@ def noise_scale(
         n = batch_size_of(x, y, min_size=2)
         examples += n
         if estimator == "per-example":
-            s = gradient_stats(model, loss_fn, x, y, method=method, dataset_size=dataset_size, variance=False)
+            s = gradient_stats(model, loss_fn, x, y, method=method, dataset_size=dataset_size, variance=False,
+                               preconditioner=preconditioner)  # fmt: skip
             trs.append(s.trace_cov)
             g2s.append(s.grad_norm_sq)
             layers.append(s.per_layer)
         else:
-            g2, tr = two_batch_stats(model, loss_fn, x, y, micro_batches=micro_batches)
+            g2, tr = two_batch_stats(model, loss_fn, x, y, micro_batches=micro_batches, preconditioner=preconditioner)
             trs.append(tr)
             g2s.append(g2)
     # Each batch's estimates are unbiased with a variance that falls as 1/B: batches of
@@ -361,13 +379,15 @@ def noise_scale(
         num_batches=len(batches),
         examples=examples,
         estimator=estimator,
+        metric="euclidean" if preconditioner is None else "preconditioned",
         interval_method=interval,
         confidence=confidence,
         trace_cov_batches=tuple(trs),
         grad_norm_sq_batches=tuple(g2s),
     )
     if hessian:
-        bn = b_noise(model, loss_fn, batches, examples=hessian_examples, confidence=confidence, seed=seed, hvp=hvp)
+        bn = b_noise(model, loss_fn, batches, examples=hessian_examples, confidence=confidence, seed=seed, hvp=hvp,
+                     preconditioner=preconditioner)  # fmt: skip
         result = dataclasses.replace(result, b_noise=bn.b_noise, b_noise_interval=bn.interval, eps_max=bn.eps_max)
     return result
 

@@ -195,12 +195,15 @@ def vmap_moments(
     *,
     variance: bool = True,
     chunk_size: int | None = None,
+    weights: dict[str, Tensor] | None = None,
 ) -> Moments:
     """:class:`~gradnoise._moments.Moments` from materialised per-example gradients.
 
     With ``chunk_size``, the batch is processed ``chunk_size`` examples at a time and the
-    chunks are merged exactly, so memory is bounded by ``chunk_size × P``.
+    chunks are merged exactly, so memory is bounded by ``chunk_size × P``. With ``weights``
+    (a diagonal metric ``P``), the moments of ``√P ⊙ g_i``.
     """
+    sqrt_w = None if weights is None else {n: w.sqrt() for n, w in weights.items()}
     params = _validate(model, loss_fn, inputs, targets, chunk_size)
     state = frozen_state(model)
     xs, ys = as_tuple(inputs), as_tuple(targets)
@@ -214,6 +217,8 @@ def vmap_moments(
             cy = tuple(t[start : start + step] for t in ys)
             grads, losses = vmap_grads_and_losses(model, loss_fn, params, state, cx, cy)
             check_finite_grads(grads)
+            if sqrt_w is not None:
+                grads = {n: g * sqrt_w[n] for n, g in grads.items()}
             m = moments_from_grads(grads, losses, "vmap", variance)
             total = m if total is None else total.merge(m)
     return total

@@ -37,11 +37,19 @@ import torch
 from torch import Tensor, nn
 
 from gradnoise._factored import dtype_of
-from gradnoise._functional import Batch, LossFn, as_tuple, batch_size_of, is_known_mean_loss
+from gradnoise._functional import (
+    Batch,
+    LossFn,
+    as_tuple,
+    batch_size_of,
+    is_known_mean_loss,
+    trainable_params,
+)
 from gradnoise._lazy import LazyMap
 from gradnoise._moments import Moments
 from gradnoise.engine import NotMeanLossError, fast_applies, fast_moments
 from gradnoise.per_sample import vmap_moments
+from gradnoise.preconditioner import Preconditioner, preconditioner_weights
 from gradnoise.summary import (
     LayerStats,
     LazyGsnr,
@@ -82,6 +90,11 @@ class GradientStats:
             when first read).
         per_layer: the same statistics per module (parameters grouped by owner; likewise).
         sq_norms: ``|g_i|²`` of each example over all parameters, ``[B]`` float64.
+        metric: ``"euclidean"``, or ``"preconditioned"`` when computed with a diagonal
+            preconditioner ``P``: every statistic is then that of the whitened gradients
+            ``√P ⊙ g_i`` — ``mean`` is ``√P ⊙ ḡ``, ``variance`` is ``P ⊙ Var g``,
+            ``trace_cov`` is ``tr(PΣ)``, ``grad_norm_sq`` is ``GᵀPG`` and ``b_simple`` is
+            ``B_simple^P`` (:mod:`gradnoise.preconditioner`).
     """
 
     batch_size: int
@@ -95,6 +108,7 @@ class GradientStats:
     per_param: Mapping[str, LayerStats] = field(repr=False)
     per_layer: Mapping[str, LayerStats] = field(repr=False)
     sq_norms: Tensor = field(repr=False)
+    metric: Literal["euclidean", "preconditioned"] = "euclidean"
     # the GSNR's per-parameter sums, computed once when first read (see ``gsnr``)
     _gsnr: LazyGsnr | None = field(default=None, repr=False, compare=False)
 
@@ -127,8 +141,9 @@ class GradientStats:
     def __repr__(self) -> str:
         n = "∞" if self.dataset_size is None else self.dataset_size
         gsnr = "n/a" if self.gsnr is None else f"{self.gsnr:.4g}"
+        metric = "metric=preconditioned, " if self.metric != "euclidean" else ""
         lines = [
-            f"GradientStats(B={self.batch_size}, N={n}, loss={self.loss:.4g}, "
+            f"GradientStats(B={self.batch_size}, N={n}, loss={self.loss:.4g}, {metric}"
             f"trace_cov={self.trace_cov:.4g}, grad_norm_sq={self.grad_norm_sq:.4g}, "
             f"b_simple={self.b_simple:.4g}, gsnr={gsnr})",
             f"  {'layer':<28}{'params':>9}{'tr Σ':>12}{'|G|²':>12}{'B_simple':>11}  method",
@@ -143,7 +158,7 @@ class GradientStats:
 
 def stats_from_moments(
     m: Moments, *, dataset_size: int | None = None, dtypes: dict[str, torch.dtype] | None = None,
-    consume: bool = False,
+    consume: bool = False, metric: str = "euclidean",
 ) -> GradientStats:
     """Finalise :class:`Moments` into :class:`GradientStats` (unbiased, see module docstring).
 
@@ -189,6 +204,7 @@ def stats_from_moments(
         per_param=per_param,
         per_layer=per_layer,
         sq_norms=m.sq_total if m.sq_total is not None else torch.stack(list(m.sq_norms.values())).sum(0),
+        metric=metric,
         _gsnr=table,
     )
 
@@ -220,18 +236,22 @@ def compute_moments(
     variance: bool = True,
     chunk_size: int | None = None,
     factored_mean: bool = False,
+    preconditioner: Preconditioner | None = None,
 ) -> Moments:
     """Moments of per-example gradients of one batch with the engine ``method`` picks
     (``factored_mean``: see :func:`gradnoise.engine.fast_moments`).
 
     ``"auto"`` picks ``"fast"`` (one forward and one backward with hooks, see
     :mod:`gradnoise.engine`) when the loss is known to be the mean of per-example
-    losses (or is verified to be on this batch), else ``"vmap"``.
+    losses (or is verified to be on this batch), else ``"vmap"``. With a ``preconditioner``
+    (:func:`~gradnoise.preconditioner.preconditioner_weights`), the moments of ``√P ⊙ g_i``.
     """
     backends = ENGINES
     if method != "auto" and method not in backends:
         raise ValueError(f"unknown method {method!r}; choose one of 'auto', {', '.join(map(repr, backends))}")
-    kwargs = {"variance": variance, "chunk_size": chunk_size}
+    kwargs: dict = {"variance": variance, "chunk_size": chunk_size}
+    if preconditioner is not None:
+        kwargs["weights"] = preconditioner_weights(trainable_params(model, detach=False), preconditioner)
     fast_kwargs = {**kwargs, "factored_mean": factored_mean}
     if method != "auto":
         return backends[method](model, loss_fn, inputs, targets, **(fast_kwargs if method == "fast" else kwargs))
@@ -254,6 +274,7 @@ def gradient_stats(
     dataset_size: int | None = None,
     variance: bool = True,
     chunk_size: int | None = None,
+    preconditioner: Preconditioner | None = None,
 ) -> GradientStats:
     """Mean, variance, ``tr Σ``, ``|G|²``, GSNR and ``B_simple`` of one batch's gradients.
 
@@ -271,6 +292,11 @@ def gradient_stats(
         variance: also compute the per-element variance and GSNR (one extra matrix product
             per layer on the fast path).
         chunk_size: for ``"vmap"``, examples per chunk; bounds memory to ``chunk × P``.
+        preconditioner: a diagonal metric ``P``: a dict ``{name: positive tensor}`` over the
+            trainable parameters, or an ``Adam``/``AdamW`` optimizer (``P = 1/(√v̂ + eps)``
+            from its state, read only). Every statistic is then in the P-metric
+            (``tr(PΣ)``, ``GᵀPG``, ``B_simple^P``; see ``GradientStats.metric``), unbiased
+            as without it.
 
     Returns:
         :class:`GradientStats`.
@@ -291,11 +317,12 @@ def gradient_stats(
     check_dataset_size(as_tuple(inputs)[0].shape[0], dataset_size)
     m = compute_moments(
         model, loss_fn, inputs, targets, method=method, variance=variance, chunk_size=chunk_size,
-        factored_mean=True,
+        factored_mean=True, preconditioner=preconditioner,
     )  # fmt: skip
     # Results in the parameters' dtypes; only merged (chunked) moments are promoted to float64.
     dtypes = {n: p.dtype for n, p in model.named_parameters()} if m.promoted else None
-    return stats_from_moments(m, dataset_size=dataset_size, dtypes=dtypes, consume=True)
+    metric = "euclidean" if preconditioner is None else "preconditioned"
+    return stats_from_moments(m, dataset_size=dataset_size, dtypes=dtypes, consume=True, metric=metric)
 
 
 class StatsAccumulator:

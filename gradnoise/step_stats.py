@@ -12,7 +12,7 @@ from gradnoise._moments import Moments, centred_m2, centred_sums, scaled_rows
 from gradnoise.engine.step_hooks import StepHooks
 from gradnoise.summary import LayerStats, summarise, summarise_scalars
 
-__all__ = ["CancellationError", "HooksCannotMeasure", "StepStats", "step_stats"]
+__all__ = ["CancellationError", "HooksCannotMeasure", "StepStats", "preconditioned_step_stats", "step_stats"]
 
 
 class HooksCannotMeasure(RuntimeError):
@@ -100,3 +100,25 @@ def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, in
     )  # fmt: skip
     total, _, per_layer = summarise(m, per_param=False)
     return StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, total.gsnr, per_layer)
+
+
+def preconditioned_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, int], B: int,
+                              factor: float) -> StepStats | None:  # fmt: skip
+    """``tr(PΣ)``, ``GᵀPG`` and ``B_simple^P`` of the step (:mod:`gradnoise.preconditioner`)
+    from the hooks' ``|g_i|²_P`` and ``√P ⊙ .grad``; ``None`` without a metric this step
+    (an optimizer before its first step). Call after :func:`step_stats` (which flushes).
+
+    Raises:
+        CancellationError: as :func:`step_stats`.
+    """
+    weights = hooks.step_weights()
+    if weights is None:
+        return None
+    rows = [torch.cat(hooks.sq_p[n]) if len(hooks.sq_p[n]) > 1 else hooks.sq_p[n][0] for n in params]
+    means = torch._foreach_mul([p.grad.detach() for p in params.values()], torch._foreach_sqrt([weights[n] for n in params]))
+    _, _, host = centred_sums(rows, means, B, mean_scale=1.0 / factor)
+    lost = [n for n, h in zip(params, host, strict=True) if h.cancelled(torch.finfo(params[n].dtype).eps)]
+    if lost:
+        raise CancellationError(f"the preconditioned centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")
+    total, per_layer = summarise_scalars(numels, host, B, "hooks")
+    return StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer)

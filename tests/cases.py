@@ -235,8 +235,8 @@ CASES = [
     Case("transformer", lambda: tasks.tiny_transformer(vocab=8, dim=8, heads=2, max_len=6, classes=3), ids(8, 6), labels(3)),
     Case("mnist1d-cnn", lambda: tasks.mnist1d_cnn(channels=6), randn(40), labels(10)),
     Case("resnet-block", ResNetBlock, randn(3, 6, 6), labels(3)),
-    # T = 5 ≠ B = 6: a position embedding whose length equals the batch size is issue 23's
-    # known gap (its leading dimension is taken for the batch's)
+    # wpe(arange(T)) is off the batch (traced, not inferred from T ≠ B; T == B is tested in
+    # test_silent_errors): whole-model vmap for that parameter
     Case("nanogpt-block", NanoGPTBlock, ids(9, 5), labels(9)),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}

@@ -161,3 +161,31 @@ def test_sequence_linear_norms_in_chunks(out_features, elementwise, chunked, mon
         torch.testing.assert_close(norms["weight"][1], g.square().sum(0), rtol=1e-12, atol=0)
     else:
         assert norms["weight"][1] is None
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+@pytest.mark.parametrize("name, module, make", LAYERS, ids=[c[0] for c in LAYERS])
+def test_weighted_norms_equal_a_loop_of_autograd(name, module, make, elementwise):
+    """Norms in a diagonal metric P (the rule's own ``weighted`` or weighted per-example
+    gradients): ``Σ P ⊙ g_i²`` and ``Σ_i P ⊙ g_i²`` equal the loop reference."""
+    from gradnoise.rules import weighted_norms
+
+    module = module.double()
+    x = make()
+    x = x.double() if x.is_floating_point() else x
+    rule = rule_for(module)
+    with torch.no_grad():
+        d = torch.randn_like(_call(module, x))
+    ref = _reference(module, x, d)
+    g = torch.Generator().manual_seed(2)
+    weights = {k: torch.rand(v.shape[1:], generator=g, dtype=torch.float64) + 0.1 for k, v in ref.items()}
+    a = ((x, x, x), {"need_weights": False}) if rule.whole_call else x
+    scale = 3.0
+    norms = weighted_norms(rule, module, a, d, weights, elementwise, scale)
+    assert norms.keys() == ref.keys()
+    for k, gk in ref.items():
+        g2 = (scale * gk).square()
+        sq = (g2 * weights[k]).flatten(1).sum(1)
+        torch.testing.assert_close(norms[k][0], sq, rtol=1e-10, atol=1e-12 * float(sq.max()))
+        if elementwise:
+            torch.testing.assert_close(norms[k][1], g2.sum(0) * weights[k], rtol=1e-10, atol=1e-12 * float(sq.max()))

@@ -44,6 +44,7 @@ class Pass:
     loss_sum: float
     variance: bool
     chunk_size: int | None
+    sqrt_weights: dict[str, Tensor] | None = None  # √P of a diagonal metric: moments of √P ⊙ g_i
 
     @property
     def batch(self) -> int:
@@ -74,6 +75,10 @@ def assemble(p: Pass) -> Moments:
     parts = _Parts(methods=dict(p.route.paths))
     _collect_rules(p, parts)
     _collect_units(p, parts)
+    if p.sqrt_weights is not None:  # the rules' norms are weighted already (Recorder.weights)
+        sw = p.sqrt_weights
+        p.mean.update({n: g * sw[n] for n, g in p.mean.items()})
+        parts.grads.update({n: g * sw[n] for n, g in parts.grads.items()})
     factors = {n: p.recorder.factors[m] for n, m in p.route.gram.items() if m in p.recorder.factors}
     for n in p.route.gram.keys() - factors.keys():  # output never reached by the backward pass
         p.mean[n] = torch.zeros_like(p.params[n])
@@ -158,6 +163,8 @@ def _whole_model(p: Pass, names: list[str]) -> Moments:
         g, losses = vmap_grads_and_losses(
             p.model, p.loss_fn, sub, rest, tuple(t[s : s + step] for t in p.xs), tuple(t[s : s + step] for t in p.ys)
         )  # fmt: skip
+        if p.sqrt_weights is not None:
+            g = {n: v * p.sqrt_weights[n] for n, v in g.items()}
         m = moments_from_grads(g, losses, "vmap", p.variance)
         out = m if out is None else out.merge(m)
     return out

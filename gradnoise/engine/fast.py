@@ -48,6 +48,7 @@ from gradnoise.engine.plan import (
     route_for,
     traced_calls,
 )
+from gradnoise.rules import rule_for
 
 __all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
 
@@ -99,6 +100,7 @@ def fast_moments(
     chunk_size: int | None = None,
     factored_mean: bool = False,
     known_mean: bool = False,
+    weights: dict[str, Tensor] | None = None,
 ) -> Moments:
     """:class:`~gradnoise._moments.Moments` of one batch from one forward and one backward pass.
 
@@ -114,6 +116,10 @@ def fast_moments(
         known_mean: the caller has checked with
             :func:`~gradnoise._functional.is_known_mean_loss` that the loss is a plain mean on
             these targets (``method="auto"`` does); otherwise checked here.
+        weights: a diagonal metric ``P`` per parameter
+            (:func:`~gradnoise.preconditioner.preconditioner_weights`): the moments are then
+            those of ``√P ⊙ g_i``. The rules weight their norms in the backward pass; the
+            Gram and moments paths, which skip a weight gradient, are not taken.
 
     Raises:
         NotMeanLossError: the loss is not the mean of per-example losses.
@@ -126,9 +132,9 @@ def fast_moments(
     check_device(named, inputs, targets)
     xs, ys = as_tuple(inputs), as_tuple(targets)
     check_no_train_batchnorm((n, modules[n]) for n in plan.batchnorms)
-    gram_ok = factored_mean and not variance
+    gram_ok = factored_mean and not variance and weights is None
     recorded = {m: modules[m] for m in plan.recorded}
-    recorder = Recorder(recorded, B, variance, kept_outputs(recorded, B, gram_ok))
+    recorder = Recorder(recorded, B, variance, kept_outputs(recorded, B, gram_ok) if weights is None else {})
     direct = plan.direct and not any(p._backward_hooks for p in named.values())
     if direct:  # the model's own parameters as graph leaves; autograd.grad leaves .grad alone
         state: dict[str, Tensor] = {}
@@ -147,6 +153,8 @@ def fast_moments(
             traced_calls(plan, xs, recorder.calls, trace is not None)
             route = route_for(plan, modules, recorder.calls, B, gram_ok)
             recorder.set_actions(route.actions)
+            if weights is not None:
+                recorder.weights = module_weights(plan, modules, route, weights)
             check_target_shape(loss_fn, outputs, ys[0] if len(ys) == 1 else ys)
             loss = loss_fn(outputs, ys[0] if len(ys) == 1 else ys)
             loss_value = check_loss_value(loss)
@@ -161,7 +169,7 @@ def fast_moments(
             params = {n: p.detach() for n, p in named.items()}
         return assemble(Pass(
             model, loss_fn, xs, ys, params, state, plan, modules, route, recorder, mean, loss_sum,
-            variance, chunk_size,
+            variance, chunk_size, None if weights is None else {n: w.sqrt() for n, w in weights.items()},
         ))  # fmt: skip
 
 
@@ -190,3 +198,18 @@ def _backward(loss: Tensor, leaves: dict[str, Tensor], plan: Plan, recorder: Rec
         local = owners[n][0][1]
         mean[n] = recorder.means[m][local] if m in recorder.means else torch.zeros_like(leaves[n])
     return mean
+
+
+def module_weights(plan: Plan, modules: dict[str, nn.Module], route: Route, weights: dict[str, Tensor]):
+    """The metric of each rule module's parameters by local name (ones for a frozen one,
+    whose norms the rules also give and nobody reads)."""
+    by_id = {id(p): weights[n] for n, p in plan.named.items()}
+    out = {}
+    for m in {m for n in route.paths for m, _ in plan.owners[n]}:
+        module = modules[m]
+        recurse = rule_for(module).owns_children
+        out[m] = {
+            local: by_id[id(p)] if id(p) in by_id else torch.ones_like(p)
+            for local, p in module.named_parameters(recurse=recurse, remove_duplicate=False)
+        }  # fmt: skip
+    return out

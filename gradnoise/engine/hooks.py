@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
-from gradnoise.rules import linear_gram_norms, prefers_gram, rule_for
+from gradnoise.rules import linear_gram_norms, prefers_gram, rule_for, weighted_norms
 
 __all__ = ["ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "kept_outputs", "rule_input"]
 
@@ -121,6 +121,7 @@ class Recorder(ModuleHooks):
         self.grads: dict[str, dict[str, Tensor]] = {}
         self.active = True
         self.trace: BatchTrace | None = None  # set while the forward pass is traced
+        self.weights: dict[str, dict[str, Tensor]] | None = None  # a metric P per module and local name
 
     def set_actions(self, actions: dict[str, set[str]]) -> None:
         self.actions = actions
@@ -190,6 +191,9 @@ class Recorder(ModuleHooks):
         elif "moments" in self.actions[call.module]:
             moments = rule.moments(module, a, d, self.variance, B if self.variance else 1.0)
             self.norms[call.module], self.means[call.module] = moments
+        elif "norms" in self.actions[call.module] and self.weights is not None:
+            scale = B if self.variance else 1.0
+            self.norms[call.module] = weighted_norms(rule, module, a, d, self.weights[call.module], self.variance, scale)
         elif "norms" in self.actions[call.module]:
             self.norms[call.module] = rule.norms(module, a, d, self.variance, B if self.variance else 1.0)
         else:

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 from gradnoise._functional import is_measuring
 from gradnoise.engine.batch_trace import BatchTrace
 from gradnoise.engine.hooks import ModuleHooks, batch_dim, rule_input
-from gradnoise.rules import rule_for
+from gradnoise.rules import rule_for, weighted_norms
 
 __all__ = ["DEFER_ELEMENTS", "StepHooks"]
 
@@ -43,11 +43,21 @@ class StepHooks(ModuleHooks):
         loss_scale: the factor the loop multiplies its loss by before ``backward()``.
         strict: re-raise an exception from a rule inside the backward pass (else kept in
             :attr:`failed` and raised by :meth:`flush`'s caller).
+        metric: a diagonal preconditioner ``P`` of this step by parameter name, or ``None``
+            when there is none yet (read once per measured step): the hooks then also keep
+            ``|g_i|²_P`` (:attr:`sq_p`).
     """
 
     def __init__(self, root: nn.Module, modules: dict[str, nn.Module], *, armed: Callable[[], bool],
-                 elementwise: bool, loss_scale: float, strict: bool) -> None:  # fmt: skip
+                 elementwise: bool, loss_scale: float, strict: bool,
+                 metric: Callable[[], dict[str, Tensor] | None] | None = None) -> None:  # fmt: skip
         super().__init__(modules)
+        self.metric = metric
+        self.locals = {  # parameters of each hooked layer (and of children its rule owns): local → full name
+            name: {local: f"{name}.{local}" if name else local
+                   for local, _ in m.named_parameters(recurse=rule_for(m).owns_children, remove_duplicate=False)}
+            for name, m in modules.items()
+        }  # fmt: skip
         self.root = root
         self._traced: dict[tuple, set[str]] = {}  # input signature → layers off the batch
         self._trace: BatchTrace | None = None
@@ -65,17 +75,22 @@ class StepHooks(ModuleHooks):
         self.failed: str | None = None
         self.pending: list[tuple] = []  # (name, module, input, output gradient), for flush()
         self.off_batch: set[str] = set()  # layers of this step's forward passes not on the batch
+        self.sq_p: dict[str, list[Tensor]] = {}  # parameter → per-micro-batch |g_i|²_P
+        self._weights: dict[str, Tensor] | None | bool = False  # this step's P (False: not read yet)
 
     def install(self) -> None:
         super().install()
-        self._handles.append(self.root.register_forward_pre_hook(self._begin, with_kwargs=True))
-        self._handles.append(self.root.register_forward_hook(self._end, with_kwargs=True, always_call=True))
+        begin = lambda m, args, kwargs: self._begin(args, kwargs)  # noqa: E731
+        end = lambda m, args, kwargs, out: self._stop_trace()  # noqa: E731
+        begin._gradnoise_observer = end._gradnoise_observer = True  # they read only
+        self._handles.append(self.root.register_forward_pre_hook(begin, with_kwargs=True))
+        self._handles.append(self.root.register_forward_hook(end, with_kwargs=True, always_call=True))
 
     def remove(self) -> None:
         self._stop_trace()
         super().remove()
 
-    def _begin(self, module, args, kwargs) -> None:
+    def _begin(self, args: tuple, kwargs: dict) -> None:
         if not self.armed() or not torch.is_grad_enabled() or is_measuring() or self._trace is not None:
             return
         flat = tree_flatten((args, kwargs))[0]
@@ -85,9 +100,6 @@ class StepHooks(ModuleHooks):
             self._trace = BatchTrace((args, kwargs))
             self._trace.__enter__()
         self.off_batch |= self._traced[self._signature]
-
-    def _end(self, module, args, kwargs, output) -> None:
-        self._stop_trace()
 
     def _stop_trace(self) -> None:
         if self._trace is not None:
@@ -142,9 +154,23 @@ class StepHooks(ModuleHooks):
         B = first.shape[self.batch_dims[name]]
         scale = B / self.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
         norms = self.rules[name].norms(module, a, g, self.elementwise, scale)
-        prefix = f"{name}." if name else ""
+        full = self.locals[name]
         for local, (sq, s2) in norms.items():
-            key = prefix + local
+            key = full[local]
             self.sq.setdefault(key, []).append(sq)
             if s2 is not None:
                 self.sum_sq[key] = self.sum_sq[key] + s2 if key in self.sum_sq else s2
+        weights = self.step_weights()
+        if weights is not None:
+            local_w = {local: weights.get(key) for local, key in full.items()}
+            local_w = {k: w if w is not None else torch.ones_like(module.get_parameter(k)) for k, w in local_w.items()}
+            for local, (sq, _) in weighted_norms(self.rules[name], module, a, g, local_w, False, scale).items():
+                self.sq_p.setdefault(full[local], []).append(sq)
+
+    def step_weights(self) -> dict[str, Tensor] | None:
+        """This step's metric ``P`` by parameter name (read once per step), or ``None``."""
+        if self.metric is None:
+            return None
+        if self._weights is False:
+            self._weights = self.metric()
+        return self._weights

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from gradnoise.rules.registry import Grads, Norms
+from gradnoise.rules.registry import Grads, Norms, Rule
 
 MIN_CHUNK_ELEMENTS = 2**17  # smallest budget for a chunk of per-example temporaries
 
@@ -71,3 +71,29 @@ def bias_norms(gb: Tensor, elementwise: bool, s2: float) -> tuple[Tensor, Tensor
     if s2 != 1:
         gb2.mul_(s2)
     return gb2.sum(1), gb2.sum(0) if elementwise else None
+
+
+def weighted_norms(rule: Rule, module: nn.Module, a, d: Tensor, weights: Grads, elementwise: bool,
+                   scale: float = 1.0) -> Norms:  # fmt: skip
+    """Norms in the diagonal metric ``weights`` (``P`` by local name): ``|g_i|²_P = Σ P ⊙ g_i²``
+    and, if asked, ``Σ_i P ⊙ g_i²``, for ``δ = scale · d``. The rule's own ``weighted`` where
+    it covers the call; else per-example gradients weighted in chunks of examples."""
+    if rule.weighted is not None:
+        out = rule.weighted(module, a, d, weights, elementwise, scale)
+        if out is not None:
+            return out
+    per_example = sum(w.numel() for w in weights.values())
+    chunks = [(a, d)] if rule.whole_call else batch_chunks(a, d, per_example)
+    rows: dict[str, list[Tensor]] = {}
+    totals: dict[str, Tensor] = {}
+    for ac, dc in chunks:
+        for local, g in rule.grads(module, ac, dc).items():
+            g2 = g.square()
+            rows.setdefault(local, []).append((g2 * weights[local]).flatten(1).sum(1))
+            if elementwise:
+                totals[local] = totals[local] + g2.sum(0) if local in totals else g2.sum(0)
+    s2 = scale * scale
+    return {
+        local: (joined(r).mul_(s2), totals[local].mul_(weights[local]).mul_(s2) if elementwise else None)
+        for local, r in rows.items()
+    }  # fmt: skip

@@ -34,6 +34,19 @@ def _embedding_norms(
     return {"weight": (sq, total)}
 
 
+def _embedding_weighted(module: nn.Embedding, ids: Tensor, d: Tensor, weights: Grads, elementwise: bool,
+                        scale: float = 1.0) -> Norms:  # fmt: skip
+    """In the metric ``P``: each non-zero row weighted by its row of ``P`` (no ``B × V × d``)."""
+    example, row, vals = _embedding_rows(module, ids, d)
+    v2 = vals.square().mul_(scale * scale)
+    P = weights["weight"]
+    sq = torch.zeros(ids.shape[0], dtype=d.dtype, device=d.device).index_add_(0, example, (v2 * P[row]).sum(1))
+    total = None
+    if elementwise:
+        total = torch.zeros_like(module.weight, dtype=d.dtype).index_add_(0, row, v2).mul_(P)
+    return {"weight": (sq, total)}
+
+
 def _embedding_grads(module: nn.Embedding, ids: Tensor, d: Tensor) -> Grads:
     example, row, vals = _embedding_rows(module, ids, d)
     g = torch.zeros(ids.shape[0], *module.weight.shape, dtype=d.dtype, device=d.device)
@@ -45,4 +58,4 @@ def _embedding_accepts(module: nn.Module) -> bool:
     return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
 
 
-register(Rule(_embedding_accepts, _embedding_norms, _embedding_grads), nn.Embedding)
+register(Rule(_embedding_accepts, _embedding_norms, _embedding_grads, weighted=_embedding_weighted), nn.Embedding)

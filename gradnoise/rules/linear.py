@@ -83,6 +83,23 @@ def dense_norms(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: floa
     return out
 
 
+def _linear_weighted(module: nn.Linear, a: Tensor, d: Tensor, weights: Grads, elementwise: bool,
+                     scale: float = 1.0) -> Norms | None:  # fmt: skip
+    """2-D inputs in the metric ``P``: ``|g_i|²_P = Σ_jk P_jk δ_ij² a_ik² = ⟨δ_i², P a_i²⟩``,
+    one product the size of the weight gradient; ``Σ_i P ⊙ g_i² = P ⊙ (δ²)ᵀ(a²)``.
+    Sequences: ``None`` (weighted per-example products, in chunks)."""
+    if a.dim() != 2:
+        return None
+    d2 = torch.mul(d, d)
+    if scale != 1:
+        d2.mul_(scale * scale)
+    a2 = torch.mul(a, a)
+    out: Norms = {"weight": ((d2 * (a2 @ weights["weight"].t())).sum(1), (d2.t() @ a2).mul_(weights["weight"]) if elementwise else None)}
+    if module.bias is not None:
+        out["bias"] = (d2 @ weights["bias"], d2.sum(0).mul_(weights["bias"]) if elementwise else None)
+    return out
+
+
 def prefers_gram(batch: int, in_features: int, out_features: int) -> bool:
     """Whether the Gram form of a Linear layer's mean gradient (:func:`linear_gram_norms`)
     needs no more multiplications than the weight gradient itself: ``B²(I + O) ≤ B·I·O``.
@@ -122,4 +139,4 @@ def dense_grads(a: Tensor, d: Tensor, bias: bool) -> Grads:
     return out
 
 
-register(Rule(always, _linear_norms, _linear_grads), nn.Linear)
+register(Rule(always, _linear_norms, _linear_grads, weighted=_linear_weighted), nn.Linear)

@@ -37,7 +37,10 @@ class Rule:
     a child's parameters without calling it (``MultiheadAttention.out_proj``). ``moments``
     (optional): the norms of ``norms`` and the module's mean gradient ``Σ_i g_i`` (of ``d``,
     unscaled) at about the cost of the parameters' own gradients, which the backward pass
-    then skips.
+    then skips. ``weighted`` (optional): the norms in a diagonal metric ``P`` (``|g_i|²_P =
+    Σ P ⊙ g_i²`` and ``Σ_i P ⊙ g_i²``, :mod:`gradnoise.preconditioner`), or ``None`` for a
+    configuration it does not cover; :func:`~gradnoise.rules.weighted_norms` otherwise
+    weights materialised per-example gradients, in chunks of examples.
     """
 
     accepts: Callable[[nn.Module], bool]
@@ -46,6 +49,7 @@ class Rule:
     whole_call: bool = False
     owns_children: bool = False
     moments: Callable[[nn.Module, Tensor, Tensor, bool, float], tuple[Norms, Grads]] | None = None
+    weighted: Callable[[nn.Module, Tensor, Tensor, Grads, bool, float], Norms | None] | None = None
 
 
 def always(module: nn.Module) -> bool:
