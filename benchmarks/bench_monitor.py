@@ -78,6 +78,38 @@ def lockstep(x, y, batch, steps, kw, seed=0):
     return runs[0][3], runs[1][3]
 
 
+def adam_lockstep(x, y, batch, steps, seed=0, variance=False):
+    """Per-step seconds of three AdamW runs advanced in lockstep: plain, the Monitor's noise
+    scale (hooks), and the same with the preconditioned metric (``preconditioner=opt``)."""
+    g = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    runs = []
+    for kind in ("plain", "hooks", "precond"):
+        torch.manual_seed(0)
+        model = mnist1d_mlp()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        pre = opt if kind == "precond" else None
+        mon = None if kind == "plain" else gn.Monitor(model, loss_fn, variance=variance, preconditioner=pre)
+        runs.append((model, opt, mon, []))
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        xb, yb = x[idx], y[idx]
+        for model, opt, mon, times in runs:
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            if mon is not None:
+                mon.step(xb, yb, optimizer=opt, loss=loss)
+            opt.step()
+            times.append(time.perf_counter() - t)
+    for _, _, mon, _ in runs[1:]:
+        mon.close()
+        assert mon.errors == 0, mon.errors
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0].parameters(), runs[2][0].parameters(), strict=True))
+    return [times for *_, times in runs]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -87,11 +119,14 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", default=None, help="run the configurations whose label contains this text")
     p.add_argument("--lockstep-steps", type=int, default=2000, help="steps of the lockstep comparison")
+    p.add_argument("--adam-only", action="store_true", help="only the AdamW rows (the preconditioned metric)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     x, y, _, _ = mnist1d_data()
     fixed = (x[: args.batch], y[: args.batch])
     big = (x[: 2 * args.batch], y[: 2 * args.batch])
+    if args.adam_only:
+        return adam_table(x, y, args)
     configs = {
         "noise scale every step (hooks)": dict(every=1),
         "noise scale + variance/GSNR every step (hooks)": dict(every=1, variance=True),
@@ -152,6 +187,23 @@ def main(argv=None):
         print("|---|---|---|")
         for label, (sec, ratio) in steady.items():
             print(f"| {label} | {1e3 * sec:.1f} | {ratio:.3f} |")
+
+    adam_table(x, y, args)
+
+
+def adam_table(x, y, args) -> None:
+    print(f"\nAdamW, lockstep of three runs, {args.lockstep_steps} steps (the first 50 left out): median ms per")
+    print("step; the preconditioned metric's own cost is the difference of the last two rows.\n")
+    print("| configuration | ms / step | × plain AdamW step |")
+    print("|---|---|---|")
+    for variance in (False, True):
+        plain, hooks, pre = (ts[50:] for ts in adam_lockstep(x, y, args.batch, args.lockstep_steps, variance=variance))
+        pm, hm, wm = (statistics.median(t) for t in (plain, hooks, pre))
+        tag = " + variance/GSNR" if variance else ""
+        print(f"| plain AdamW step | {1e3 * pm:.2f} | 1.00 |")
+        print(f"| noise scale{tag} every step (hooks) | {1e3 * hm:.2f} | {hm / pm:.2f} |")
+        print(f"| + preconditioned noise scale (preconditioner=opt) | {1e3 * wm:.2f} | {wm / pm:.2f} |")
+        print(f"| *the preconditioned metric alone{tag}* | {1e3 * (wm - hm):.2f} | {(wm - hm) / pm:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ EXPERIMENTS = {  # experiment → the figure script that reads it (None: a table
     "sharp_minima": "fig_sharp_minima",
     "linear_scaling": "fig_linear_scaling",
     "epoch_sweep": "fig_epoch_sweep",
+    "adam_noise_scale": "fig_adam_noise_scale",
 }
 
 

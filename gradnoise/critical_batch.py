@@ -8,6 +8,7 @@ law to measured steps; :func:`critical_batch_sweep` measures them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import sys
@@ -183,6 +184,7 @@ def critical_batch_sweep(
     eval_every: int = 10,
     seed: int = 0,
     progress: bool = True,
+    optimizer: Callable[..., torch.optim.Optimizer] | None = None,
 ) -> SweepResult:
     """Train from the same initialisation at each batch size until a target is reached.
 
@@ -193,7 +195,8 @@ def critical_batch_sweep(
     (``progress=False``: none).
     Batches are sampled with replacement; the target is checked every ``eval_every`` steps
     on ``eval_data`` (default: the training data) — loss ``≤ target_loss`` or accuracy
-    ``≥ target_accuracy``.
+    ``≥ target_accuracy``. ``optimizer``: ``optimizer(params, lr=lr)`` builds each run's
+    optimizer (e.g. ``torch.optim.AdamW``); default SGD with ``momentum``.
 
     Raises:
         ValueError: neither or both targets, an empty grid.
@@ -202,7 +205,11 @@ def critical_batch_sweep(
         raise ValueError("give exactly one of target_loss and target_accuracy")
     (x,), (y,) = _single_tensors(concat(as_data(data)), "data")
     (ex,), (ey,) = _single_tensors(concat(as_data(eval_data, name="eval_data")), "eval_data") if eval_data is not None else ((x,), (y,))
-    sweep = _Sweep(make_model, loss_fn, x, y, ex, ey, momentum, max_steps, eval_every, seed, target_loss, target_accuracy)
+    if optimizer is None:
+        optimizer = functools.partial(torch.optim.SGD, momentum=momentum)
+    elif momentum:
+        raise ValueError("momentum= is for the default SGD; pass it inside optimizer= instead")
+    sweep = _Sweep(make_model, loss_fn, x, y, ex, ey, optimizer, max_steps, eval_every, seed, target_loss, target_accuracy)
     runs, best = [], []
     grid_of = lrs if callable(lrs) else (lambda b: lrs)
     total = sum(len(list(grid_of(b))) for b in batch_sizes)
@@ -244,7 +251,7 @@ class _Sweep:
     y: Tensor
     ex: Tensor  # evaluation inputs and targets
     ey: Tensor
-    momentum: float
+    optimizer: Callable[..., torch.optim.Optimizer]
     max_steps: int
     eval_every: int
     seed: int
@@ -253,13 +260,13 @@ class _Sweep:
 
 
 def _train_to_target(s: _Sweep, B: int, lr: float, limit: int) -> SweepRun:
-    """SGD from the seeded initialisation until the target is reached (checked every
+    """Training from the seeded initialisation until the target is reached (checked every
     ``eval_every`` steps), the loss is not finite, or ``limit`` steps (``stopped`` when the
     limit is below ``max_steps``: another learning rate already did better)."""
     loss_fn, x, y, ex, ey, target_loss, max_steps = s.loss_fn, s.x, s.y, s.ex, s.ey, s.target_loss, s.max_steps
     torch.manual_seed(s.seed)
     model = s.make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=s.momentum)
+    opt = s.optimizer(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(s.seed + 1)
     start, loss_val = time.perf_counter(), math.nan
     for step in range(1, limit + 1):

@@ -41,13 +41,13 @@ def preconditioner_weights(named: Mapping[str, Tensor], preconditioner: Precondi
             model's parameters.
     """
     if isinstance(preconditioner, (torch.optim.Adam, torch.optim.AdamW)):
-        preconditioner = _from_adam(named, preconditioner)
-    elif isinstance(preconditioner, torch.optim.Optimizer):
+        return _from_adam(named, preconditioner)
+    if isinstance(preconditioner, torch.optim.Optimizer):
         raise TypeError(
             f"preconditioner={type(preconditioner).__name__}: only Adam and AdamW define the diagonal "
             "preconditioner read here; pass a dict {name: P} for another optimizer"
         )
-    elif not isinstance(preconditioner, Mapping):
+    if not isinstance(preconditioner, Mapping):
         raise TypeError(f"preconditioner must be a dict of tensors or an Adam/AdamW optimizer, got {type(preconditioner).__name__}")
     missing, extra = named.keys() - preconditioner.keys(), preconditioner.keys() - named.keys()
     if missing or extra:
@@ -69,11 +69,14 @@ def preconditioner_weights(named: Mapping[str, Tensor], preconditioner: Precondi
 
 
 def _from_adam(named: Mapping[str, Tensor], optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
-    """``1 / (√v̂ + eps)`` of each parameter, ``v̂ = v / (1 − β₂ᵗ)`` (Kingma & Ba 2015, Alg. 1)."""
+    """``1 / (√v̂ + eps)`` of each parameter, ``v̂ = v / (1 − β₂ᵗ)`` (Kingma & Ba 2015, Alg. 1;
+    torch's Adam divides by ``√v / √(1 − β₂ᵗ) + eps``, the same), a few ``foreach``
+    operations per parameter group."""
     by_id = {id(p): n for n, p in named.items()}
     out = {}
     for group in optimizer.param_groups:
         beta2, eps = group["betas"][1], group["eps"]
+        names, vs, corrections = [], [], []
         for p in group["params"]:
             name = by_id.get(id(p))
             if name is None:
@@ -84,17 +87,29 @@ def _from_adam(named: Mapping[str, Tensor], optimizer: torch.optim.Optimizer) ->
                     f"{type(optimizer).__name__} has no state for {name!r} yet: its preconditioner exists "
                     "after the optimizer's first step"
                 )
-            v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
-            step = float(state["step"])
-            with torch.no_grad():
-                v_hat = v.detach() / (1 - beta2**step)
-                out[name] = 1.0 / (v_hat.sqrt() + eps)
+            names.append(name)
+            vs.append((state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]).detach())
+            corrections.append(1.0 / (1 - beta2 ** float(state["step"])) ** 0.5)
+        if not names:
+            continue
+        with torch.no_grad():
+            # v ≥ 0: its sum is finite exactly when every element is (one cheap pass)
+            if not bool(torch.stack([v.sum() for v in vs]).isfinite().all()):
+                raise ValueError(
+                    f"{type(optimizer).__name__}'s second moments hold inf or NaN (an overflowed gradient): "
+                    "its preconditioner is undefined"
+                )
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_mul_(denom, corrections)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_reciprocal_(denom)
+        out.update(zip(names, denom, strict=True))
     if len(out) != len(named):
         raise ValueError(
             f"the optimizer does not hold the trainable parameters {sorted(named.keys() - out.keys())[:3]}: "
             "pass the optimizer of this model"
         )
-    return out
+    return {n: out[n] for n in named}
 
 
 def check_preconditioner(named: Mapping[str, Tensor], preconditioner: Preconditioner | None) -> None:

@@ -114,9 +114,16 @@ def preconditioned_step_stats(hooks: StepHooks, params: dict[str, Tensor], numel
     weights = hooks.step_weights()
     if weights is None:
         return None
-    rows = [torch.cat(hooks.sq_p[n]) if len(hooks.sq_p[n]) > 1 else hooks.sq_p[n][0] for n in params]
-    means = torch._foreach_mul([p.grad.detach() for p in params.values()], torch._foreach_sqrt([weights[n] for n in params]))
-    _, _, host = centred_sums(rows, means, B, mean_scale=1.0 / factor)
+    if hooks.elementwise:  # Σ_i |g_i|²_P = ⟨P, Σ_i g_i²⟩ (only sums over examples are needed)
+        weighted = torch._foreach_mul([hooks.sum_sq[n] for n in params], [weights[n] for n in params])
+        rows = [w.sum(dtype=torch.float64).reshape(1) for w in weighted]
+    else:
+        rows = [torch.cat(hooks.sq_p[n]) if len(hooks.sq_p[n]) > 1 else hooks.sq_p[n][0] for n in params]
+    grads = [p.grad.detach() for p in params.values()]
+    weighted_grads = torch._foreach_mul(grads, [weights[n] for n in params])
+    # |ḡ|²_P = ⟨P ⊙ ḡ, ḡ⟩, with .grad = factor · ḡ
+    mean_sq = [torch.dot(w.reshape(-1), g.reshape(-1)).div_(factor * factor) for w, g in zip(weighted_grads, grads, strict=True)]
+    _, _, host = centred_sums(rows, [], B, mean_sq=mean_sq)
     lost = [n for n, h in zip(params, host, strict=True) if h.cancelled(torch.finfo(params[n].dtype).eps)]
     if lost:
         raise CancellationError(f"the preconditioned centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")

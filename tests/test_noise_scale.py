@@ -202,3 +202,30 @@ def test_critical_batch_sweep_on_analytic_task():
     # McCandlish et al. 2018: B_crit ≈ B_noise to within an order of magnitude; on this task
     # (B_noise = 10.6 at the start) the fit gives 8.5 with this seed
     assert TASK.b_noise / 3 < fit.b_crit < TASK.b_noise * 3
+
+
+def test_critical_batch_sweep_takes_an_optimizer():
+    """optimizer= builds each run's optimizer (Adam here): the same runs as an explicit
+    loop with that optimizer; momentum= with optimizer= is refused."""
+    x, y = TASK.sample(512, torch.Generator().manual_seed(3))
+    make = lambda: torch.nn.Linear(8, 1, bias=False).double()  # noqa: E731
+    sweep = gn.critical_batch_sweep(make, TASK.loss_fn(), (x, y), [16], target_loss=TASK.sigma**2 * 2,
+                                    lrs=[0.05], optimizer=torch.optim.Adam, max_steps=500, eval_every=1,
+                                    progress=False)  # fmt: skip
+    torch.manual_seed(0)
+    model, g = make(), torch.Generator().manual_seed(1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    reached = None
+    for step in range(1, 501):
+        idx = torch.randint(0, 512, (16,), generator=g)
+        opt.zero_grad()
+        TASK.loss_fn()(model(x[idx]), y[idx]).backward()
+        opt.step()
+        with torch.no_grad():
+            if float(TASK.loss_fn()(model(x), y)) <= TASK.sigma**2 * 2:
+                reached = step
+                break
+    assert reached is not None and sweep.best[0].steps == reached
+    with pytest.raises(ValueError, match="momentum"):
+        gn.critical_batch_sweep(make, TASK.loss_fn(), (x, y), [16], target_loss=1.0, lrs=[0.05],
+                                optimizer=torch.optim.Adam, momentum=0.9, progress=False)  # fmt: skip

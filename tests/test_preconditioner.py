@@ -186,15 +186,17 @@ def _adam_run(monitor_kwargs=None, steps=4, accumulation=1, mode="hooks", case="
     return model, loss, [p.detach().clone() for p in model.parameters()], records, metrics, batches
 
 
+@pytest.mark.parametrize("variance", [False, True])
 @pytest.mark.parametrize("mode, accumulation, case", [("hooks", 1, "mlp"), ("hooks", 2, "mlp"), ("separate", 1, "mlp"),
                                                       ("hooks", 1, "layernorm"), ("hooks", 1, "mha"),
                                                       ("hooks", 1, "conv1d")])  # fmt: skip
-def test_the_monitor_records_the_preconditioned_noise_scale(mode, accumulation, case):
+def test_the_monitor_records_the_preconditioned_noise_scale(mode, accumulation, case, variance):
     """With AdamW: training bitwise identical to a run without the monitor; each record holds
     tr(PΣ), GᵀPG and B_simple^P of the optimizer's metric before its step (None before the
     first step), equal to gradient_stats (vmap) in that metric at that step's parameters."""
     _, loss, plain, _, _, _ = _adam_run(None, accumulation=accumulation, case=case)
-    _, _, params, records, metrics, batches = _adam_run({}, accumulation=accumulation, mode=mode, case=case)
+    _, _, params, records, metrics, batches = _adam_run({"variance": variance}, accumulation=accumulation, mode=mode,
+                                                        case=case)  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(plain, params, strict=True))
     assert records[0]["b_simple_precond"] is None and records[0]["b_simple"] is not None
     for k in (1, 2, 3):

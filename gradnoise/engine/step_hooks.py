@@ -45,7 +45,9 @@ class StepHooks(ModuleHooks):
             :attr:`failed` and raised by :meth:`flush`'s caller).
         metric: a diagonal preconditioner ``P`` of this step by parameter name, or ``None``
             when there is none yet (read once per measured step): the hooks then also keep
-            ``|g_i|²_P`` (:attr:`sq_p`).
+            ``|g_i|²_P`` (:attr:`sq_p`), one product the size of the weight gradient per
+            layer — unless ``elementwise``, whose ``Σ_i g_i²`` gives ``Σ_i |g_i|²_P =
+            ⟨P, Σ_i g_i²⟩`` for one pass over the parameters.
     """
 
     def __init__(self, root: nn.Module, modules: dict[str, nn.Module], *, armed: Callable[[], bool],
@@ -160,7 +162,7 @@ class StepHooks(ModuleHooks):
             self.sq.setdefault(key, []).append(sq)
             if s2 is not None:
                 self.sum_sq[key] = self.sum_sq[key] + s2 if key in self.sum_sq else s2
-        weights = self.step_weights()
+        weights = None if self.elementwise else self.step_weights()  # else from Σ_i g_i² (no product)
         if weights is not None:
             local_w = {local: weights.get(key) for local, key in full.items()}
             local_w = {k: w if w is not None else torch.ones_like(module.get_parameter(k)) for k, w in local_w.items()}
