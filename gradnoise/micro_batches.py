@@ -78,11 +78,11 @@ class MicroBatches:
         small = sum(self.sq) / k
         big = sum(float(_sq(p.grad)) for p in self.params.values() if p.grad is not None)
         big /= factor**2 if self.dist is None else 1.0
-        if self.dist is not None:  # per-rank local gradient vs the all-reduced one
+        if self.dist is not None:  # each rank's micro-batch gradients vs the all-reduced one
             t = torch.tensor([small], dtype=torch.float64, device=next(iter(self.params.values())).device)
             self.dist.all_reduce(t)
             small = float(t) / self.dist.get_world_size()
-            b, total = B, B * self.dist.get_world_size()
+            b, total = B / k, B * self.dist.get_world_size()  # k equal micro-batches per rank
         else:  # E mean_j|g_j|² = |G|² + tr Σ·h and E|(1/k)Σ_j g_j|² = |G|² + tr Σ·h/k, h = mean_j 1/b_j
             h = sum(1 / b for b in self._micro_sizes(B, k)) / k
             b, total = 1 / h, k / h

@@ -54,7 +54,7 @@ from gradnoise._functional import (
     check_no_train_batchnorm,
     trainable_params,
 )
-from gradnoise._moments import squared_norms
+from gradnoise.distributed import group_of
 from gradnoise.eigen import hessian_eigenvalues
 from gradnoise.engine.plan import param_owners
 from gradnoise.engine.step_hooks import StepHooks
@@ -70,6 +70,7 @@ from gradnoise.step_stats import (
     CancellationError,
     HooksCannotMeasure,
     StepStats,
+    global_step_stats,
     preconditioned_step_stats,
     step_stats,
 )
@@ -79,14 +80,6 @@ __all__ = ["Monitor", "log_spaced"]
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "hooks", "separate"]
-
-
-def _dist():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist
-    return None
 
 
 class Monitor:
@@ -124,6 +117,8 @@ class Monitor:
             ``grad_norm_sq_precond`` and ``b_simple_precond`` (``tr(PΣ)``, ``GᵀPG``, their
             ratio; :mod:`gradnoise.preconditioner`), from the optimizer's state before its
             step, read only; ``None`` before its first step.
+        timeout: under ``torch.distributed``, seconds a measured step waits for the other
+            ranks' statistics before raising (a rank that crashed or skipped ``step()``).
     """
 
     def __init__(
@@ -147,6 +142,7 @@ class Monitor:
         config: dict | None = None,
         resume: bool = False,
         preconditioner: Preconditioner | None = None,
+        timeout: float = 300.0,
     ) -> None:
         if mode not in ("auto", "hooks", "separate"):
             raise ValueError(f"unknown mode {mode!r}; choose 'auto', 'hooks' or 'separate'")
@@ -171,10 +167,11 @@ class Monitor:
         self._step = 0
         self._v_prev: Tensor | None = None
         self._keys: list[str] | None = None
-        self._dist = _dist()
-        self._rank0 = self._dist is None or self._dist.get_rank() == 0
         params = trainable_params(self.inner)
         self._params = {n: p for n, p in self.inner.named_parameters() if n in params}
+        self._group = group_of(self._params, timeout)
+        self._dist = None if self._group is None else self._group.dist
+        self._rank0 = self._group is None or self._group.rank == 0
         self._numels = {n: p.numel() for n, p in self._params.items()}
         check_preconditioner(self._params, preconditioner)
         self.preconditioner = preconditioner
@@ -222,10 +219,10 @@ class Monitor:
         if mode == "auto":
             mode = "separate" if uncovered else "hooks"
         if self._dist is not None:
-            if uncovered:
+            if uncovered or mode == "separate":
                 raise ValueError(
-                    "under DDP the Monitor measures the global batch in hooks mode, which needs every "
-                    f"trainable parameter in a supported layer; not covered: {uncovered[:5]}. "
+                    "under DDP/FSDP the Monitor measures the global batch in hooks mode, which needs every "
+                    f"trainable parameter in a supported layer{f'; not covered: {uncovered[:5]}' if uncovered else ''}. "
                     "mode='separate' would measure only this rank's local batch"
                 )
             mode = "hooks"
@@ -244,7 +241,10 @@ class Monitor:
                 strict=self.strict, metric=self._metric if self.preconditioner is not None else None,
             )  # fmt: skip
             self._hooks.install()
-        if (self.accumulation_steps > 1 or self._dist is not None) and self._micro is None:
+        # the two-batch estimate needs each backward's own gradient, which FSDP2 reduce-scatters
+        # before a parameter hook sees it
+        sharded = self._group is not None and self._group.sharded
+        if (self.accumulation_steps > 1 or self._dist is not None) and self._micro is None and not sharded:
             self._micro = MicroBatches(
                 self.inner, self._params, armed=lambda: self._armed, loss_scale=self.loss_scale, dist=self._dist
             )
@@ -327,11 +327,12 @@ class Monitor:
         if self.mode == "separate":
             stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
             rec["loss"] = rec["loss"] if rec["loss"] is not None else stats.loss
-            grad_norm = math.sqrt(max(stats.grad_norm_sq + stats.trace_cov / B, 0.0))  # |ḡ|
         else:
             try:
-                stats = self._stats_from_hooks(B)  # LayerStats-like: the scalars and per_layer
+                stats = self._stats_from_hooks(B, rec["loss"])  # the scalars and per_layer
             except CancellationError:  # this step measured again, by the engine (which does not cancel)
+                if self._dist is not None:  # the engine would measure this rank's batch only
+                    raise
                 stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
             except HooksCannotMeasure as exc:  # a module reused, or a layer not on the batch
                 if self._requested_mode != "auto" or self._dist is not None:
@@ -340,22 +341,18 @@ class Monitor:
                 self._hooks.remove()
                 self._hooks, self.mode = None, "separate"
                 stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
-            if stats is not None:  # |ḡ|² = |G|²_est + tr Σ_est / B (module docstring of stats)
-                grad_norm = math.sqrt(max(stats.grad_norm_sq + stats.trace_cov / B, 0.0))
-            else:
-                grads = [p.grad.detach() for p in self._params.values() if p.grad is not None]
-                grad_norm = math.sqrt(float(squared_norms(grads).sum())) if grads else 0.0
-        if stats is not None:
-            rec.update(
-                grad_norm=grad_norm, trace_cov=stats.trace_cov, grad_norm_sq=stats.grad_norm_sq,
-                b_simple=stats.b_simple, b_simple_ema=self._ema.update(stats.trace_cov, stats.grad_norm_sq),
-                gsnr=stats.gsnr,
-            )  # fmt: skip
-            if self.per_layer:
-                for name, ls in stats.per_layer.items():
-                    rec[f"b_simple/{name}"] = ls.b_simple
-        else:
-            rec["grad_norm"] = grad_norm
+            if getattr(stats, "loss", None) is not None:
+                rec["loss"] = stats.loss  # the global batch's, the same on every rank
+        # |ḡ|² = |G|²_est + tr Σ_est / B (module docstring of stats), B of the global batch
+        grad_norm = math.sqrt(max(stats.grad_norm_sq + stats.trace_cov / rec["batch_size"], 0.0))
+        rec.update(
+            grad_norm=grad_norm, trace_cov=stats.trace_cov, grad_norm_sq=stats.grad_norm_sq,
+            b_simple=stats.b_simple, b_simple_ema=self._ema.update(stats.trace_cov, stats.grad_norm_sq),
+            gsnr=stats.gsnr,
+        )  # fmt: skip
+        if self.per_layer:
+            for name, ls in stats.per_layer.items():
+                rec[f"b_simple/{name}"] = ls.b_simple
         if self.preconditioner is not None:
             rec.update(self._preconditioned(inputs, targets, B))
         if self._micro is not None:
@@ -369,7 +366,7 @@ class Monitor:
         """This step's noise scale in the optimizer's metric: from the hooks' ``|g_i|²_P``, or
         measured by the engine (mode 'separate', or a step whose centred sums cancel)."""
         keys = ("trace_cov_precond", "grad_norm_sq_precond", "b_simple_precond")
-        if self._dist is not None:  # the hooks' per-example statistics are not of the global batch
+        if self._dist is not None:  # not yet reduced over ranks
             return dict.fromkeys(keys)
         P = self._hooks.step_weights() if self._hooks is not None else step_metric(self._params, self.preconditioner)
         if P is None:  # the optimizer has not stepped yet
@@ -383,11 +380,13 @@ class Monitor:
             stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=False, preconditioner=P)
         return dict(zip(keys, (stats.trace_cov, stats.grad_norm_sq, stats.b_simple), strict=True))
 
-    def _stats_from_hooks(self, B: int) -> StepStats | None:
-        """Statistics of this step from the hooks' per-example norms and ``.grad``."""
-        if self._dist is not None:
-            return None  # under DDP .grad is the all-reduced mean: use the two-batch estimate
+    def _stats_from_hooks(self, B: int, loss: float | None) -> StepStats:
+        """Statistics of this step from the hooks' per-example norms and ``.grad`` (of the
+        global batch under DDP/FSDP: one all-reduce)."""
         factor = self.loss_scale * self.accumulation_steps
+        if self._group is not None:
+            return global_step_stats(self._hooks, self._params, self._numels, B, factor, self.accumulation_steps,
+                                     self._group, loss)  # fmt: skip
         return step_stats(self._hooks, self._params, self._numels, B, factor, self.accumulation_steps)
 
     def _sharpness(self, record: dict, optimizer) -> dict:

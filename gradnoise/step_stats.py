@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradnoise._moments import Moments, centred_m2, centred_sums, scaled_rows
+from gradnoise._moments import HostSums, Moments, centred_m2, centred_sums, scaled_rows
+from gradnoise.distributed import Group, local
 from gradnoise.engine.step_hooks import StepHooks
 from gradnoise.summary import LayerStats, summarise, summarise_scalars
 
-__all__ = ["CancellationError", "HooksCannotMeasure", "StepStats", "preconditioned_step_stats", "step_stats"]
+__all__ = ["CancellationError", "HooksCannotMeasure", "StepStats", "global_step_stats", "preconditioned_step_stats",
+           "step_stats"]  # fmt: skip
 
 
 class HooksCannotMeasure(RuntimeError):
@@ -34,18 +36,12 @@ class StepStats:
     b_simple: float
     gsnr: float | None
     per_layer: dict[str, LayerStats]
+    loss: float | None = None  # the global batch's mean loss (global_step_stats, when given one)
 
 
-def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, int], B: int, factor: float,
-               accumulation_steps: int) -> StepStats:  # fmt: skip
-    """``tr Σ``, ``|G|²``, ``B_simple`` (and the GSNR with ``hooks.elementwise``) of a batch of
-    ``B`` from the hooks and ``.grad``; ``factor`` (loss scale × accumulation steps) turns
-    ``.grad`` into the mean gradient.
-
-    Raises:
-        RuntimeError: a hook failed, a module ran more often than once per micro-batch, a
-            parameter has no gradient, or the hooks saw another number of examples than ``B``.
-    """
+def _check(hooks: StepHooks, accumulation_steps: int) -> None:
+    """What the hooks' norms need of the step: no failed hook, every layer on the batch and
+    called once per micro-batch, micro-batches of equal size (rules applied here)."""
     if hooks.failed:
         raise RuntimeError(f"a layer hook failed during backward: {hooks.failed}")
     hooks.flush()
@@ -64,11 +60,13 @@ def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, in
     several = [m for m, c in hooks.calls.items() if c > accumulation_steps]
     if several:
         raise HooksCannotMeasure(f"modules called more than once per forward {several[:3]}: use Monitor(mode='separate')")
-    mean, m2, rows = {}, ({} if hooks.elementwise else None), []
+
+
+def _rows(hooks: StepHooks, params: dict[str, Tensor], B: int):
+    """Per parameter: its name, ``.grad`` (detached) and the hooks' ``|g_i|²`` of its B examples."""
     for name, p in params.items():
         if p.grad is None or name not in hooks.sq:
             raise RuntimeError(f"no gradient recorded for {name!r}: call step() after backward() and before zero_grad()")
-        g = p.grad if not p.grad.requires_grad else p.grad.detach()
         parts = hooks.sq[name]
         s = parts[0] if len(parts) == 1 else torch.cat(parts)
         if s.shape[0] != B:
@@ -76,6 +74,22 @@ def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, in
                 f"the hooks saw {s.shape[0]} examples of {name!r} but the batch has {B}: pass the whole "
                 "batch of this optimizer step (or the layer does not run on the batch: use mode='separate')"
             )
+        yield name, (p.grad if not p.grad.requires_grad else p.grad.detach()), s
+
+
+def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, int], B: int, factor: float,
+               accumulation_steps: int) -> StepStats:  # fmt: skip
+    """``tr Σ``, ``|G|²``, ``B_simple`` (and the GSNR with ``hooks.elementwise``) of a batch of
+    ``B`` from the hooks and ``.grad``; ``factor`` (loss scale × accumulation steps) turns
+    ``.grad`` into the mean gradient.
+
+    Raises:
+        RuntimeError: a hook failed, a module ran more often than once per micro-batch, a
+            parameter has no gradient, or the hooks saw another number of examples than ``B``.
+    """
+    _check(hooks, accumulation_steps)
+    mean, m2, rows = {}, ({} if hooks.elementwise else None), []
+    for name, g, s in _rows(hooks, params, B):
         mean[name] = g
         rows.append(s)
         if m2 is not None:
@@ -129,3 +143,52 @@ def preconditioned_step_stats(hooks: StepHooks, params: dict[str, Tensor], numel
         raise CancellationError(f"the preconditioned centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")
     total, per_layer = summarise_scalars(numels, host, B, "hooks")
     return StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer)
+
+
+def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, int], B: int, factor: float,
+                      accumulation_steps: int, group: Group, loss: float | None = None) -> StepStats:  # fmt: skip
+    """:func:`step_stats` of the global batch under DDP or FSDP2: each rank's examples' sums
+    ``Σ_i |g_i|²`` per parameter (from its own backward pass) and ``|ḡ|²`` (under FSDP, of
+    its shard of the reduce-scattered gradient) in one all-reduce of ``2P + 2`` numbers
+    (:meth:`~gradnoise.distributed.Group.all_reduce`, which every rank joins, also one whose
+    measurement failed). Each rank's loss is the mean over its ``B`` examples and the ranks'
+    gradients are averaged, so ``ḡ`` is the global mean when every rank has the same ``B``
+    (checked). No per-element variance (the GSNR is ``None``). ``loss``: this rank's mean
+    loss, averaged into the global batch's (every rank gets the same record).
+
+    Raises:
+        as :func:`step_stats` on any rank; :class:`~gradnoise.distributed.RankFailed` on the
+        others.
+    """
+    P = len(params)
+    values = torch.zeros(2 * P + 4, dtype=torch.float64)
+    failure = None
+    try:
+        _check(hooks, accumulation_steps)
+        sums, mean_sq = [], []
+        for _, g, s in _rows(hooks, params, B):
+            sums.append(s.sum(dtype=torch.float64))
+            shard = local(g).reshape(-1)
+            mean_sq.append(shard.double().dot(shard.double()) / factor**2)
+        counts = [B, B * B, 0.0 if loss is None else loss * B, 0.0 if loss is None else 1.0]
+        values = torch.cat([torch.stack(sums).cpu(), torch.stack(mean_sq).cpu(), torch.tensor(counts, dtype=torch.float64)])
+    except Exception as exc:  # noqa: BLE001  (joins the all-reduce, then re-raised)
+        failure = exc
+    values = group.all_reduce(values, failed=failure is not None)
+    if failure is not None:
+        raise failure
+    total_b, sum_b2, loss_sum, with_loss = values[-4:].tolist()
+    if abs(sum_b2 * group.size - total_b**2) > 0.5:
+        raise ValueError(
+            "the ranks' batches differ in size: the averaged gradient is then not the mean over the global batch, "
+            "which the per-example statistics need; give every rank the same batch size"
+        )
+    n = int(round(total_b))
+    mean_sq = values[P : 2 * P] if group.sharded else values[P : 2 * P] / group.size  # every rank holds all of ḡ
+    host = [HostSums(max(sq - n * m, 0.0), m, sq) for sq, m in zip(values[:P].tolist(), mean_sq.tolist(), strict=True)]
+    lost = [name for name, h in zip(params, host, strict=True) if h.cancelled(torch.finfo(params[name].dtype).eps)]
+    if lost:
+        raise CancellationError(f"the centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")
+    total, per_layer = summarise_scalars(numels, host, n, "hooks")
+    mean_loss = loss_sum / total_b if with_loss == group.size else None
+    return StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer, mean_loss)

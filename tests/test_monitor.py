@@ -395,4 +395,4 @@ def test_ddp_refuses_a_model_it_would_measure_on_one_rank_only(tmp_path):
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:]
     for out, _ in outs:
-        assert "refused: under DDP the Monitor measures the global batch in hooks mode" in out
+        assert "refused: under DDP/FSDP the Monitor measures the global batch in hooks mode" in out

@@ -16,12 +16,13 @@ Adding a layer family is one module in :mod:`gradnoise.rules` that calls :func:`
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-__all__ = ["Grads", "Norms", "RULES", "Rule", "register", "rule_for"]
+__all__ = ["Grads", "Norms", "RULES", "Rule", "layer_type", "register", "rule_for"]
 
 Norms = dict[str, tuple[Tensor, Tensor | None]]  # name -> (sq_norms [B], sum_sq or None)
 Grads = dict[str, Tensor]  # name -> [B, *shape]
@@ -68,7 +69,21 @@ def register(rule: Rule, *types: type[nn.Module]) -> Rule:
     return rule
 
 
+def layer_type(module: nn.Module) -> type:
+    """The module's own class: FSDP2's ``fully_shard`` swaps a module's class for a subclass
+    ``FSDP<Name>(FSDPModule, <Name>)`` whose ``forward`` is the original's (it only adds
+    hooks that gather and free the parameters), so the original class is the layer."""
+    cls = type(module)
+    # a model that fully_shard touched has imported it (importing it here would cost ~1 s)
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if cls not in RULES and fsdp is not None and issubclass(cls, fsdp):
+        return next((b for b in cls.__bases__ if b is not fsdp), cls)
+    return cls
+
+
 def rule_for(module: nn.Module) -> Rule | None:
-    """The rule for this exact module type, if it has one and accepts this configuration."""
-    rule = RULES.get(type(module))
+    """The rule for this exact module type (see :func:`layer_type`), if it has one and
+    accepts this configuration."""
+    rule = RULES.get(layer_type(module))
     return rule if rule is not None and rule.accepts(module) else None
+

@@ -1,0 +1,80 @@
+"""The Monitor under DDP and FSDP2 (two gloo processes): per-example statistics of the
+global batch equal gradient_stats on the concatenated batch in one process, the two-batch
+estimate equals single-process accumulation, training is bitwise identical with and
+without the Monitor, only rank 0 writes, and a rank that fails or never arrives makes the
+others raise instead of hang."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradnoise as gn
+from tests import dist_worker as w
+
+WORKER = Path(w.__file__)
+
+
+def run_ranks(mode, tmp_path, timeout=180):
+    with socket.socket() as sock:  # a free loopback port, chosen by the OS
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), port, mode, str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(w.WORLD)]  # fmt: skip
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[1][-3000:] for o in outs)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(w.WORLD)]
+
+
+def single_process_reference(accumulation=1):
+    """The same training on one process with the global batch; the statistics of each step."""
+    model = w.model_factory()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    out = []
+    for step in range(w.STEPS):
+        x, y = w.data(step)
+        out.append(gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="vmap", variance=False))
+        if accumulation > 1:  # each rank's micro-batches: k·world of them, in order
+            k = accumulation * w.WORLD
+            out[-1] = (out[-1], gn.two_batch_stats(model, nn.CrossEntropyLoss(), x, y, micro_batches=k))
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        opt.step()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-accumulate"])
+def test_global_batch_statistics_under_ddp_and_fsdp(mode, tmp_path):
+    ranks = run_ranks(mode, tmp_path)
+    ref = single_process_reference(accumulation=2 if mode.endswith("accumulate") else 1)
+    for r in ranks:
+        assert r["bitwise"]  # training with the Monitor is bitwise identical to without it
+    assert ranks[0]["records"] == ranks[1]["records"]  # every rank gets the same record
+    for rec, s in zip(ranks[0]["records"], ref, strict=True):
+        s, two = s if isinstance(s, tuple) else (s, None)
+        assert rec["batch_size"] == w.WORLD * w.LOCAL
+        assert rec["trace_cov"] == pytest.approx(s.trace_cov, rel=1e-9)
+        assert rec["grad_norm_sq"] == pytest.approx(s.grad_norm_sq, rel=1e-8, abs=1e-9 * s.trace_cov)
+        assert rec["loss"] == pytest.approx(s.loss, rel=1e-12)
+        if two is not None:  # micro-batches of every rank against the all-reduced gradient
+            assert (rec["two_batch_grad_norm_sq"], rec["two_batch_trace_cov"]) == pytest.approx(two, rel=1e-9)
+    _, records = gn.read_run(tmp_path / "run")  # both ranks were given run_dir; rank 0 wrote
+    assert len(records) == w.STEPS
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "metrics.csv", "metrics.jsonl"]
+
+
+def test_a_rank_that_fails_makes_the_others_raise(tmp_path):
+    r0, r1 = run_ranks("rank-fails", tmp_path)
+    assert r1["error"] == "HooksCannotMeasure" and "examples" in r1["message"]
+    assert r0["error"] == "RankFailed" and "other rank" in r0["message"]
+
+
+def test_a_rank_that_never_arrives_times_out(tmp_path):
+    r0, _ = run_ranks("rank-missing", tmp_path)
+    assert r0["error"] == "TimeoutError" and "did not join" in r0["message"]
+    assert r0["seconds"] < 8
