@@ -78,3 +78,21 @@ def test_a_rank_that_never_arrives_times_out(tmp_path):
     r0, _ = run_ranks("rank-missing", tmp_path)
     assert r0["error"] == "TimeoutError" and "did not join" in r0["message"]
     assert r0["seconds"] < 8
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_the_readme_torchrun_script_runs(kind, tmp_path):
+    """The README's distributed example, run as it says: torchrun --nproc_per_node 2."""
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (script,) = re.findall(r"```python title=train.py\n(.*?)```", readme, flags=re.S)
+    (tmp_path / "train.py").write_text(script)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    done = subprocess.run([*cmd, "--standalone", "--nproc_per_node", "2", "train.py", kind], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "global batch 128: B_simple = " in done.stdout
+    _, records = gn.read_run(tmp_path / "runs" / kind)
+    assert len(records) == 20 and all(r["trace_cov"] > 0 for r in records)
