@@ -62,6 +62,13 @@ def _check(hooks: StepHooks, accumulation_steps: int) -> None:
         raise HooksCannotMeasure(f"modules called more than once per forward {several[:3]}: use Monitor(mode='separate')")
 
 
+def _eps(hooks: StepHooks, param: Tensor) -> float:
+    """The rounding of the step's gradients: the parameter's dtype, or the 16-bit one of the
+    output gradients under autocast (``.grad`` is then computed from 16-bit products)."""
+    eps = torch.finfo(param.dtype).eps
+    return max(eps, torch.finfo(hooks.low_precision).eps) if hooks.low_precision is not None else eps
+
+
 def _rows(hooks: StepHooks, params: dict[str, Tensor], B: int):
     """Per parameter: its name, ``.grad`` (detached) and the hooks' ``|g_i|²`` of its B examples."""
     for name, p in params.items():
@@ -99,7 +106,7 @@ def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, in
     # (.grad is the user's gradient: divided by the loss scale and accumulation steps on
     # the host scalars, unless the variance needs the mean itself).
     sq_rows, _, host = centred_sums(rows, list(mean.values()), B, mean_scale=1.0 if m2 is not None else 1.0 / factor)
-    lost = [n for n, h in zip(params, host, strict=True) if h.cancelled(torch.finfo(params[n].dtype).eps)]
+    lost = [n for n, h in zip(params, host, strict=True) if h.cancelled(_eps(hooks, params[n]))]
     if lost:
         raise CancellationError(f"the centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")
     if m2 is None:  # the scalars only: one transfer, no per-parameter tensors
@@ -138,7 +145,7 @@ def preconditioned_step_stats(hooks: StepHooks, params: dict[str, Tensor], numel
     # |ḡ|²_P = ⟨P ⊙ ḡ, ḡ⟩, with .grad = factor · ḡ
     mean_sq = [torch.dot(w.reshape(-1), g.reshape(-1)).div_(factor * factor) for w, g in zip(weighted_grads, grads, strict=True)]
     _, _, host = centred_sums(rows, [], B, mean_sq=mean_sq)
-    lost = [n for n, h in zip(params, host, strict=True) if h.cancelled(torch.finfo(params[n].dtype).eps)]
+    lost = [n for n, h in zip(params, host, strict=True) if h.cancelled(_eps(hooks, params[n]))]
     if lost:
         raise CancellationError(f"the preconditioned centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")
     total, per_layer = summarise_scalars(numels, host, B, "hooks")
@@ -186,7 +193,7 @@ def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[
     n = int(round(total_b))
     mean_sq = values[P : 2 * P] if group.sharded else values[P : 2 * P] / group.size  # every rank holds all of ḡ
     host = [HostSums(max(sq - n * m, 0.0), m, sq) for sq, m in zip(values[:P].tolist(), mean_sq.tolist(), strict=True)]
-    lost = [name for name, h in zip(params, host, strict=True) if h.cancelled(torch.finfo(params[name].dtype).eps)]
+    lost = [name for name, h in zip(params, host, strict=True) if h.cancelled(_eps(hooks, params[name]))]
     if lost:
         raise CancellationError(f"the centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")
     total, per_layer = summarise_scalars(numels, host, n, "hooks")

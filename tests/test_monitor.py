@@ -396,3 +396,50 @@ def test_ddp_refuses_a_model_it_would_measure_on_one_rank_only(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:]
     for out, _ in outs:
         assert "refused: under DDP/FSDP the Monitor measures the global batch in hooks mode" in out
+
+
+@pytest.mark.parametrize("name", ["mlp", "seq-linear", "conv1d", "layernorm", "embedding", "mha", "transformer"])
+def test_bf16_autocast_is_measured_and_training_unchanged(name):
+    """Under torch.autocast(bfloat16) the hooks' rules get a float32 input and a bfloat16
+    output gradient: taken to float32 (they used to fail every step). Training with the
+    monitor is bitwise identical to without it; the records agree with the float32 engine
+    to the bfloat16 rounding of the forward pass (where the 16-bit gradient cannot resolve a
+    centred sum, the step is measured by the engine in float32)."""
+    from tests.cases import CASES_BY_NAME
+
+    case = CASES_BY_NAME[name]
+
+    def run(monitored):
+        model, loss, _, _ = case.make(torch.float32)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        mon = gn.Monitor(model, loss, strict=True) if monitored else None
+        g, recs = torch.Generator().manual_seed(4), []
+        for _ in range(3):
+            x, y = case.inputs(g, 8), case.targets(g, 8)
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            loss(out.float(), y).backward()
+            if mon is not None:
+                ref = gn.gradient_stats(model, loss, x, y, variance=False)
+                recs.append((mon.step(x, y), ref))
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], recs
+
+    plain, _ = run(False)
+    params, recs = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, params, strict=True))
+    for rec, ref in recs:
+        assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=2e-2)
+
+
+def test_gradient_stats_with_a_custom_loss_under_autocast():
+    """A custom loss under bf16 autocast: the per-example check of the mean loss compares
+    across the two dtypes at the coarser one's precision (it used to fail on the dtypes)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    loss = lambda out, t: nn.functional.cross_entropy(out, t)  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = gn.gradient_stats(model, loss, x, y)
+    assert s.trace_cov == pytest.approx(gn.gradient_stats(model, loss, x, y).trace_cov, rel=2e-2)

@@ -80,8 +80,11 @@ def check_mean_loss(loss_fn: LossFn, outputs: Any, ys: tuple[Tensor, ...], loss:
         losses = vmap(one)(outs, y)
     except Exception as exc:  # vmap cannot run every callable; the caller falls back
         raise NotMeanLossError(f"could not evaluate loss_fn per example under vmap ({exc})") from exc
-    tol = 1e-4 if loss.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-    if not torch.allclose(losses.mean(), loss.detach(), rtol=tol, atol=tol * 1e-3):
+    # in float64, at the coarser of the two dtypes' precisions (under autocast the
+    # per-example losses and the batch loss can come out in different dtypes)
+    coarse = max(torch.finfo(losses.dtype).eps, torch.finfo(loss.dtype).eps)
+    tol = 1e-9 if coarse < 1e-10 else max(1e-4, 16 * coarse)
+    if not torch.allclose(losses.mean().double(), loss.detach().double(), rtol=tol, atol=tol * 1e-3):
         raise NotMeanLossError(
             f"loss_fn on the batch is {loss.item():.6g} but the mean of its per-example values "
             f"is {losses.mean().item():.6g}: the fast engine needs a mean-reduced loss; use "

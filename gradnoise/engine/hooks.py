@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
 from gradnoise.rules import linear_gram_norms, prefers_gram, rule_for, weighted_norms
 
-__all__ = ["ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "kept_outputs", "rule_input"]
+__all__ = ["LOW_PRECISION", "ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "in_float32", "kept_outputs",
+           "rule_input"]  # fmt: skip
 
 
 class ModuleCall:
@@ -90,6 +91,23 @@ def rule_input(whole_call: bool, args: tuple, kwargs: dict):
         return args[0].detach()
     det = lambda t: t.detach() if isinstance(t, Tensor) else t  # noqa: E731
     return tuple(det(t) for t in args), {k: det(v) for k, v in kwargs.items()}
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def in_float32(a, g: Tensor):
+    """A rule's input ``a`` (a tensor or whole-call ``(args, kwargs)``) and output gradient
+    ``g`` in one dtype: under ``torch.autocast`` a layer's input and output gradient can differ
+    (a float32 input, a bfloat16 output), and 16-bit sums of squares lose the statistics, so
+    where either is a 16-bit float both are taken to float32. Otherwise unchanged."""
+    tensors = [a] if isinstance(a, Tensor) else [t for part in (a[0], a[1].values()) for t in part if isinstance(t, Tensor)]
+    if g.dtype not in LOW_PRECISION and not any(t.dtype in LOW_PRECISION for t in tensors):
+        return a, g
+    up = lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+    if isinstance(a, Tensor):
+        return up(a), g.float()
+    return (tuple(up(t) for t in a[0]), {k: up(v) for k, v in a[1].items()}), g.float()
 
 
 class Recorder(ModuleHooks):
@@ -183,8 +201,8 @@ class Recorder(ModuleHooks):
             )
         # The rule gets ∂L/∂out = δ/B (no scaled copy) and the scale B; grads are rescaled by
         # B. Without Σ_i g_i², the squared norms are scaled by B² later, for all layers at once.
-        rule, d, B = rule_for(module), g.detach(), self.batch
-        a = rule_input(rule.whole_call, call.args, call.kwargs)
+        rule, B = rule_for(module), self.batch
+        a, d = in_float32(rule_input(rule.whole_call, call.args, call.kwargs), g.detach())
         if "gram" in self.actions[call.module]:
             self.norms[call.module], self.mean_sq[call.module] = linear_gram_norms(a, d, module.bias is not None)
             self.factors[call.module] = (d, a)

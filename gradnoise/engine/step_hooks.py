@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 
 from gradnoise._functional import is_measuring
 from gradnoise.engine.batch_trace import BatchTrace
-from gradnoise.engine.hooks import ModuleHooks, batch_dim, rule_input
+from gradnoise.engine.hooks import LOW_PRECISION, ModuleHooks, batch_dim, in_float32, rule_input
 from gradnoise.rules import rule_for, weighted_norms
 
 __all__ = ["DEFER_ELEMENTS", "StepHooks"]
@@ -77,6 +77,7 @@ class StepHooks(ModuleHooks):
         self.failed: str | None = None
         self.pending: list[tuple] = []  # (name, module, input, output gradient), for flush()
         self.off_batch: set[str] = set()  # layers of this step's forward passes not on the batch
+        self.low_precision: torch.dtype | None = None  # a 16-bit output gradient seen this step
         self.sq_p: dict[str, list[Tensor]] = {}  # parameter → per-micro-batch |g_i|²_P
         self._weights: dict[str, Tensor] | None | bool = False  # this step's P (False: not read yet)
 
@@ -152,6 +153,9 @@ class StepHooks(ModuleHooks):
             self._apply(*item)
 
     def _apply(self, name: str, module: nn.Module, a, g: Tensor) -> None:
+        if g.dtype in LOW_PRECISION:  # the step's gradients carry 16-bit rounding (autocast)
+            self.low_precision = g.dtype
+        a, g = in_float32(a, g)
         first = a[0][0] if isinstance(a, tuple) else a
         B = first.shape[self.batch_dims[name]]
         scale = B / self.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
