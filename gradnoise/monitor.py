@@ -79,7 +79,20 @@ __all__ = ["Monitor", "log_spaced"]
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["auto", "hooks", "separate"]
+Mode = Literal["auto", "hooks", "separate", "two-batch"]
+
+
+@contextlib.contextmanager
+def batchnorm_eval(layers: list[nn.Module]):
+    """These BatchNorm layers in eval mode for the block (their modes restored after)."""
+    modes = [m.training for m in layers]
+    try:
+        for m in layers:
+            m.training = False
+        yield
+    finally:
+        for m, mode in zip(layers, modes, strict=True):
+            m.training = mode
 
 
 class Monitor:
@@ -119,6 +132,13 @@ class Monitor:
             step, read only; ``None`` before its first step.
         timeout: under ``torch.distributed``, seconds a measured step waits for the other
             ranks' statistics before raising (a rank that crashed or skipped ``step()``).
+        batchnorm: for a model with BatchNorm in train mode, whose examples' gradients are
+            coupled through the batch statistics so that per-example gradients are not
+            defined: ``"two-batch"`` records only the two-batch estimate from the micro-batch
+            (``accumulation_steps > 1``) or per-rank gradients, each of which is well defined;
+            ``"eval"`` measures per-example statistics in a separate pass with the BatchNorm
+            layers in eval mode (running statistics) — the noise of a slightly different
+            function, stated in the run's config.
     """
 
     def __init__(
@@ -143,9 +163,12 @@ class Monitor:
         resume: bool = False,
         preconditioner: Preconditioner | None = None,
         timeout: float = 300.0,
+        batchnorm: Literal["two-batch", "eval"] = "two-batch",
     ) -> None:
-        if mode not in ("auto", "hooks", "separate"):
-            raise ValueError(f"unknown mode {mode!r}; choose 'auto', 'hooks' or 'separate'")
+        if mode not in ("auto", "hooks", "separate", "two-batch"):
+            raise ValueError(f"unknown mode {mode!r}; choose 'auto', 'hooks', 'separate' or 'two-batch'")
+        if batchnorm not in ("two-batch", "eval"):
+            raise ValueError(f"unknown batchnorm {batchnorm!r}; choose 'two-batch' or 'eval'")
         check_loss_fn(loss_fn)  # a sum-reduced loss would scale tr Σ and |G|² by B²
         check_schedule(every, "every")
         check_schedule(sharpness_every, "sharpness_every")
@@ -175,7 +198,7 @@ class Monitor:
         self._numels = {n: p.numel() for n, p in self._params.items()}
         check_preconditioner(self._params, preconditioner)
         self.preconditioner = preconditioner
-        self._requested_mode = mode
+        self._requested_mode, self.batchnorm = mode, batchnorm
         self.mode = self._choose_mode(mode)
         self._hooks: StepHooks | None = None
         self._micro: MicroBatches | None = None  # accumulation or DDP: the two-batch estimate
@@ -186,7 +209,7 @@ class Monitor:
                 "model": type(self.inner).__name__, "num_params": sum(p.numel() for p in self._params.values()),
                 "loss_fn": type(loss_fn).__name__, "every": describe(every), "sharpness_every": describe(sharpness_every),
                 "variance": variance, "ema": ema, "accumulation_steps": accumulation_steps,
-                "loss_scale": self.loss_scale, "mode": self.mode,
+                "loss_scale": self.loss_scale, "mode": self.mode, "batchnorm": self.batchnorm,
                 "world_size": 1 if self._dist is None else self._dist.get_world_size(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(config or {}),
             }  # fmt: skip
@@ -207,6 +230,28 @@ class Monitor:
     # ------------------------------------------------------------------ set-up
 
     def _choose_mode(self, mode: str) -> str:
+        bn_train = [n for n, m in self.inner.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if bn_train and mode in ("auto", "hooks", "separate"):
+            if mode != "auto" and not (mode == "separate" and self.batchnorm == "eval"):
+                raise ValueError(
+                    f"BatchNorm {bn_train[:3]} in train mode couples a batch's examples: per-example statistics are not "
+                    "defined. Use mode='auto' (the two-batch estimate with accumulation_steps > 1 or under DDP, or "
+                    "batchnorm='eval' for per-example statistics with BatchNorm in eval mode)"
+                )
+            mode = "separate" if self.batchnorm == "eval" else "two-batch"
+            log.info("gradnoise.Monitor: BatchNorm in train mode %s: recording %s", bn_train[:3],
+                     "per-example statistics with BatchNorm in eval mode (a separate pass)" if mode == "separate"
+                     else "the two-batch estimate only")  # fmt: skip
+        if mode == "two-batch":
+            if self.accumulation_steps == 1 and self._dist is None:
+                raise ValueError(
+                    "the two-batch estimate needs several gradients per step: accumulation_steps > 1 or DDP "
+                    f"ranks{f' (BatchNorm {bn_train[:3]} is in train mode)' if bn_train else ''}; or pass "
+                    "batchnorm='eval' for per-example statistics with BatchNorm in eval mode"
+                )
+            if self._group is not None and self._group.sharded:
+                raise ValueError("mode='two-batch' under FSDP: FSDP2 reduce-scatters each gradient before a hook reads it")
+            return mode
         owners = param_owners(self.inner, trainable_params(self.inner))
         modules = dict(self.inner.named_modules())
         uncovered = [n for n, os in owners.items() if len(os) != 1 or rule_for(modules[os[0][0]]) is None]
@@ -324,8 +369,13 @@ class Monitor:
         B = batch_size_of(inputs, targets, min_size=2)
         if self.mode == "hooks":  # the user's own forward: its BatchNorm layers must not couple examples
             check_no_train_batchnorm((type(m).__name__, m) for m in self._batchnorms)
+        if self.mode == "two-batch":
+            if self._micro is not None:
+                rec.update(self._micro.record(B, self.loss_scale * self.accumulation_steps))
+            return rec
         if self.mode == "separate":
-            stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
+            with batchnorm_eval(self._batchnorms if self.batchnorm == "eval" else []):
+                stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
             rec["loss"] = rec["loss"] if rec["loss"] is not None else stats.loss
         else:
             try:

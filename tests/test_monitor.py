@@ -53,13 +53,13 @@ def train(factory, monitor_kwargs=None, steps=6, seed=0, tmp=None):
 def test_training_with_monitor_is_bitwise_identical(factory, mode, tmp_path):
     data = torch.randn(32, 6), torch.randint(0, 3, (32,))
     plain, _ = train(factory)
-    watched, mon = train(factory, {"mode": mode, "sharpness_every": 3, "sharpness_data": data, "variance": True}, tmp=tmp_path)
+    kwargs = {"mode": mode, "sharpness_every": 3, "sharpness_data": data, "variance": True}
+    if factory is bn_mlp:  # per-example gradients need BatchNorm in eval mode for the measurement
+        kwargs["batchnorm"] = "eval"
+    watched, mon = train(factory, kwargs, tmp=tmp_path)
     for (k, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
-    if factory is bn_mlp:  # per-example gradients undefined with train-mode BatchNorm
-        assert mon.errors > 0
-    else:
-        assert mon.errors == 0 and len(mon.history.records) == 6
+    assert mon.errors == 0 and len(mon.history.records) == 6
 
 
 @pytest.mark.parametrize("variance", [True, False])
@@ -443,3 +443,51 @@ def test_gradient_stats_with_a_custom_loss_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         s = gn.gradient_stats(model, loss, x, y)
     assert s.trace_cov == pytest.approx(gn.gradient_stats(model, loss, x, y).trace_cov, rel=2e-2)
+
+
+def _bn_run(monitor_kwargs=None, accumulation=1, steps=3):
+    model = bn_mlp().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon = None if monitor_kwargs is None else gn.Monitor(model, nn.CrossEntropyLoss(), strict=True,
+                                                          accumulation_steps=accumulation, **monitor_kwargs)  # fmt: skip
+    g, recs = torch.Generator().manual_seed(1), []
+    for _ in range(steps):
+        x, y = torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+        opt.zero_grad()
+        for xm, ym in zip(x.chunk(accumulation), y.chunk(accumulation), strict=True):
+            (nn.CrossEntropyLoss()(model(xm), ym) / accumulation).backward()
+        if mon is not None:
+            recs.append((mon.step(x, y), {k: v.clone() for k, v in model.state_dict().items()}, x, y))
+        opt.step()
+    if mon is not None:
+        mon.close()
+    return model, recs
+
+
+def test_a_batchnorm_model_trained_normally_is_measured():
+    """BatchNorm in train mode: with accumulation the monitor records the two-batch estimate
+    (each micro-batch's gradient is well defined) and nothing per-example; with
+    batchnorm='eval' it records per-example statistics with BatchNorm in eval mode, equal to
+    gradient_stats on the model in eval mode; without either it says so at construction.
+    Training is unchanged in both."""
+    torch.manual_seed(0)
+    plain, _ = _bn_run(accumulation=2)
+    torch.manual_seed(0)
+    model, recs = _bn_run({}, accumulation=2)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values(), strict=True))
+    for rec, _, _, _ in recs:
+        assert rec["two_batch_trace_cov"] is not None and "trace_cov" not in rec
+    torch.manual_seed(0)
+    plain, _ = _bn_run()
+    torch.manual_seed(0)
+    model, recs = _bn_run({"batchnorm": "eval"})
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values(), strict=True))
+    for rec, state, x, y in recs:
+        ref_model = bn_mlp().double()
+        ref_model.load_state_dict(state)
+        ref = gn.gradient_stats(ref_model.eval(), nn.CrossEntropyLoss(), x, y)
+        assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-10)
+    with pytest.raises(ValueError, match="accumulation_steps > 1 or DDP"):
+        gn.Monitor(bn_mlp(), nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="BatchNorm.*train mode"):
+        gn.Monitor(bn_mlp(), nn.CrossEntropyLoss(), mode="separate")

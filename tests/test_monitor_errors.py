@@ -86,10 +86,14 @@ def test_non_finite_measurements_are_errors(mode):
 
 
 def test_batchnorm_without_parameters_in_train_mode_is_refused_in_hooks_mode():
-    """BatchNorm(affine=False) has no parameters but still couples the examples."""
+    """BatchNorm(affine=False) has no parameters but still couples the examples: refused up
+    front, and at a step where the model was put back in train mode."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8, affine=False), nn.ReLU(), nn.Linear(8, 3))
-    mon = gn.Monitor(model, nn.CrossEntropyLoss(), mode="hooks", strict=True)
+    with pytest.raises(ValueError, match="BatchNorm.*train mode"):
+        gn.Monitor(model, nn.CrossEntropyLoss(), mode="hooks", strict=True)
+    mon = gn.Monitor(model.eval(), nn.CrossEntropyLoss(), mode="hooks", strict=True)
+    model.train()
     with pytest.raises(ValueError, match="BatchNorm.*train mode"):
         _step(model, mon, *_data())
     model.eval()  # eval-mode statistics: no coupling, and the hooks measure
