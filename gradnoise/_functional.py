@@ -49,6 +49,11 @@ def trainable_params(model: nn.Module, *, detach: bool = True) -> dict[str, Tens
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if is_compiled(model):
+        raise TypeError(
+            "model is a torch.compile'd module: gradnoise's hooks and torch.func transforms run on the eager "
+            "module. Pass the original one, model._orig_mod (the same parameters; a measurement never changes them)"
+        )
     params = {n: p.detach() if detach else p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(
@@ -56,6 +61,11 @@ def trainable_params(model: nn.Module, *, detach: bool = True) -> dict[str, Tens
             "there is no gradient to measure"
         )
     return params
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is the wrapper ``torch.compile`` returns (``OptimizedModule``)."""
+    return type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
 
 
 def frozen_state(model: nn.Module) -> dict[str, Tensor]:

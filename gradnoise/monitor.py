@@ -52,6 +52,7 @@ from gradnoise._functional import (
     batch_size_of,
     check_loss_fn,
     check_no_train_batchnorm,
+    is_compiled,
     trainable_params,
 )
 from gradnoise.distributed import group_of
@@ -177,7 +178,9 @@ class Monitor:
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be ≥ 1, got {accumulation_steps}")
         self.model = model
-        self.inner = model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+        self.compiled = is_compiled(model)  # measured on the eager module, in a separate pass
+        model_ = model._orig_mod if self.compiled else model
+        self.inner = model_.module if hasattr(model_, "module") and isinstance(model_.module, nn.Module) else model_
         self.loss_fn = loss_fn
         self.every, self.sharpness_every, self.sharpness_data = every, sharpness_every, sharpness_data
         self.sharpness_tol = sharpness_tol
@@ -261,8 +264,13 @@ class Monitor:
                 f"(Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention); not covered: "
                 f"{uncovered[:5]}. Use mode='separate' (one extra forward and backward per step)"
             )
+        if self.compiled and mode == "hooks":
+            raise ValueError(
+                "mode='hooks' on a torch.compile'd model: the compiled graph does not run the hooks; use "
+                "mode='auto' (a separate eager pass on model._orig_mod) or give the Monitor the eager model"
+            )
         if mode == "auto":
-            mode = "separate" if uncovered else "hooks"
+            mode = "separate" if uncovered or self.compiled else "hooks"
         if self._dist is not None:
             if uncovered or mode == "separate":
                 raise ValueError(
