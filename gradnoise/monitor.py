@@ -57,9 +57,9 @@ from gradnoise._functional import (
 )
 from gradnoise.distributed import group_of
 from gradnoise.eigen import hessian_eigenvalues
-from gradnoise.engine.plan import param_owners
 from gradnoise.engine.step_hooks import StepHooks
 from gradnoise.micro_batches import MicroBatches
+from gradnoise.monitor_mode import batchnorm_eval, choose_mode
 from gradnoise.noise_scale import NoiseScaleEMA
 from gradnoise.preconditioner import Preconditioner, check_preconditioner, step_metric
 from gradnoise.rules import rule_for
@@ -81,19 +81,6 @@ __all__ = ["Monitor", "log_spaced"]
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "hooks", "separate", "two-batch"]
-
-
-@contextlib.contextmanager
-def batchnorm_eval(layers: list[nn.Module]):
-    """These BatchNorm layers in eval mode for the block (their modes restored after)."""
-    modes = [m.training for m in layers]
-    try:
-        for m in layers:
-            m.training = False
-        yield
-    finally:
-        for m, mode in zip(layers, modes, strict=True):
-            m.training = mode
 
 
 class Monitor:
@@ -191,6 +178,7 @@ class Monitor:
         self.history = MemorySink()
         self._ema = NoiseScaleEMA(ema)
         self._step = 0
+        self._grad_scale = 1.0
         self._v_prev: Tensor | None = None
         self._keys: list[str] | None = None
         params = trainable_params(self.inner)
@@ -202,7 +190,8 @@ class Monitor:
         check_preconditioner(self._params, preconditioner)
         self.preconditioner = preconditioner
         self._requested_mode, self.batchnorm = mode, batchnorm
-        self.mode = self._choose_mode(mode)
+        self.mode = choose_mode(self.inner, mode, batchnorm=batchnorm, accumulation_steps=accumulation_steps,
+                                group=self._group, compiled=self.compiled)  # fmt: skip
         self._hooks: StepHooks | None = None
         self._micro: MicroBatches | None = None  # accumulation or DDP: the two-batch estimate
         self._sinks: list = [self.history]
@@ -231,55 +220,6 @@ class Monitor:
             raise
 
     # ------------------------------------------------------------------ set-up
-
-    def _choose_mode(self, mode: str) -> str:
-        bn_train = [n for n, m in self.inner.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-        if bn_train and mode in ("auto", "hooks", "separate"):
-            if mode != "auto" and not (mode == "separate" and self.batchnorm == "eval"):
-                raise ValueError(
-                    f"BatchNorm {bn_train[:3]} in train mode couples a batch's examples: per-example statistics are not "
-                    "defined. Use mode='auto' (the two-batch estimate with accumulation_steps > 1 or under DDP, or "
-                    "batchnorm='eval' for per-example statistics with BatchNorm in eval mode)"
-                )
-            mode = "separate" if self.batchnorm == "eval" else "two-batch"
-            log.info("gradnoise.Monitor: BatchNorm in train mode %s: recording %s", bn_train[:3],
-                     "per-example statistics with BatchNorm in eval mode (a separate pass)" if mode == "separate"
-                     else "the two-batch estimate only")  # fmt: skip
-        if mode == "two-batch":
-            if self.accumulation_steps == 1 and self._dist is None:
-                raise ValueError(
-                    "the two-batch estimate needs several gradients per step: accumulation_steps > 1 or DDP "
-                    f"ranks{f' (BatchNorm {bn_train[:3]} is in train mode)' if bn_train else ''}; or pass "
-                    "batchnorm='eval' for per-example statistics with BatchNorm in eval mode"
-                )
-            if self._group is not None and self._group.sharded:
-                raise ValueError("mode='two-batch' under FSDP: FSDP2 reduce-scatters each gradient before a hook reads it")
-            return mode
-        owners = param_owners(self.inner, trainable_params(self.inner))
-        modules = dict(self.inner.named_modules())
-        uncovered = [n for n, os in owners.items() if len(os) != 1 or rule_for(modules[os[0][0]]) is None]
-        if mode == "hooks" and uncovered:
-            raise ValueError(
-                f"mode='hooks' needs every trainable parameter in a supported layer "
-                f"(Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention); not covered: "
-                f"{uncovered[:5]}. Use mode='separate' (one extra forward and backward per step)"
-            )
-        if self.compiled and mode == "hooks":
-            raise ValueError(
-                "mode='hooks' on a torch.compile'd model: the compiled graph does not run the hooks; use "
-                "mode='auto' (a separate eager pass on model._orig_mod) or give the Monitor the eager model"
-            )
-        if mode == "auto":
-            mode = "separate" if uncovered or self.compiled else "hooks"
-        if self._dist is not None:
-            if uncovered or mode == "separate":
-                raise ValueError(
-                    "under DDP/FSDP the Monitor measures the global batch in hooks mode, which needs every "
-                    f"trainable parameter in a supported layer{f'; not covered: {uncovered[:5]}' if uncovered else ''}. "
-                    "mode='separate' would measure only this rank's local batch"
-                )
-            mode = "hooks"
-        return mode
 
     def attach(self) -> None:
         """Install the hooks (done at construction; :meth:`close` removes them). Without a
@@ -326,12 +266,18 @@ class Monitor:
 
     # ------------------------------------------------------------------ the step
 
-    def step(self, inputs, targets, *, optimizer: torch.optim.Optimizer | None = None, loss: Tensor | float | None = None) -> dict | None:
+    def step(self, inputs, targets, *, optimizer: torch.optim.Optimizer | None = None, loss: Tensor | float | None = None,
+             grad_scale: float = 1.0) -> dict | None:  # fmt: skip
         """Record the metrics of this step if the schedule says so; returns the record.
 
         Call after ``backward()`` and before ``optimizer.step()``/``zero_grad()``, with the
-        whole batch of this optimizer step.
+        whole batch of this optimizer step. ``grad_scale``: a factor the loop has applied to
+        ``.grad`` since the backward pass — gradient clipping's ``min(1, max_norm / norm)``
+        — which the statistics divide out (they are of the gradients before clipping).
         """
+        if not (isinstance(grad_scale, (int, float)) and math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale must be a positive finite number (the factor applied to .grad), got {grad_scale!r}")
+        self._grad_scale = float(grad_scale)
         if self._closed:
             raise RuntimeError("Monitor.step() after close(): create a new Monitor to measure again")
         step = self._step
@@ -379,7 +325,7 @@ class Monitor:
             check_no_train_batchnorm((type(m).__name__, m) for m in self._batchnorms)
         if self.mode == "two-batch":
             if self._micro is not None:
-                rec.update(self._micro.record(B, self.loss_scale * self.accumulation_steps))
+                rec.update(self._micro.record(B, self._factor()))
             return rec
         if self.mode == "separate":
             with batchnorm_eval(self._batchnorms if self.batchnorm == "eval" else []):
@@ -414,7 +360,7 @@ class Monitor:
         if self.preconditioner is not None:
             rec.update(self._preconditioned(inputs, targets, B))
         if self._micro is not None:
-            rec.update(self._micro.record(B, self.loss_scale * self.accumulation_steps))
+            rec.update(self._micro.record(B, self._factor()))
         bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v) and not k.startswith(("b_simple", "two_batch_b_simple"))]
         if bad:
             raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}: the loss or the gradients overflow")
@@ -432,16 +378,21 @@ class Monitor:
         stats = None
         if self._hooks is not None:
             with contextlib.suppress(CancellationError):
-                factor = self.loss_scale * self.accumulation_steps
+                factor = self._factor()
                 stats = preconditioned_step_stats(self._hooks, self._params, self._numels, B, factor)
         if stats is None:
             stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=False, preconditioner=P)
         return dict(zip(keys, (stats.trace_cov, stats.grad_norm_sq, stats.b_simple), strict=True))
 
+    def _factor(self) -> float:
+        """What ``.grad`` is of the mean gradient: the loss scale × accumulation steps × this
+        step's ``grad_scale``."""
+        return self.loss_scale * self.accumulation_steps * self._grad_scale
+
     def _stats_from_hooks(self, B: int, loss: float | None) -> StepStats:
         """Statistics of this step from the hooks' per-example norms and ``.grad`` (of the
         global batch under DDP/FSDP: one all-reduce)."""
-        factor = self.loss_scale * self.accumulation_steps
+        factor = self._factor()
         if self._group is not None:
             return global_step_stats(self._hooks, self._params, self._numels, B, factor, self.accumulation_steps,
                                      self._group, loss)  # fmt: skip

@@ -239,4 +239,30 @@ CASES = [
     # test_silent_errors): whole-model vmap for that parameter
     Case("nanogpt-block", NanoGPTBlock, ids(9, 5), labels(9)),
 ]
+
+
+class LastTokenLoss(nn.Module):
+    """Cross-entropy of a Hugging Face model output's last-position logits (``loss_fn`` reads
+    ``outputs.logits``, as the README's recipe does)."""
+
+    def forward(self, outputs, targets):
+        return nn.functional.cross_entropy(outputs.logits[:, -1], targets)
+
+
+def gpt2():
+    """GPT-2 from a config (no weights downloaded): Conv1D projections, wpe(arange(T)), tied
+    input and output embeddings."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=13, n_positions=8, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+try:  # transformers is an optional extra (installed by the dev extra)
+    import transformers  # noqa: F401
+
+    CASES.append(Case("gpt2", gpt2, ids(13, 5), labels(13), loss=LastTokenLoss))
+except ImportError:
+    pass
 CASES_BY_NAME = {c.name: c for c in CASES}

@@ -491,3 +491,23 @@ def test_a_batchnorm_model_trained_normally_is_measured():
         gn.Monitor(bn_mlp(), nn.CrossEntropyLoss())
     with pytest.raises(ValueError, match="BatchNorm.*train mode"):
         gn.Monitor(bn_mlp(), nn.CrossEntropyLoss(), mode="separate")
+
+
+def test_grad_scale_divides_out_gradient_clipping():
+    """A loop that clips .grad after backward passes the clip coefficient: the statistics
+    are those of the unclipped gradient."""
+    torch.manual_seed(0)
+    model = mlp().double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    mon = gn.Monitor(model, nn.CrossEntropyLoss(), strict=True)
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.1)
+    coef = min(1.0, 0.1 / (float(norm) + 1e-6))
+    assert coef < 0.5  # the gradient was clipped
+    rec = mon.step(x, y, grad_scale=coef)
+    ref = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y)
+    assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-9)
+    assert rec["grad_norm_sq"] == pytest.approx(ref.grad_norm_sq, rel=1e-8, abs=1e-9 * ref.trace_cov)
+    with pytest.raises(ValueError, match="grad_scale"):
+        mon.step(x, y, grad_scale=0.0)
+    mon.close()

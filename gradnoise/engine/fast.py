@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from gradnoise._functional import (
     Batch,
@@ -68,16 +69,21 @@ def fast_applies(model: nn.Module, loss_fn: LossFn, inputs: Batch, targets: Batc
 
 def check_mean_loss(loss_fn: LossFn, outputs: Any, ys: tuple[Tensor, ...], loss: Tensor) -> Tensor:
     """Per-example losses by ``vmap`` of ``loss_fn``; their mean must equal the batch loss."""
-    outs = outputs.detach() if isinstance(outputs, Tensor) else outputs
+    B = ys[0].shape[0]
+    # vmap over the outputs' tensors with the batch dimension; anything else (a model
+    # output's cache object, a tensor without the batch) is passed whole
+    leaves, spec = tree_flatten(outputs)
+    leaves = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
+    dims = [0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B else None for t in leaves]
     y = ys[0] if len(ys) == 1 else ys
 
-    def one(o, t):
-        o1 = o.unsqueeze(0) if isinstance(o, Tensor) else o
+    def one(flat, t):
+        o1 = tree_unflatten([v.unsqueeze(0) if d == 0 else v for v, d in zip(flat, dims, strict=True)], spec)
         t1 = t.unsqueeze(0) if isinstance(t, Tensor) else tuple(x.unsqueeze(0) for x in t)
         return loss_fn(o1, t1)
 
     try:
-        losses = vmap(one)(outs, y)
+        losses = vmap(one, in_dims=(dims, 0))(leaves, y)
     except Exception as exc:  # vmap cannot run every callable; the caller falls back
         raise NotMeanLossError(f"could not evaluate loss_fn per example under vmap ({exc})") from exc
     # in float64, at the coarser of the two dtypes' precisions (under autocast the

@@ -5,7 +5,7 @@ against materialised per-example gradients in float64, ``tests/test_rules.py``),
 :func:`~gradnoise.rules.registry.register`, and import the module here.
 """
 
-from gradnoise.rules import attention, conv, embedding, linear, norm  # noqa: F401  (registers)
+from gradnoise.rules import attention, conv, conv1d_hf, embedding, linear, norm  # noqa: F401  (registers)
 from gradnoise.rules._common import weighted_norms
 from gradnoise.rules.conv import conv_moments
 from gradnoise.rules.linear import linear_gram_norms, prefers_gram

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-__all__ = ["Grads", "Norms", "RULES", "Rule", "layer_type", "register", "rule_for"]
+__all__ = ["Grads", "Norms", "RULES", "RULES_BY_NAME", "Rule", "layer_type", "register", "register_by_name", "rule_for"]
 
 Norms = dict[str, tuple[Tensor, Tensor | None]]  # name -> (sq_norms [B], sum_sq or None)
 Grads = dict[str, Tensor]  # name -> [B, *shape]
@@ -59,6 +59,7 @@ def always(module: nn.Module) -> bool:
 
 
 RULES: dict[type[nn.Module], Rule] = {}
+RULES_BY_NAME: dict[str, Rule] = {}  # "module.QualName" of classes from optional packages
 
 
 def register(rule: Rule, *types: type[nn.Module]) -> Rule:
@@ -66,6 +67,14 @@ def register(rule: Rule, *types: type[nn.Module]) -> Rule:
     may change ``forward``). Returns the rule."""
     for t in types:
         RULES[t] = rule
+    return rule
+
+
+def register_by_name(rule: Rule, *qualified_names: str) -> Rule:
+    """Register ``rule`` for classes named ``"package.module.ClassName"`` — of optional
+    packages (``transformers``), which gradnoise then never imports. Returns the rule."""
+    for name in qualified_names:
+        RULES_BY_NAME[name] = rule
     return rule
 
 
@@ -84,6 +93,7 @@ def layer_type(module: nn.Module) -> type:
 def rule_for(module: nn.Module) -> Rule | None:
     """The rule for this exact module type (see :func:`layer_type`), if it has one and
     accepts this configuration."""
-    rule = RULES.get(layer_type(module))
+    cls = layer_type(module)
+    rule = RULES.get(cls) or RULES_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
     return rule if rule is not None and rule.accepts(module) else None
 
