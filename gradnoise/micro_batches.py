@@ -36,7 +36,7 @@ class MicroBatches:
     def __init__(self, model: nn.Module, params: dict[str, Tensor], *, armed, loss_scale: float, dist) -> None:
         self.params, self.armed, self.loss_scale, self.dist = params, armed, loss_scale, dist
         self._handles = [p.register_hook(self._on_grad) for p in params.values()]
-        self._handles.append(model.register_forward_pre_hook(self._on_forward))
+        self._handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         self.reset()
 
     def reset(self) -> None:
@@ -49,9 +49,10 @@ class MicroBatches:
             h.remove()
         self._handles = []
 
-    def _on_forward(self, module: nn.Module, args: tuple) -> None:
-        if self.armed() and torch.is_grad_enabled() and not is_measuring() and args and isinstance(args[0], Tensor):
-            self.sizes.append(args[0].shape[0])
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)  # model(**batch) too
+        if self.armed() and torch.is_grad_enabled() and not is_measuring() and first is not None:
+            self.sizes.append(first.shape[0])
 
     def _on_grad(self, g: Tensor) -> None:
         if self.armed():
