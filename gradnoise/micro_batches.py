@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from gradnoise._functional import is_measuring
+from gradnoise.distributed import Group
 from gradnoise.noise_scale import two_batch
 
 __all__ = ["MicroBatches"]
@@ -30,11 +31,12 @@ class MicroBatches:
         params: the trainable parameters by name.
         armed: whether the current step is measured.
         loss_scale: the factor each micro-batch loss is multiplied by before ``backward()``.
-        dist: ``torch.distributed`` when the gradients are all-reduced over ranks, else ``None``.
+        group: the process group when the gradients are all-reduced over ranks, else ``None``.
     """
 
-    def __init__(self, model: nn.Module, params: dict[str, Tensor], *, armed, loss_scale: float, dist) -> None:
-        self.params, self.armed, self.loss_scale, self.dist = params, armed, loss_scale, dist
+    def __init__(self, model: nn.Module, params: dict[str, Tensor], *, armed, loss_scale: float,
+                 group: Group | None) -> None:  # fmt: skip
+        self.params, self.armed, self.loss_scale, self.group = params, armed, loss_scale, group
         self._handles = [p.register_hook(self._on_grad) for p in params.values()]
         self._handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         self.reset()
@@ -72,18 +74,16 @@ class MicroBatches:
 
     def record(self, B: int, factor: float) -> dict:
         """The two-batch entries of a record: micro-batch (accumulation) or per-rank (DDP)
-        gradients against ``.grad`` (divided by ``factor`` without DDP); empty if none."""
+        gradients against ``.grad`` (divided by ``factor``); empty if none."""
         if not self.sq:
             return {}
         k = len(self.sq)
         small = sum(self.sq) / k
         big = sum(float(_sq(p.grad)) for p in self.params.values() if p.grad is not None)
-        big /= factor**2 if self.dist is None else 1.0
-        if self.dist is not None:  # each rank's micro-batch gradients vs the all-reduced one
-            t = torch.tensor([small], dtype=torch.float64, device=next(iter(self.params.values())).device)
-            self.dist.all_reduce(t)
-            small = float(t) / self.dist.get_world_size()
-            b, total = B / k, B * self.dist.get_world_size()  # k equal micro-batches per rank
+        big /= factor**2
+        if self.group is not None:  # each rank's micro-batch gradients vs the all-reduced one
+            small = float(self.group.all_reduce(torch.tensor([small], dtype=torch.float64))[0]) / self.group.size
+            b, total = B / k, B * self.group.size  # k equal micro-batches per rank
         else:  # E mean_j|g_j|² = |G|² + tr Σ·h and E|(1/k)Σ_j g_j|² = |G|² + tr Σ·h/k, h = mean_j 1/b_j
             h = sum(1 / b for b in self._micro_sizes(B, k)) / k
             b, total = 1 / h, k / h

@@ -20,12 +20,17 @@ Two ways to measure (``mode``):
   ``step()`` between ``backward()`` and ``zero_grad()``.
 * ``"separate"``: ``step()`` calls :func:`gradnoise.gradient_stats` on the batch (one extra
   forward and backward). Works for any model.
-* ``"auto"`` (default): ``"hooks"`` when every parameter is covered, else ``"separate"``.
+* ``"two-batch"``: only the two-batch estimate from micro-batch or per-rank gradients.
+* ``"auto"`` (default): ``"hooks"`` when every parameter is covered, else ``"separate"``;
+  ``"two-batch"`` for BatchNorm in train mode (or ``batchnorm="eval"``: a separate pass with
+  BatchNorm in eval mode); ``"separate"`` on the eager module of a ``torch.compile``'d model.
 
 Gradient accumulation (``accumulation_steps=k``): each micro-batch backward is observed by
 parameter hooks, so the two-batch estimate (McCandlish et al. 2018, App. A.1) comes free.
-Under DDP (``torch.distributed`` initialised, world size > 1) the per-rank local gradient
-and the all-reduced one give the two-batch estimate; only rank 0 writes.
+Under DDP or FSDP2 (``torch.distributed`` initialised, world size > 1) the hooks'
+per-example statistics are reduced over ranks into those of the global batch
+(:func:`~gradnoise.step_stats.global_step_stats`), DDP's per-rank gradients also give the
+two-batch estimate, every rank gets the same record, and only rank 0 writes.
 
 Nothing the monitor does changes the run: hooks only read, ``.grad`` is only read, RNG
 state is untouched, and a training run with the monitor is bitwise identical to one
@@ -239,7 +244,7 @@ class Monitor:
         sharded = self._group is not None and self._group.sharded
         if (self.accumulation_steps > 1 or self._dist is not None) and self._micro is None and not sharded:
             self._micro = MicroBatches(
-                self.inner, self._params, armed=lambda: self._armed, loss_scale=self.loss_scale, dist=self._dist
+                self.inner, self._params, armed=lambda: self._armed, loss_scale=self.loss_scale, group=self._group
             )
         self._armed = is_due(self.every, self._step)
 
