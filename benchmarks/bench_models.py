@@ -1,0 +1,192 @@
+"""The noise statistics on the models researchers train, against a plain training step.
+
+    python -m benchmarks.bench_models [--models nanogpt,encoder,gpt2,nanogpt-50k,resnet,lstm]
+        [--threads 2] [--budget 3] [--anchors] [--no-memory]
+
+Models (held out from the engine's design; CPU sizes): a nanoGPT-style decoder (4 layers,
+d 256, T 128, B 16, ``wpe(arange(T))``, tied embeddings), the same with
+``nn.TransformerEncoderLayer``, GPT-2 from a ``transformers`` config (2 layers; where
+installed), nanoGPT with a 50k vocabulary (1 layer), a small ResNet (BatchNorm in eval,
+3×32×32, B 64), and Embedding → LSTM → Linear. Rows: ``gradient_stats(variance=False)``
+(auto), the same with the per-element variance, ``method="vmap"``, and with ``--anchors``
+BackPACK (BatchL2Grad) and Opacus where they run. Each: median time and its ratio to the
+floor (a plain forward + backward of the same model and batch, interleaved in the same
+process), and the peak-memory ratio measured in a fresh child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+
+import torch
+from torch import nn
+
+import gradnoise as gn
+from benchmarks._timing import interleaved_medians, peak_bytes, track_rss
+from benchmarks.bench_engine import anchors
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.ln1, self.ln2, self.heads = nn.LayerNorm(d), nn.LayerNorm(d), heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
+        return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's model: token and position embeddings, pre-norm blocks, tied head; predicts
+    every next token."""
+
+    def __init__(self, vocab=512, d=256, layers=4, heads=4, T=128, encoder=False):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(T, d)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+            if encoder else Block(d, heads) for _ in range(layers)
+        )  # fmt: skip
+        self.lnf, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(self.lnf(x))
+
+
+class TokenLoss(nn.Module):
+    def forward(self, logits, targets):
+        logits = getattr(logits, "logits", logits)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class LSTMModel(nn.Module):
+    def __init__(self, vocab=512, d=128):
+        super().__init__()
+        self.embed, self.lstm, self.head = nn.Embedding(vocab, d), nn.LSTM(d, d, batch_first=True), nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        return self.head(self.lstm(self.embed(idx))[0])
+
+
+def resnet():
+    def block(cin, cout, stride):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                             nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())  # fmt: skip
+
+    return nn.Sequential(block(3, 32, 1), block(32, 64, 2), block(64, 128, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(128, 10)).eval()  # fmt: skip
+
+
+def make(name: str):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if name in ("nanogpt", "encoder", "nanogpt-50k"):
+        vocab, layers = (50257, 1) if name == "nanogpt-50k" else (512, 4)
+        model = NanoGPT(vocab=vocab, layers=layers, encoder=name == "encoder")
+        x = torch.randint(0, vocab, (16, 128), generator=g)
+        return model, TokenLoss(), x, torch.randint(0, vocab, (16, 128), generator=g)
+    if name == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(vocab_size=512, n_positions=128, n_embd=256, n_layer=2, n_head=4, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+        x = torch.randint(0, 512, (16, 128), generator=g)
+        return GPT2LMHeadModel(cfg), TokenLoss(), x, torch.randint(0, 512, (16, 128), generator=g)
+    if name == "resnet":
+        return resnet(), nn.CrossEntropyLoss(), torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
+    if name == "lstm":
+        x = torch.randint(0, 512, (16, 64), generator=g)
+        return LSTMModel(), TokenLoss(), x, torch.randint(0, 512, (16, 64), generator=g)
+    raise ValueError(f"unknown model {name!r}")
+
+
+def calls(name, model, loss_fn, x, y, with_anchors: bool) -> dict:
+    out = {
+        "gradient_stats (auto, no variance)": lambda: gn.gradient_stats(model, loss_fn, x, y, variance=False),
+        "gradient_stats (auto, variance)": lambda: gn.gradient_stats(model, loss_fn, x, y),
+        "gradient_stats (vmap, no variance)": lambda: gn.gradient_stats(model, loss_fn, x, y, method="vmap", variance=False),
+    }
+    if with_anchors and isinstance(loss_fn, nn.CrossEntropyLoss):
+        found = anchors(model, loss_fn, x, y)
+        out.update({k: v for k, v in found.items() if "Variance" not in k})
+    return out
+
+
+def floor_of(model, loss_fn, x, y):
+    def floor():
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+
+    return floor
+
+
+def memory_child(name: str, with_anchors: bool) -> None:
+    track_rss()
+    model, loss_fn, x, y = make(name)
+    floor = floor_of(model, loss_fn, x, y)
+    cs = calls(name, model, loss_fn, x, y, with_anchors)
+    out = {"floor": 0}
+    for label, c in [("floor", floor), *cs.items()]:
+        try:
+            c(), floor()  # warm up: one-time allocations are not peaks
+            model.zero_grad(set_to_none=True)
+            out[label] = peak_bytes(c, torch.device("cpu"))
+        except Exception as exc:  # noqa: BLE001
+            out[label] = f"fails: {type(exc).__name__}"
+    print(json.dumps(out))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="nanogpt,encoder,gpt2,nanogpt-50k,resnet,lstm")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget", type=float, default=3.0, help="seconds per row")
+    p.add_argument("--anchors", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_of:
+        return memory_child(args.memory_of, args.anchors)
+    print(f"# {platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print("| model | call | floor ms | call ms | × floor | peak memory × floor |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        try:
+            model, loss_fn, x, y = make(name)
+        except ImportError as exc:
+            print(f"| {name} | skipped ({exc}) | | | | |")
+            continue
+        mem = {}
+        if not args.no_memory:
+            cmd = [sys.executable, "-m", "benchmarks.bench_models", "--threads", str(args.threads), "--memory-of", name]
+            res = subprocess.run(cmd + (["--anchors"] if args.anchors else []), capture_output=True, text=True)
+            mem = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {}
+        floor = floor_of(model, loss_fn, x, y)
+        for label, c in calls(name, model, loss_fn, x, y, args.anchors).items():
+            try:
+                f, t, _ = interleaved_medians(floor, c, torch.device("cpu"), budget_s=args.budget, min_reps=3)
+            except Exception as exc:  # noqa: BLE001  (an anchor that does not support the model)
+                print(f"| {name} | {label} | | fails: {type(exc).__name__} | | |", flush=True)
+                continue
+            m = mem.get(label)
+            ratio = f"{m / mem['floor']:.2f}" if isinstance(m, int) and mem.get("floor") else (m or "")
+            print(f"| {name} | {label} | {1e3 * f:.1f} | {1e3 * t:.1f} | {t / f:.2f} | {ratio} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
