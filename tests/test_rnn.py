@@ -1,0 +1,60 @@
+"""RNNs unrolled with per-example weights (engine/rnn.py) against a float64 loop of
+torch.autograd.grad through torch's own fused kernels."""
+
+import pytest
+import torch
+from torch import nn
+
+import gradnoise as gn
+from gradnoise.engine.rnn import rnn_grads
+from tests.cases import CASES_BY_NAME
+
+
+def _reference(module, x, h0, d_out, d_h, batch_first):
+    rows = {n: [] for n, _ in module.named_parameters()}
+    dim = 0 if batch_first else 1
+    for i in range(x.shape[dim]):
+        xi = x.narrow(dim, i, 1)
+        hi = None if h0 is None else (tuple(h.narrow(1, i, 1) for h in h0) if isinstance(h0, tuple) else h0.narrow(1, i, 1))
+        out, h_n = module(xi, hi) if hi is not None else module(xi)
+        total = (out * d_out.narrow(dim, i, 1)).sum()
+        hs = h_n if isinstance(h_n, tuple) else (h_n,)
+        for h, dh in zip(hs, d_h, strict=False):
+            total = total + (h * dh.narrow(1, i, 1)).sum()
+        for (n, p), g in zip(module.named_parameters(), torch.autograd.grad(total, list(module.parameters())), strict=True):
+            rows[n].append(g)
+    return {n: torch.stack(r) for n, r in rows.items()}
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("batch_first, layers, bidirectional, with_h0", [
+    (True, 1, False, False), (False, 2, True, True), (True, 2, False, True),
+])  # fmt: skip
+def test_unrolled_rnn_equals_a_loop_of_autograd(kind, batch_first, layers, bidirectional, with_h0):
+    torch.manual_seed(0)
+    module = kind(3, 4, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first).double()
+    B, T, D = 5, 6, 2 if bidirectional else 1
+    x = torch.randn(B, T, 3, dtype=torch.float64) if batch_first else torch.randn(T, B, 3, dtype=torch.float64)
+    h0 = None
+    if with_h0:
+        h = torch.randn(layers * D, B, 4, dtype=torch.float64)
+        h0 = (h, torch.randn_like(h)) if kind is nn.LSTM else h
+    out_shape = (B, T, 4 * D) if batch_first else (T, B, 4 * D)
+    d_out = torch.randn(out_shape, dtype=torch.float64)
+    d_h = [torch.randn(layers * D, B, 4, dtype=torch.float64) for _ in range(2 if kind is nn.LSTM else 1)]
+    args = (x,) if h0 is None else (x, h0)
+    got = rnn_grads(module, args, [d_out, *d_h], B)
+    ref = _reference(module, x, h0, d_out, d_h, batch_first)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_the_engine_takes_the_unrolled_path(name):
+    """gradient_stats on a model with an RNN: its parameters on the module path (not the
+    whole-model fallback that a wrong per-example gradient would trigger), equal to vmap."""
+    model, loss, x, y = CASES_BY_NAME[name].make(torch.float64)
+    fast = gn.gradient_stats(model, loss, x, y, method="fast")
+    ref = gn.gradient_stats(model, loss, x, y, method="vmap")
+    assert {fast.per_param[n].method for n in fast.per_param if n.startswith("body.")} == {"vmap-module"}
+    assert fast.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
