@@ -21,7 +21,7 @@ def _reference(module, x, h0, d_out, d_h, batch_first):
         hs = h_n if isinstance(h_n, tuple) else (h_n,)
         for h, dh in zip(hs, d_h, strict=False):
             total = total + (h * dh.narrow(1, i, 1)).sum()
-        for (n, p), g in zip(module.named_parameters(), torch.autograd.grad(total, list(module.parameters())), strict=True):
+        for (n, _), g in zip(module.named_parameters(), torch.autograd.grad(total, list(module.parameters())), strict=True):
             rows[n].append(g)
     return {n: torch.stack(r) for n, r in rows.items()}
 
