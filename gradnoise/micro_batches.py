@@ -58,10 +58,10 @@ class MicroBatches:
 
     def _on_grad(self, g: Tensor) -> None:
         if self.armed():
-            self._pending_sq += float(_sq(g))
+            self._pending_sq = self._pending_sq + _sq(g).double()  # summed on the device, read once
             self._pending_count += 1
             if self._pending_count == len(self.params):  # all parameters of this backward seen
-                self.sq.append(self._pending_sq / self.loss_scale**2)
+                self.sq.append(float(self._pending_sq) / self.loss_scale**2)
                 self._pending_sq, self._pending_count = 0.0, 0
 
     def _micro_sizes(self, B: int, k: int) -> list[int]:
@@ -72,9 +72,15 @@ class MicroBatches:
             )
         return self.sizes
 
-    def record(self, B: int, factor: float) -> dict:
+    def local_small(self) -> float:
+        """This rank's mean ``|g_j|²`` over its backward passes (0 when none was seen)."""
+        return sum(self.sq) / len(self.sq) if self.sq else 0.0
+
+    def record(self, B: int, factor: float, summed_small: float | None = None) -> dict:
         """The two-batch entries of a record: micro-batch (accumulation) or per-rank (DDP)
-        gradients against ``.grad`` (divided by ``factor``); empty if none."""
+        gradients against ``.grad`` (divided by ``factor``); empty if none. Under DDP,
+        ``summed_small`` is :meth:`local_small` summed over ranks when the caller has reduced
+        it already (with the step's other statistics, in one all-reduce)."""
         if not self.sq:
             return {}
         k = len(self.sq)
@@ -82,7 +88,9 @@ class MicroBatches:
         big = sum(float(_sq(p.grad)) for p in self.params.values() if p.grad is not None)
         big /= factor**2
         if self.group is not None:  # each rank's micro-batch gradients vs the all-reduced one
-            small = float(self.group.all_reduce(torch.tensor([small], dtype=torch.float64))[0]) / self.group.size
+            if summed_small is None:
+                summed_small = float(self.group.all_reduce(torch.tensor([small], dtype=torch.float64))[0])
+            small = summed_small / self.group.size
             b, total = B / k, B * self.group.size  # k equal micro-batches per rank
         else:  # E mean_j|g_j|² = |G|² + tr Σ·h and E|(1/k)Σ_j g_j|² = |G|² + tr Σ·h/k, h = mean_j 1/b_j
             h = sum(1 / b for b in self._micro_sizes(B, k)) / k

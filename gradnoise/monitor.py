@@ -364,8 +364,9 @@ class Monitor:
                 rec[f"b_simple/{name}"] = ls.b_simple
         if self.preconditioner is not None:
             rec.update(self._preconditioned(inputs, targets, B))
-        if self._micro is not None:
-            rec.update(self._micro.record(B, self._factor()))
+        if self._micro is not None:  # under DDP its all-reduce was the statistics' own
+            summed = stats.extra[0] if getattr(stats, "extra", ()) else None
+            rec.update(self._micro.record(B, self._factor(), summed))
         bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v) and not k.startswith(("b_simple", "two_batch_b_simple"))]
         if bad:
             raise FloatingPointError(f"non-finite {', '.join(bad)} at step {step}: the loss or the gradients overflow")
@@ -399,8 +400,9 @@ class Monitor:
         global batch under DDP/FSDP: one all-reduce)."""
         factor = self._factor()
         if self._group is not None:
+            extra = (self._micro.local_small(),) if self._micro is not None else ()
             return global_step_stats(self._hooks, self._params, self._numels, B, factor, self.accumulation_steps,
-                                     self._group, loss)  # fmt: skip
+                                     self._group, loss, extra)  # fmt: skip
         return step_stats(self._hooks, self._params, self._numels, B, factor, self.accumulation_steps)
 
     def _sharpness(self, record: dict, optimizer) -> dict:

@@ -37,6 +37,7 @@ class StepStats:
     gsnr: float | None
     per_layer: dict[str, LayerStats]
     loss: float | None = None  # the global batch's mean loss (global_step_stats, when given one)
+    extra: tuple[float, ...] = ()  # global_step_stats: its ``extra`` values summed over ranks
 
 
 def _check(hooks: StepHooks, accumulation_steps: int) -> None:
@@ -153,7 +154,8 @@ def preconditioned_step_stats(hooks: StepHooks, params: dict[str, Tensor], numel
 
 
 def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, int], B: int, factor: float,
-                      accumulation_steps: int, group: Group, loss: float | None = None) -> StepStats:  # fmt: skip
+                      accumulation_steps: int, group: Group, loss: float | None = None,
+                      extra: tuple[float, ...] = ()) -> StepStats:  # fmt: skip
     """:func:`step_stats` of the global batch under DDP or FSDP2: each rank's examples' sums
     ``Σ_i |g_i|²`` per parameter (from its own backward pass) and ``|ḡ|²`` (under FSDP, of
     its shard of the reduce-scattered gradient) in one all-reduce of ``2P + 2`` numbers
@@ -161,14 +163,17 @@ def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[
     measurement failed). Each rank's loss is the mean over its ``B`` examples and the ranks'
     gradients are averaged, so ``ḡ`` is the global mean when every rank has the same ``B``
     (checked). No per-element variance (the GSNR is ``None``). ``loss``: this rank's mean
-    loss, averaged into the global batch's (every rank gets the same record).
+    loss, averaged into the global batch's (every rank gets the same record). ``extra``:
+    more numbers to sum over ranks in the same all-reduce (the two-batch estimate's), in
+    ``StepStats.extra``.
 
     Raises:
         as :func:`step_stats` on any rank; :class:`~gradnoise.distributed.RankFailed` on the
         others.
     """
     P = len(params)
-    values = torch.zeros(2 * P + 4, dtype=torch.float64)
+    E = len(extra)
+    values = torch.zeros(2 * P + 4 + E, dtype=torch.float64)
     failure = None
     try:
         _check(hooks, accumulation_steps)
@@ -177,7 +182,7 @@ def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[
             sums.append(s.sum(dtype=torch.float64))
             shard = local(g).reshape(-1)
             mean_sq.append(shard.double().dot(shard.double()) / factor**2)
-        counts = [B, B * B, 0.0 if loss is None else loss * B, 0.0 if loss is None else 1.0]
+        counts = [*extra, B, B * B, 0.0 if loss is None else loss * B, 0.0 if loss is None else 1.0]
         values = torch.cat([torch.stack(sums).cpu(), torch.stack(mean_sq).cpu(), torch.tensor(counts, dtype=torch.float64)])
     except Exception as exc:  # noqa: BLE001  (joins the all-reduce, then re-raised)
         failure = exc
@@ -185,6 +190,7 @@ def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[
     if failure is not None:
         raise failure
     total_b, sum_b2, loss_sum, with_loss = values[-4:].tolist()
+    summed_extra = tuple(values[2 * P : 2 * P + E].tolist())
     if abs(sum_b2 * group.size - total_b**2) > 0.5:
         raise ValueError(
             "the ranks' batches differ in size: the averaged gradient is then not the mean over the global batch, "
@@ -198,4 +204,4 @@ def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[
         raise CancellationError(f"the centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")
     total, per_layer = summarise_scalars(numels, host, n, "hooks")
     mean_loss = loss_sum / total_b if with_loss == group.size else None
-    return StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer, mean_loss)
+    return StepStats(total.trace_cov, total.grad_norm_sq, total.b_simple, None, per_layer, mean_loss, summed_extra)
