@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gradnoise._moments import HostSums, Moments, centred_m2, centred_sums, scaled_rows
+from gradnoise._moments import (
+    HostSums,
+    Moments,
+    centred_m2,
+    centred_sums,
+    scaled_rows,
+    squared_norms,
+)
 from gradnoise.distributed import Group, local
 from gradnoise.engine.step_hooks import StepHooks
 from gradnoise.summary import LayerStats, summarise, summarise_scalars
@@ -177,13 +184,13 @@ def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[
     failure = None
     try:
         _check(hooks, accumulation_steps)
-        sums, mean_sq = [], []
+        sums, shards = [], []
         for _, g, s in _rows(hooks, params, B):
             sums.append(s.sum(dtype=torch.float64))
-            shard = local(g).reshape(-1)
-            mean_sq.append(shard.double().dot(shard.double()) / factor**2)
+            shards.append(local(g))
+        mean_sq = squared_norms(shards).div_(factor**2)  # one foreach pass, squared in float64
         counts = [*extra, B, B * B, 0.0 if loss is None else loss * B, 0.0 if loss is None else 1.0]
-        values = torch.cat([torch.stack(sums).cpu(), torch.stack(mean_sq).cpu(), torch.tensor(counts, dtype=torch.float64)])
+        values = torch.cat([torch.stack(sums).cpu(), mean_sq.cpu(), torch.tensor(counts, dtype=torch.float64)])
     except Exception as exc:  # noqa: BLE001  (joins the all-reduce, then re-raised)
         failure = exc
     values = group.all_reduce(values, failed=failure is not None)
