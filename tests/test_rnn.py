@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import gradnoise as gn
-from gradnoise.engine.rnn import rnn_grads
+from gradnoise.engine.rnn import rnn_grads, rnn_grads_looped
 from tests.cases import CASES_BY_NAME
 
 
@@ -43,10 +43,11 @@ def test_unrolled_rnn_equals_a_loop_of_autograd(kind, batch_first, layers, bidir
     d_out = torch.randn(out_shape, dtype=torch.float64)
     d_h = [torch.randn(layers * D, B, 4, dtype=torch.float64) for _ in range(2 if kind is nn.LSTM else 1)]
     args = (x,) if h0 is None else (x, h0)
-    got = rnn_grads(module, args, [d_out, *d_h], B)
     ref = _reference(module, x, h0, d_out, d_h, batch_first)
-    for n in ref:
-        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
+    for fn in (rnn_grads, rnn_grads_looped):
+        got = fn(module, args, [d_out, *d_h], B)
+        for n in ref:
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru"])

@@ -10,7 +10,7 @@ from torch.func import functional_call, grad, vmap
 
 from gradnoise._functional import sdpa_math
 from gradnoise.engine.hooks import ModuleCall, batch_dim, flatten
-from gradnoise.engine.rnn import rnn_grads, unrollable
+from gradnoise.engine.rnn import per_example_rnn_grads, unrollable
 from gradnoise.per_sample import needs_loop
 
 __all__ = ["close_to", "local_tensors", "module_grads"]
@@ -43,9 +43,10 @@ def module_grads(
         return d if len(shape) > d and shape[d] == batch else None
 
     if unrollable(module) and not call.kwargs and call.unbatched is not None and 0 not in call.unbatched:
-        # an RNN unrolled with per-example weights: no loop over examples (fused kernels
-        # have no vmap rule)
-        grads = rnn_grads(module, call.args, [None if g is None else g.detach() * batch for g in call.grads], batch)
+        # an RNN: unrolled with per-example weights, or looped through the fused kernel,
+        # whichever measured faster (fused kernels have no vmap rule)
+        deltas = [None if g is None else g.detach() * batch for g in call.grads]
+        grads = per_example_rnn_grads(module, call.args, deltas, batch)
         return {k: grads[k] for k in wanted}
     entries = [(i, a) for i, a in enumerate(call.args)] + list(call.kwargs.items())
     batched = [(pos, t.detach(), dim_of(t.shape, pos)) for pos, t in entries if isinstance(t, Tensor)]

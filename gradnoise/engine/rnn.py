@@ -7,10 +7,13 @@ Gate order and formulas are torch's (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` documen
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["rnn_grads", "unrollable"]
+__all__ = ["per_example_rnn_grads", "rnn_grads", "rnn_grads_looped", "unrollable"]
 
 
 def unrollable(module: nn.Module) -> bool:
@@ -79,3 +82,54 @@ def rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
             total = total + (torch.stack([s[1] for s in finals]) * output_grads[2]).sum()
         grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
     return {n: torch.zeros_like(leaf) if g is None else g for (n, leaf), g in zip(leaves.items(), grads, strict=True)}
+
+
+def rnn_grads_looped(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int) -> dict[str, Tensor]:
+    """:func:`rnn_grads` by a loop over examples through torch's fused kernel (one sequence
+    at a time): fewer, larger operations than the unrolled recurrence when sequences are
+    long and the batch is small."""
+    dim = 0 if module.batch_first else 1
+    params = dict(module.named_parameters())
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    rows: dict[str, list[Tensor]] = {n: [] for n in params}
+    h0 = args[1] if len(args) > 1 else None
+    with torch.enable_grad():
+        for i in range(batch):
+            xi = args[0].detach().narrow(dim, i, 1)
+            call = (xi,) if h0 is None else (xi, tuple(h.detach().narrow(1, i, 1) for h in h0) if isinstance(h0, tuple)
+                                             else h0.detach().narrow(1, i, 1))  # fmt: skip
+            out, h_n = torch.func.functional_call(module, leaves, call)
+            total = (out * output_grads[0].narrow(dim, i, 1)).sum() if output_grads[0] is not None else out.sum() * 0
+            for h, g in zip(h_n if isinstance(h_n, tuple) else (h_n,), output_grads[1:], strict=False):
+                if g is not None:
+                    total = total + (h * g.narrow(1, i, 1)).sum()
+            for (n, leaf), g in zip(leaves.items(), torch.autograd.grad(total, list(leaves.values()), allow_unused=True),
+                                    strict=True):  # fmt: skip
+                rows[n].append(torch.zeros_like(leaf) if g is None else g)
+    return {n: torch.stack(r) for n, r in rows.items()}
+
+
+_FASTER: dict[tuple, Callable] = {}  # by configuration and shapes: the faster of the two, measured
+
+
+def per_example_rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int) -> dict[str, Tensor]:
+    """Per-example gradients of an RNN call by whichever of :func:`rnn_grads` (unrolled, many
+    small batched operations) and :func:`rnn_grads_looped` (fused kernel, one example at a
+    time) measured faster the first time this configuration and shape were seen (each
+    takes several times the other's time somewhere: long sequences and small batches favour
+    the loop)."""
+    key = (type(module), module.num_layers, module.hidden_size, module.input_size, module.bidirectional,
+           module.batch_first, tuple(args[0].shape), len(args), args[0].device.type)  # fmt: skip
+    fn = _FASTER.get(key)
+    if fn is not None:
+        return fn(module, args, output_grads, batch)
+    timed = []
+    for candidate in (rnn_grads, rnn_grads_looped):
+        start = time.perf_counter()
+        out = candidate(module, args, output_grads, batch)
+        timed.append((time.perf_counter() - start, candidate, out))
+    seconds, fn, out = min(timed, key=lambda t: t[0])
+    if len(_FASTER) >= 64:
+        _FASTER.clear()
+    _FASTER[key] = fn
+    return out
