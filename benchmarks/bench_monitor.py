@@ -49,17 +49,9 @@ def block(model, opt, x, y, batch, steps, monitor=None, seed=0, calls=None):
     return (time.perf_counter() - start) / steps
 
 
-def lockstep(x, y, batch, steps, kw, seed=0):
-    """Per-step seconds of a plain and a monitored run advanced in lockstep (one step of
-    each in turn), so that drifts of the machine hit both alike; returns both lists."""
-    g = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
-    runs = []
-    for monitored in (False, True):
-        torch.manual_seed(0)
-        model = mnist1d_mlp()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        runs.append((model, opt, gn.Monitor(model, loss_fn, **kw) if monitored else None, []))
+def advance(runs, x, y, batch, steps, g, loss_fn) -> None:
+    """``steps`` training steps of every run ``(model, opt, monitor or None, times)`` in turn
+    on the same batches; each step's seconds appended to its run's ``times``."""
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
         xb, yb = x[idx], y[idx]
@@ -72,6 +64,20 @@ def lockstep(x, y, batch, steps, kw, seed=0):
                 mon.step(xb, yb, optimizer=opt, loss=loss)
             opt.step()
             times.append(time.perf_counter() - t)
+
+
+def lockstep(x, y, batch, steps, kw, seed=0):
+    """Per-step seconds of a plain and a monitored run advanced in lockstep (one step of
+    each in turn), so that drifts of the machine hit both alike; returns both lists."""
+    g = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    runs = []
+    for monitored in (False, True):
+        torch.manual_seed(0)
+        model = mnist1d_mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        runs.append((model, opt, gn.Monitor(model, loss_fn, **kw) if monitored else None, []))
+    advance(runs, x, y, batch, steps, g, loss_fn)
     mon = runs[1][2]
     mon.close()
     assert mon.errors == 0, mon.errors
@@ -91,18 +97,7 @@ def adam_lockstep(x, y, batch, steps, seed=0, variance=False):
         pre = opt if kind == "precond" else None
         mon = None if kind == "plain" else gn.Monitor(model, loss_fn, variance=variance, preconditioner=pre)
         runs.append((model, opt, mon, []))
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-        xb, yb = x[idx], y[idx]
-        for model, opt, mon, times in runs:
-            t = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
-            loss.backward()
-            if mon is not None:
-                mon.step(xb, yb, optimizer=opt, loss=loss)
-            opt.step()
-            times.append(time.perf_counter() - t)
+    advance(runs, x, y, batch, steps, g, loss_fn)
     for _, _, mon, _ in runs[1:]:
         mon.close()
         assert mon.errors == 0, mon.errors

@@ -192,7 +192,7 @@ class Monitor:
         self._dist = None if self._group is None else self._group.dist
         self._rank0 = self._group is None or self._group.rank == 0
         self._numels = {n: p.numel() for n, p in self._params.items()}
-        check_preconditioner(self._params, preconditioner)
+        self._fixed_metric = check_preconditioner(self._params, preconditioner)  # a dict P, checked once
         self.preconditioner = preconditioner
         self._requested_mode, self.batchnorm = mode, batchnorm
         self.mode = choose_mode(self.inner, mode, batchnorm=batchnorm, accumulation_steps=accumulation_steps,
@@ -249,7 +249,7 @@ class Monitor:
         self._armed = is_due(self.every, self._step)
 
     def _metric(self) -> dict[str, Tensor] | None:
-        return step_metric(self._params, self.preconditioner)
+        return self._fixed_metric if self._fixed_metric is not None else step_metric(self._params, self.preconditioner)
 
     def close(self) -> None:
         """Remove the hooks and close the sinks."""
@@ -378,7 +378,7 @@ class Monitor:
         keys = ("trace_cov_precond", "grad_norm_sq_precond", "b_simple_precond")
         if self._dist is not None:  # not yet reduced over ranks
             return dict.fromkeys(keys)
-        P = self._hooks.step_weights() if self._hooks is not None else step_metric(self._params, self.preconditioner)
+        P = self._hooks.step_weights() if self._hooks is not None else self._metric()
         if P is None:  # the optimizer has not stepped yet
             return dict.fromkeys(keys)
         stats = None

@@ -112,18 +112,19 @@ def _from_adam(named: Mapping[str, Tensor], optimizer: torch.optim.Optimizer) ->
     return {n: out[n] for n in named}
 
 
-def check_preconditioner(named: Mapping[str, Tensor], preconditioner: Preconditioner | None) -> None:
+def check_preconditioner(named: Mapping[str, Tensor], preconditioner: Preconditioner | None) -> dict[str, Tensor] | None:
     """What can be checked before training: an Adam/AdamW over these parameters (whose state
-    comes with its first step), or a valid dict."""
+    comes with its first step), or a valid dict, returned as :func:`preconditioner_weights`
+    gives it (a fixed metric need not be checked again every step)."""
     if preconditioner is None:
-        return
+        return None
     if isinstance(preconditioner, (torch.optim.Adam, torch.optim.AdamW)):
         held = {id(p) for g in preconditioner.param_groups for p in g["params"]}
         missing = [n for n, p in named.items() if id(p) not in held]
         if missing:
             raise ValueError(f"the optimizer does not hold the trainable parameters {missing[:3]}: pass the optimizer of this model")
-        return
-    preconditioner_weights(named, preconditioner)
+        return None
+    return preconditioner_weights(named, preconditioner)
 
 
 def step_metric(named: Mapping[str, Tensor], preconditioner: Preconditioner) -> dict[str, Tensor] | None:

@@ -207,3 +207,15 @@ def test_the_monitor_records_the_preconditioned_noise_scale(mode, accumulation, 
         assert rec["trace_cov_precond"] == pytest.approx(s.trace_cov, rel=1e-9)
         assert rec["grad_norm_sq_precond"] == pytest.approx(s.grad_norm_sq, rel=1e-8, abs=1e-9 * s.trace_cov)
         assert rec["b_simple_precond"] == pytest.approx(s.b_simple, rel=1e-6)
+
+
+def test_the_monitor_with_a_fixed_metric():
+    """A dict P (checked once, at construction): every record in that metric, from the first."""
+    model, loss, x, y = CASES_BY_NAME["mlp"].make(torch.float64, batch=8)
+    P = _random_metric(model)
+    with gn.Monitor(model, loss, preconditioner=P, strict=True) as mon:
+        loss(model(x), y).backward()
+        rec = mon.step(x, y)
+    ref = gn.gradient_stats(model, loss, x, y, method="vmap", preconditioner=P)
+    assert rec["trace_cov_precond"] == pytest.approx(ref.trace_cov, rel=1e-9)
+    assert rec["grad_norm_sq_precond"] == pytest.approx(ref.grad_norm_sq, rel=1e-8, abs=1e-9 * ref.trace_cov)

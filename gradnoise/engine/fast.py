@@ -152,14 +152,14 @@ def fast_moments(
         state = frozen_state(model)
         params = {n: p.detach().requires_grad_(True) for n, p in named.items()}
 
-    trace = batch_trace(plan, xs)
+    signature, trace = batch_trace(plan, xs)
     with preserved_state(model, modules.values()), torch.enable_grad():
         with recorder.installed():
             recorder.trace = trace
             with trace if trace is not None else contextlib.nullcontext():
                 outputs = model(*xs) if direct else functional_call(model, {**params, **state}, xs)
             recorder.active, recorder.trace = False, None
-            traced_calls(plan, xs, recorder.calls, trace is not None)
+            traced_calls(plan, signature, recorder.calls, trace is not None)
             route = route_for(plan, modules, recorder.calls, B, gram_ok)
             recorder.set_actions(route.actions)
             if weights is not None:

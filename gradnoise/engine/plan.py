@@ -23,10 +23,9 @@ import weakref
 from dataclasses import dataclass
 
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from gradnoise._functional import trainable_params
-from gradnoise.engine.batch_trace import BatchTrace
+from gradnoise.engine.batch_trace import BatchTrace, input_signature
 from gradnoise.engine.hooks import ModuleCall, batch_dim
 from gradnoise.rules import prefers_gram, rule_for
 
@@ -134,22 +133,19 @@ def plan_for(model: nn.Module) -> Plan:
 MAX_ROUTES = 32  # routes cached per model (batch sizes × input shapes); cleared beyond
 
 
-def _input_signature(xs: tuple) -> tuple:
-    return tuple((t.shape, t.dtype) if isinstance(t, Tensor) else type(t) for t in tree_flatten(xs)[0])
+def batch_trace(plan: Plan, xs: tuple) -> tuple[tuple, BatchTrace | None]:
+    """The input signature (shapes and dtypes) of this forward pass, and a
+    :class:`~gradnoise.engine.batch_trace.BatchTrace` for it when the plan has not yet traced
+    inputs of this signature (else ``None``)."""
+    sig = input_signature(xs)
+    return sig, None if sig in plan.unbatched else BatchTrace(xs)
 
 
-def batch_trace(plan: Plan, xs: tuple) -> BatchTrace | None:
-    """A :class:`~gradnoise.engine.batch_trace.BatchTrace` for this forward pass when the plan
-    has not yet traced inputs of this signature (shapes and dtypes), else ``None``."""
-    return None if _input_signature(xs) in plan.unbatched else BatchTrace(xs)
-
-
-def traced_calls(plan: Plan, xs: tuple, calls: dict[str, list[ModuleCall]], traced: bool) -> None:
-    """After the forward pass: remember what a traced pass found off the batch, or give the
-    calls of an untraced one what the traced pass of the same signature found. A call the
-    traced pass did not see (control flow that depends on values) stays unknown and the
-    signature is traced again next time."""
-    sig = _input_signature(xs)
+def traced_calls(plan: Plan, sig: tuple, calls: dict[str, list[ModuleCall]], traced: bool) -> None:
+    """After the forward pass of inputs of signature ``sig``: remember what a traced pass
+    found off the batch, or give the calls of an untraced one what the traced pass of the
+    same signature found. A call the traced pass did not see (control flow that depends on
+    values) stays unknown and the signature is traced again next time."""
     if traced:
         if len(plan.unbatched) >= MAX_ROUTES:
             plan.unbatched.clear()

@@ -8,10 +8,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from gradnoise._functional import is_measuring
-from gradnoise.engine.batch_trace import BatchTrace
+from gradnoise.engine.batch_trace import BatchTrace, input_signature
 from gradnoise.engine.hooks import LOW_PRECISION, ModuleHooks, batch_dim, in_float32, rule_input
 from gradnoise.rules import rule_for, weighted_norms
 
@@ -96,8 +95,7 @@ class StepHooks(ModuleHooks):
     def _begin(self, args: tuple, kwargs: dict) -> None:
         if not self.armed() or not torch.is_grad_enabled() or is_measuring() or self._trace is not None:
             return
-        flat = tree_flatten((args, kwargs))[0]
-        self._signature = tuple((t.shape, t.dtype) if isinstance(t, Tensor) else type(t) for t in flat)
+        self._signature = input_signature((args, kwargs))
         if self._signature not in self._traced:
             self._traced[self._signature] = set()
             self._trace = BatchTrace((args, kwargs))

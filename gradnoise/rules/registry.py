@@ -83,9 +83,11 @@ def layer_type(module: nn.Module) -> type:
     ``FSDP<Name>(FSDPModule, <Name>)`` whose ``forward`` is the original's (it only adds
     hooks that gather and free the parameters), so the original class is the layer."""
     cls = type(module)
+    if cls in RULES:  # the common case, once per layer call in the engine's backward pass
+        return cls
     # a model that fully_shard touched has imported it (importing it here would cost ~1 s)
     fsdp = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
-    if cls not in RULES and fsdp is not None and issubclass(cls, fsdp):
+    if fsdp is not None and issubclass(cls, fsdp):
         return next((b for b in cls.__bases__ if b is not fsdp), cls)
     return cls
 
