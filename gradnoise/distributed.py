@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["Group", "RankFailed", "group_of", "local"]
@@ -72,8 +73,6 @@ class Group:
 
 def group_of(params: dict[str, Tensor], timeout: float) -> Group | None:
     """The :class:`Group` when ``torch.distributed`` is initialised with more than one rank."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return None
     sharded = any(hasattr(p, "to_local") for p in params.values())

@@ -165,7 +165,7 @@ def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[
                       extra: tuple[float, ...] = ()) -> StepStats:  # fmt: skip
     """:func:`step_stats` of the global batch under DDP or FSDP2: each rank's examples' sums
     ``Σ_i |g_i|²`` per parameter (from its own backward pass) and ``|ḡ|²`` (under FSDP, of
-    its shard of the reduce-scattered gradient) in one all-reduce of ``2P + 2`` numbers
+    its shard of the reduce-scattered gradient) in one all-reduce of ``2P + 4`` numbers
     (:meth:`~gradnoise.distributed.Group.all_reduce`, which every rank joins, also one whose
     measurement failed). Each rank's loss is the mean over its ``B`` examples and the ranks'
     gradients are averaged, so ``ḡ`` is the global mean when every rank has the same ``B``
