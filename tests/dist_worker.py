@@ -88,6 +88,21 @@ def main():
             mon.step(xl if rank == 0 else xl[:4], yl if rank == 0 else yl[:4])
         except Exception as exc:  # noqa: BLE001
             result = {"error": type(exc).__name__, "message": str(exc)}
+    elif mode == "refusals":  # mode='separate' under DDP; ranks with batches of different sizes
+        model = wrap(model_factory(), "ddp")
+        try:
+            gn.Monitor(model, nn.CrossEntropyLoss(), mode="separate")
+        except ValueError as exc:
+            result["separate"] = str(exc)
+        mon = gn.Monitor(model, nn.CrossEntropyLoss(), strict=True)
+        x, y = data(0)
+        n = LOCAL if rank == 0 else LOCAL // 2
+        xl, yl = x[rank * LOCAL : rank * LOCAL + n], y[rank * LOCAL : rank * LOCAL + n]
+        nn.CrossEntropyLoss()(model(xl), yl).backward()
+        try:
+            mon.step(xl, yl)
+        except ValueError as exc:
+            result["unequal"] = str(exc)
     elif mode == "rank-missing":  # rank 1 never calls step(): rank 0 times out
         model = wrap(model_factory(), "ddp")
         mon = gn.Monitor(model, nn.CrossEntropyLoss(), strict=True, timeout=3)

@@ -96,3 +96,12 @@ def test_the_readme_torchrun_script_runs(kind, tmp_path):
     assert "global batch 128: B_simple = " in done.stdout
     _, records = gn.read_run(tmp_path / "runs" / kind)
     assert len(records) == 20 and all(r["trace_cov"] > 0 for r in records)
+
+
+def test_what_cannot_be_the_global_batch_is_refused(tmp_path):
+    """mode='separate' would measure one rank's batch; ranks with batches of different sizes
+    make the averaged gradient something other than the global mean: both refused, the
+    second on every rank."""
+    for r in run_ranks("refusals", tmp_path):
+        assert "mode='separate' would measure only this rank's local batch" in r["separate"]
+        assert "batches differ in size" in r["unequal"]
