@@ -14,7 +14,6 @@ the standard ``torch.nn`` losses and checked on the batch for any other callable
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -38,12 +37,13 @@ from gradnoise._functional import (
 )
 from gradnoise._moments import Moments
 from gradnoise.engine.assemble import Pass, assemble
+from gradnoise.engine.batch_trace import input_signature
+from gradnoise.engine.broadcast import trace_signature
 from gradnoise.engine.graph import hook_edges
 from gradnoise.engine.hooks import Recorder, kept_outputs
 from gradnoise.engine.plan import (
     Plan,
     Route,
-    batch_trace,
     gram_ready,
     plan_for,
     route_for,
@@ -152,14 +152,16 @@ def fast_moments(
         state = frozen_state(model)
         params = {n: p.detach().requires_grad_(True) for n, p in named.items()}
 
-    signature, trace = batch_trace(plan, xs)
+    signature = input_signature(xs)
+    run = lambda: model(*xs) if direct else functional_call(model, {**params, **state}, xs)  # noqa: E731
     with preserved_state(model, modules.values()), torch.enable_grad():
+        if signature not in plan.unbatched:
+            trace_signature(plan, signature, recorded, xs, B, run)
         with recorder.installed():
-            recorder.trace = trace
-            with trace if trace is not None else contextlib.nullcontext():
-                outputs = model(*xs) if direct else functional_call(model, {**params, **state}, xs)
-            recorder.active, recorder.trace = False, None
-            traced_calls(plan, signature, recorder.calls, trace is not None)
+            recorder.expand = plan.broadcast[signature]
+            outputs = run()
+            recorder.active = False
+            traced_calls(plan, signature, recorder.calls, False)
             route = route_for(plan, modules, recorder.calls, B, gram_ok)
             recorder.set_actions(route.actions)
             if weights is not None:

@@ -19,7 +19,7 @@ from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
 from gradnoise.rules import linear_gram_norms, prefers_gram, rule_for, weighted_norms
 
 __all__ = ["LOW_PRECISION", "ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "in_float32", "kept_outputs",
-           "rule_input"]  # fmt: skip
+           "rule_input", "widen"]  # fmt: skip
 
 
 class ModuleCall:
@@ -139,6 +139,9 @@ class Recorder(ModuleHooks):
         self.grads: dict[str, dict[str, Tensor]] = {}
         self.active = True
         self.trace: BatchTrace | None = None  # set while the forward pass is traced
+        # Layers applied off the batch whose output (and rule input) is expanded over it
+        # (gradnoise.engine.broadcast): their output gradients are then per example.
+        self.expand: frozenset[str] = frozenset()
         self.weights: dict[str, dict[str, Tensor]] | None = None  # a metric P per module and local name
 
     def set_actions(self, actions: dict[str, set[str]]) -> None:
@@ -154,9 +157,12 @@ class Recorder(ModuleHooks):
         on_grad, seq, variance = self._on_grad, self._seq, self.variance
         keep, always = name in self.keep_output, self.keep_output.get(name, False)
 
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
             if not self.active:
-                return
+                return None
+            expanded = name in self.expand
+            if expanded:  # the same values for every example: what broadcasting gives each
+                args, output = (widen(args[0], output, self.batch, args[0]), *args[1:]), widen(args[0], output, self.batch)
             versions = [args[0]._version] if args and isinstance(args[0], Tensor) else []
             if isinstance(output, Tensor):  # the common case, kept short: once per layer per call
                 call = ModuleCall(name, args, kwargs, [output.shape], versions)
@@ -171,10 +177,11 @@ class Recorder(ModuleHooks):
                     if t is not None and t.requires_grad:
                         t.register_hook(functools.partial(on_grad, call, j))
             if self.trace is not None:
-                call.unbatched = unbatched_entries(self.trace, args, kwargs)
+                call.unbatched = frozenset() if expanded else unbatched_entries(self.trace, args, kwargs)
                 if len(call.unbatched) < sum(isinstance(t, Tensor) for t in (*args, *kwargs.values())):
                     self.trace.mark(output)  # also where the module's inside is not traced
             self.calls[name].append(call)
+            return output if expanded else None
 
         return hook
 
@@ -221,6 +228,16 @@ class Recorder(ModuleHooks):
                 acc[local] = acc[local] + v if local in acc else v
         if "store" not in self.actions[call.module]:
             call.args, call.kwargs = None, {}  # free the activation early
+
+
+def widen(a: Tensor, out: Tensor, batch: int, t: Tensor | None = None) -> Tensor:
+    """``t`` (default ``out``) of a layer called off the batch on ``a``, expanded over the
+    batch: a leading dimension of size 1 that both ``a`` and ``out`` have (``wpe(ids[None])``,
+    broadcast along it) is expanded in place, else a new one is prepended (``wpe(arange(T))``)."""
+    t = out if t is None else t
+    if a.dim() and out.dim() and a.shape[0] == 1 and out.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    return t.expand(batch, *t.shape)
 
 
 def kept_outputs(modules: dict[str, nn.Module], batch: int, gram: bool) -> dict[str, bool]:

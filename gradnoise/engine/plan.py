@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from gradnoise._functional import trainable_params
-from gradnoise.engine.batch_trace import BatchTrace, input_signature
 from gradnoise.engine.hooks import ModuleCall, batch_dim
 from gradnoise.rules import prefers_gram, rule_for
 
-__all__ = ["Plan", "Route", "ancestors", "batch_trace", "on_batch", "param_owners", "plan_for", "route_for",
+__all__ = ["Plan", "Route", "ancestors", "on_batch", "param_owners", "plan_for", "route_for",
            "traced_calls"]  # fmt: skip
 
 
@@ -78,7 +77,7 @@ class Plan:
     """
 
     __slots__ = ("_refs", "_registries", "_ids", "_params", "_flags", "named", "owners", "recorded",
-                 "batchnorms", "direct", "routes", "unbatched")  # fmt: skip
+                 "batchnorms", "direct", "routes", "unbatched", "broadcast")  # fmt: skip
 
     def __init__(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
@@ -106,6 +105,7 @@ class Plan:
         )
         self.routes: dict = {}  # by call signature (route_for)
         self.unbatched: dict = {}  # by input signature: module → per call, what is off the batch
+        self.broadcast: dict = {}  # by input signature: layers expanded over the batch (engine.broadcast)
 
     def _current_ids(self) -> list[int]:  # ids: == on tensors would compare values
         return [id(v) for d in self._registries for v in d.values()]
@@ -133,14 +133,6 @@ def plan_for(model: nn.Module) -> Plan:
 MAX_ROUTES = 32  # routes cached per model (batch sizes × input shapes); cleared beyond
 
 
-def batch_trace(plan: Plan, xs: tuple) -> tuple[tuple, BatchTrace | None]:
-    """The input signature (shapes and dtypes) of this forward pass, and a
-    :class:`~gradnoise.engine.batch_trace.BatchTrace` for it when the plan has not yet traced
-    inputs of this signature (else ``None``)."""
-    sig = input_signature(xs)
-    return sig, None if sig in plan.unbatched else BatchTrace(xs)
-
-
 def traced_calls(plan: Plan, sig: tuple, calls: dict[str, list[ModuleCall]], traced: bool) -> None:
     """After the forward pass of inputs of signature ``sig``: remember what a traced pass
     found off the batch, or give the calls of an untraced one what the traced pass of the
@@ -149,6 +141,7 @@ def traced_calls(plan: Plan, sig: tuple, calls: dict[str, list[ModuleCall]], tra
     if traced:
         if len(plan.unbatched) >= MAX_ROUTES:
             plan.unbatched.clear()
+            plan.broadcast.clear()
         plan.unbatched[sig] = {m: [c.unbatched for c in cs] for m, cs in calls.items()}
         return
     known = plan.unbatched[sig]
@@ -158,6 +151,7 @@ def traced_calls(plan: Plan, sig: tuple, calls: dict[str, list[ModuleCall]], tra
             c.unbatched = flags[i] if i < len(flags) else None
         if len(cs) > len(flags):
             del plan.unbatched[sig]
+            plan.broadcast.pop(sig, None)
             break
 
 

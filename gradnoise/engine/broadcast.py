@@ -1,0 +1,112 @@
+"""Layers applied without a batch dimension: exact per-example gradients through the
+broadcast.
+
+nanoGPT adds ``wpe(torch.arange(T))``, a ``[T, d]`` tensor, to the ``[B, T, d]`` token
+embeddings. Broadcasting gives every example the same rows, and the backward pass sums
+their gradients over the batch before the layer sees them, so the layer's rule cannot take
+per-example gradients from its output gradient. Example ``i``'s gradient of the layer's
+parameters is the layer's gradient for example ``i``'s share of the output gradient alone:
+what the layer would receive had its output been ``expand``\\ ed to ``[B, T, d]`` before the
+broadcast, which gives every example the same values as broadcasting does. The engine does
+exactly that (``Recorder.expand``): the layer's output, and the input its rule reads, are
+expanded over a new leading batch dimension (or along a leading dimension of size 1, as in
+GPT-2's ``wpe(position_ids)`` with ``position_ids`` of shape ``[1, T]``), and the layer
+takes its rule's path.
+
+Whether the layer's output is used only through broadcasting against the batch cannot be
+read from the code, so it is checked once per model and input signature
+(:func:`trace_signature`): a forward pass with the expansion must give outputs bitwise equal
+to, and shaped like, a forward pass without it. An operation that reduces, indexes or
+reshapes the output along its leading dimension, or dropout drawn on it, changes the
+outputs' values or shapes, and the layer keeps the ``vmap`` path. Several such layers are
+tried together first, then one at a time, so that one that fails does not cost the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from gradnoise.engine.batch_trace import BatchTrace
+from gradnoise.engine.hooks import ModuleCall, Recorder, batch_dim
+from gradnoise.engine.plan import Plan, traced_calls
+from gradnoise.rules import rule_for
+
+__all__ = ["candidates", "same_outputs", "trace_signature"]
+
+
+def candidates(plan: Plan, modules: dict[str, nn.Module], calls: dict[str, list[ModuleCall]]) -> frozenset[str]:
+    """Layers with a rule (one input, batch-first) that own trainable parameters and whose
+    every call ran wholly off the batch with one tensor output: those the expansion may
+    give their rule's path."""
+    owning = {m for os in plan.owners.values() for m, _ in os}
+    found = set()
+    for name in owning:
+        rule, cs = rule_for(modules[name]), calls.get(name)
+        if rule is None or rule.whole_call or batch_dim(modules[name]) != 0 or not cs:
+            continue
+        if all(_wholly_off_batch(c) for c in cs):
+            found.add(name)
+    return frozenset(found)
+
+
+def _wholly_off_batch(call: ModuleCall) -> bool:
+    tensors = sum(isinstance(t, Tensor) for t in (*call.args, *call.kwargs.values()))
+    return (
+        call.unbatched is not None and len(call.unbatched) == tensors and len(call.shapes) == 1
+        and call.shapes[0] is not None and bool(call.args) and isinstance(call.args[0], Tensor)
+    )  # fmt: skip
+
+
+def same_outputs(a: Any, b: Any) -> bool:
+    """Whether two model outputs hold bitwise-equal tensors of the same shapes."""
+    ta = [t for t in tree_flatten(a)[0] if isinstance(t, Tensor)]
+    tb = [t for t in tree_flatten(b)[0] if isinstance(t, Tensor)]
+    return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
+
+
+def trace_signature(plan: Plan, signature: tuple, recorded: dict[str, nn.Module], xs: tuple, batch: int,
+                    forward: Callable[[], Any]) -> None:  # fmt: skip
+    """Trace which calls of a forward pass of inputs ``xs`` run on the batch
+    (:class:`~gradnoise.engine.batch_trace.BatchTrace`, without gradients), try expanding the
+    layers applied off the batch (:func:`candidates`), and record on the plan, for this
+    input signature, the calls' flags and the layers whose expansion left the outputs
+    unchanged (``plan.broadcast``). Torch's RNG is the same before each forward pass and
+    after the last, so that dropout draws the same masks as the caller's forward pass."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    def traced(expand: frozenset[str]) -> tuple[Any, Recorder]:
+        rewind()
+        recorder = Recorder(recorded, batch, False, {})
+        recorder.expand, recorder.trace = expand, BatchTrace(xs)
+        with torch.no_grad(), recorder.installed(), recorder.trace:
+            out = forward()
+        return out, recorder
+
+    plain, recorder = traced(frozenset())
+    found = candidates(plan, plan.modules(), recorder.calls)
+    # all at once (the common case: one forward pass), else one at a time on top of those kept
+    tries = [found] if len(found) < 2 else [found, *({m} for m in sorted(found))]
+    expand: frozenset[str] = frozenset()
+    for extra in tries:
+        if extra <= expand:
+            continue
+        try:
+            widened, trial = traced(expand | extra)
+        except Exception:  # the expanded output broke the forward pass: not a broadcast
+            continue
+        if same_outputs(plain, widened):
+            expand, recorder = expand | extra, trial
+    rewind()
+    traced_calls(plan, signature, recorder.calls, True)
+    plan.broadcast[signature] = expand
