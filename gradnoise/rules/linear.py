@@ -42,9 +42,12 @@ def _grouped_norms(a: Tensor, d: Tensor, elementwise: bool) -> tuple[Tensor, Ten
     total = torch.zeros(G, O, I, dtype=a.dtype, device=a.device) if elementwise else None
     for ac, dc in batch_chunks(a, d, G * O * I):
         g = _grouped_grads(ac, dc)
-        rows.append(sq_norms(g))
-        if total is not None:
-            total += torch.linalg.vector_norm(g, dim=0).square()
+        if total is None:
+            rows.append(sq_norms(g))
+            continue
+        g2 = g.square_()  # a reduction over dim 0 of the squares: vector_norm(g, dim=0) is ~20× slower
+        rows.append(g2.flatten(1).sum(1))
+        total += g2.sum(0)
     return joined(rows), total
 
 
