@@ -114,6 +114,12 @@ def _collect_rules(p: Pass, parts: _Parts) -> None:
             parts.sq[name], parts.sum_sq[name] = recorder.norms[module][local]
         elif path == "fast" and module in recorder.grads:  # the module has tied parameters
             parts.grads[name] = recorder.grads[module][local]
+        elif name in p.route.pairs:  # |E_i + L_i|² from the two rules and the cross term
+            param = p.params[name]
+            zero = param.new_zeros(B)
+            emb, head = (recorder.norms[m]["weight"][0] if m in recorder.norms else zero for m in p.route.pairs[name])
+            parts.sq[name] = emb + head + 2 * recorder.cross.get(name, zero)
+            parts.sum_sq[name] = None
         elif path == "fast-tied":
             found = [recorder.grads[m][loc] for m, loc in owners[name] if m in recorder.grads]
             param = p.params[name]

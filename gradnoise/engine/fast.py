@@ -162,8 +162,8 @@ def fast_moments(
             outputs = run()
             recorder.active = False
             traced_calls(plan, signature, recorder.calls, False)
-            route = route_for(plan, modules, recorder.calls, B, gram_ok)
-            recorder.set_actions(route.actions)
+            route = route_for(plan, modules, recorder.calls, B, gram_ok, pairs_ok=not variance and weights is None)
+            recorder.set_actions(route.actions, route.pairs)
             if weights is not None:
                 recorder.weights = module_weights(plan, modules, route, weights)
             check_target_shape(loss_fn, outputs, ys[0] if len(ys) == 1 else ys)

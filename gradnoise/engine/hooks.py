@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
 from gradnoise.rules import linear_gram_norms, prefers_gram, rule_for, weighted_norms
+from gradnoise.rules.tied import TiedParts
 
 __all__ = ["LOW_PRECISION", "ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "in_float32", "kept_outputs",
            "rule_input", "widen"]  # fmt: skip
@@ -143,9 +144,14 @@ class Recorder(ModuleHooks):
         # (gradnoise.engine.broadcast): their output gradients are then per example.
         self.expand: frozenset[str] = frozenset()
         self.weights: dict[str, dict[str, Tensor]] | None = None  # a metric P per module and local name
+        self.tied: dict[str, tuple[str, str, TiedParts]] = {}  # module → (tied weight, role, parts)
+        self.cross: dict[str, Tensor] = {}  # tied weight → ⟨E_i, L_i⟩ (rules.tied)
 
-    def set_actions(self, actions: dict[str, set[str]]) -> None:
+    def set_actions(self, actions: dict[str, set[str]], pairs: dict[str, tuple[str, str]] | None = None) -> None:
         self.actions = actions
+        for name, (emb, head) in (pairs or {}).items():  # tied weights: both layers leave a part
+            parts = TiedParts(self.calls[emb][0].args[0].detach(), self.modules[emb].padding_idx)
+            self.tied[emb], self.tied[head] = (name, "embedding", parts), (name, "head", parts)
         for name, calls in self.calls.items():  # release what no action needs
             for c in calls:
                 if not actions.get(name):
@@ -221,6 +227,8 @@ class Recorder(ModuleHooks):
             self.norms[call.module] = weighted_norms(rule, module, a, d, self.weights[call.module], self.variance, scale)
         elif "norms" in self.actions[call.module]:
             self.norms[call.module] = rule.norms(module, a, d, self.variance, B if self.variance else 1.0)
+            if "tied" in self.actions[call.module]:
+                self._tied_part(call.module, a, d)
         else:
             acc = self.grads.setdefault(call.module, {})
             for local, v in rule.grads(module, a, d).items():
@@ -228,6 +236,16 @@ class Recorder(ModuleHooks):
                 acc[local] = acc[local] + v if local in acc else v
         if "store" not in self.actions[call.module]:
             call.args, call.kwargs = None, {}  # free the activation early
+
+    def _tied_part(self, name: str, a: Tensor, d: Tensor) -> None:
+        weight, role, parts = self.tied[name]
+        if role == "head":
+            parts.add_head(a, d)
+        else:
+            parts.add_embedding(d)
+        cross = parts.cross()
+        if cross is not None:
+            self.cross[weight] = cross
 
 
 def widen(a: Tensor, out: Tensor, batch: int, t: Tensor | None = None) -> Tensor:

@@ -6,7 +6,9 @@ Paths of a parameter (visible in ``GradientStats.per_param[name].method``):
 
 * ``"fast"``: its module has a rule and is called once;
 * ``"fast-tied"``: several calls or modules share it; per-example gradients are
-  materialised per call and summed;
+  materialised per call and summed — except for a weight tied between an ``nn.Embedding``
+  and an ``nn.Linear`` head (``pairs``), whose norms come from the two rules and a cross
+  term (:mod:`gradnoise.rules.tied`);
 * a *unit* module for ``vmap`` (``"vmap-module"``, :mod:`gradnoise.engine.module_vmap`): no
   rule; the smallest called module that owns it; ``""`` (the model itself) means whole-model
   ``vmap`` for these parameters only.
@@ -170,6 +172,8 @@ class Route:
         gram: Gram-path weight → its Linear module.
         owned: moments-path parameter → its module.
         actions: module → what its output hook does (:class:`~gradnoise.engine.hooks.Recorder`).
+        pairs: tied weight → its (embedding, head) modules, measured without per-example
+            gradients (:mod:`gradnoise.rules.tied`).
     """
 
     paths: dict[str, str]
@@ -177,15 +181,16 @@ class Route:
     gram: dict[str, str]
     owned: dict[str, str]
     actions: dict[str, set[str]]
+    pairs: dict[str, tuple[str, str]]
 
 
 def route_for(plan: Plan, modules: dict[str, nn.Module], calls: dict[str, list[ModuleCall]], B: int,
-              gram_ok: bool) -> Route:  # fmt: skip
+              gram_ok: bool, pairs_ok: bool = False) -> Route:  # fmt: skip
     """The :class:`Route` of this forward pass, cached on the plan by what it depends on: the
     batch size, and per recorded call its input and output shapes and whether its output was
     kept and may carry the gradient (which the recorder decides from Σ_i g_i² and whether
     the input needs a gradient): routing costs a few percent of a small model's step."""
-    sig = (B, gram_ok, tuple(
+    sig = (B, gram_ok, pairs_ok, tuple(
         (name, tuple((c.args[0].shape if c.args and isinstance(c.args[0], Tensor) else None, c.shapes[0],
                       gram_ready(c), c.unbatched) for c in cs))
         for name, cs in calls.items()
@@ -196,7 +201,8 @@ def route_for(plan: Plan, modules: dict[str, nn.Module], calls: dict[str, list[M
         paths, units = decide(owners, modules, calls, B)
         gram = gram_modules(owners, modules, calls, paths, B) if gram_ok else {}
         owned = moments_params(owners, modules, calls, paths, set(gram.values()))
-        route = Route(paths, units, gram, owned, actions_of(owners, paths, units, gram, owned))
+        pairs = tied_pairs(owners, modules, calls, paths) if pairs_ok else {}
+        route = Route(paths, units, gram, owned, actions_of(owners, paths, units, gram, owned, pairs), pairs)
         if len(plan.routes) >= MAX_ROUTES:
             plan.routes.clear()
         plan.routes[sig] = route
@@ -280,14 +286,34 @@ def moments_params(owners, modules, calls, paths: dict[str, str], taken: set[str
     }  # fmt: skip
 
 
+def tied_pairs(owners, modules, calls, paths: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Tied weights (name → (embedding, head)) shared by exactly one ``nn.Embedding`` and one
+    ``nn.Linear`` (as ``weight`` of both), each called once: their norms need no per-example
+    gradients (:mod:`gradnoise.rules.tied`)."""
+    out = {}
+    for name, path in paths.items():
+        os = owners[name]
+        if path != "fast-tied" or len(os) != 2 or any(local != "weight" for _, local in os):
+            continue
+        kinds = {type(modules[m]): m for m, _ in os}
+        emb, head = kinds.get(nn.Embedding), kinds.get(nn.Linear)
+        if emb is not None and head is not None and len(calls[emb]) == 1 and len(calls[head]) == 1:
+            out[name] = (emb, head)
+    return out
+
+
 def actions_of(owners, paths: dict[str, str], units: dict[str, list[str]], gram: dict[str, str],
-             owned: dict[str, str]) -> dict[str, set[str]]:  # fmt: skip
+               owned: dict[str, str], pairs: dict[str, tuple[str, str]]) -> dict[str, set[str]]:  # fmt: skip
     actions: dict[str, set[str]] = {}
     gram_modules, owned_modules = set(gram.values()), set(owned.values())
     for name, path in paths.items():
         for m, _ in owners[name]:
-            kind = "gram" if m in gram_modules else "moments" if m in owned_modules else "norms" if path == "fast" else "grads"
+            kind = ("gram" if m in gram_modules else "moments" if m in owned_modules
+                    else "norms" if path == "fast" or name in pairs else "grads")  # fmt: skip
             actions.setdefault(m, set()).add(kind)
+    for pair in pairs.values():
+        for m in pair:
+            actions[m].add("tied")
     for m in actions:  # a module with any tied parameter materialises all of them
         if "grads" in actions[m]:
             actions[m].discard("norms")

@@ -1,0 +1,81 @@
+"""A weight tied between an nn.Embedding and an nn.Linear head: per-example norms from the
+two rules and their cross term (rules.tied), without B × V × d per-example gradients —
+the float64 loop's numbers, in either order of the two layers in the backward pass."""
+
+import pytest
+import torch
+from torch import nn
+
+import gradnoise as gn
+from gradnoise.engine.plan import plan_for
+
+
+class TiedSequenceLM(nn.Module):
+    """Predicts a class from every position's logits (the head on [B, T, d])."""
+
+    def __init__(self, vocab=11, dim=5, padding_idx=None):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim, padding_idx=padding_idx)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.wte.weight
+        self.mix = nn.Linear(dim, dim)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.wte(idx)))).mean(1)
+
+
+class HeadFirst(nn.Module):
+    """The head runs before the embedding in the forward pass, so the embedding's output
+    gradient arrives first in the backward pass."""
+
+    def __init__(self, vocab=11, dim=5):
+        super().__init__()
+        self.wte, self.head = nn.Embedding(vocab, dim), nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.wte.weight
+        self.cls = nn.Linear(vocab + dim, 3)
+
+    def forward(self, idx, feats):
+        z = self.head(feats)
+        return self.cls(torch.cat([torch.tanh(z), self.wte(idx).mean(1)], -1))
+
+
+def _reference(model, loss, x, y):
+    g = gn.per_sample_grads_loop(model, loss, x, y)
+    out = {}
+    for k, v in g.items():
+        mean = v.mean(0)
+        trace = float(((v - mean) ** 2).sum() / (v.shape[0] - 1))
+        out[k] = (trace, float(mean.pow(2).sum()) - trace / v.shape[0])
+    return out
+
+
+def _case(kind):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 11, (6, 4), generator=g)
+    if kind == "head-first":
+        model = HeadFirst().double()
+        x = (idx, torch.randn(6, 5, generator=g, dtype=torch.float64))
+        y = torch.randint(0, 3, (6,), generator=g)
+    else:
+        model = TiedSequenceLM(padding_idx=0 if kind == "padding" else None).double()
+        idx[0, :2] = 0  # some padding
+        x, y = idx, torch.randint(0, 11, (6,), generator=g)
+    return model, x, y
+
+
+@pytest.mark.parametrize("kind", ["sequence", "padding", "head-first"])
+def test_a_tied_pair_equals_the_loop_without_per_example_gradients(kind):
+    model, x, y = _case(kind)
+    loss = nn.CrossEntropyLoss()
+    ref = _reference(model, loss, x, y)
+    got = gn.gradient_stats(model, loss, x, y, method="fast", variance=False)
+    routes = list(plan_for(model).routes.values())
+    assert [r.pairs for r in routes] == [{"wte.weight": ("wte", "head")}]
+    assert got.per_param["wte.weight"].method == "fast-tied"
+    for name, (trace, norm) in ref.items():
+        assert got.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10, abs=1e-14), name
+        assert got.per_param[name].grad_norm_sq == pytest.approx(norm, rel=1e-9, abs=1e-12), name
+    # Σ_i g_i² needs the per-example gradients: materialised, the same numbers
+    full = gn.gradient_stats(model, loss, x, y, method="fast", variance=True)
+    assert full.per_param["wte.weight"].trace_cov == pytest.approx(ref["wte.weight"][0], rel=1e-10)
