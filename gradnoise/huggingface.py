@@ -14,13 +14,19 @@ before the update. ``Trainer`` clips the gradient before that (``max_grad_norm``
 callback reads the gradient's norm before clipping (a hook after each accumulation) and
 passes the clip coefficient as ``grad_scale``, so the statistics are of the unclipped
 gradient. ``Trainer`` divides each micro-batch loss by the accumulation steps (the
-monitor's default ``loss_scale``) for models whose loss it normalises by example count; for
-token-count normalisation (``num_items_in_batch``), micro-batches must hold as many
-tokens each.
+monitor's default ``loss_scale``) for models whose loss it normalises by example count.
+A model whose ``forward`` takes ``num_items_in_batch`` (or ``**kwargs``, as Hugging Face
+models do) has its loss divided by ``Trainer``'s own count of label tokens instead, which
+need not be the mean that ``loss_fn`` computes (for a causal LM built from a config it
+counts the first position too, which no prediction targets): the monitor's hooks, which
+read the scale of the user's loss from ``loss_scale``, would then be off by a constant
+factor, so the callback measures such models in a separate pass (``mode="separate"``)
+unless given a ``mode``.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +50,12 @@ def _default_xy(args: tuple, kwargs: dict):
     if x is None or y is None:
         raise ValueError("GradNoiseTrainerCallback expects input_ids and labels; pass batch_to_xy=callable for other layouts")
     return x, y
+
+
+def _takes_loss_kwargs(model: torch.nn.Module) -> bool:
+    """Whether ``Trainer`` would pass ``num_items_in_batch`` to the model's ``forward``."""
+    params = inspect.signature(model.forward).parameters.values()
+    return any(p.name == "num_items_in_batch" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class GradNoiseTrainerCallback(TrainerCallback):
@@ -70,7 +82,10 @@ class GradNoiseTrainerCallback(TrainerCallback):
         return [] if self.monitor is None else self.monitor.history.records
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
-        self.monitor = Monitor(model, self.loss_fn, accumulation_steps=args.gradient_accumulation_steps, **self.monitor_kwargs)
+        monitor_kwargs = dict(self.monitor_kwargs)
+        if "mode" not in monitor_kwargs and _takes_loss_kwargs(model):  # see the module docstring
+            monitor_kwargs["mode"] = "separate"
+        self.monitor = Monitor(model, self.loss_fn, accumulation_steps=args.gradient_accumulation_steps, **monitor_kwargs)
         self._handles.append(model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         if args.max_grad_norm and args.max_grad_norm > 0:
             for p in model.parameters():

@@ -196,7 +196,8 @@ class Monitor:
         self.preconditioner = preconditioner
         self._requested_mode, self.batchnorm = mode, batchnorm
         self.mode = choose_mode(self.inner, mode, batchnorm=batchnorm, accumulation_steps=accumulation_steps,
-                                group=self._group, compiled=self.compiled)  # fmt: skip
+                                group=self._group, compiled=self.compiled,
+                                tied_ok=not variance and preconditioner is None)  # fmt: skip
         self._hooks: StepHooks | None = None
         self._micro: MicroBatches | None = None  # accumulation or DDP: the two-batch estimate
         self._sinks: list = [self.history]

@@ -12,6 +12,7 @@ from gradnoise._functional import trainable_params
 from gradnoise.distributed import Group
 from gradnoise.engine.plan import param_owners
 from gradnoise.rules import rule_for
+from gradnoise.rules.tied import tied_pair
 
 __all__ = ["batchnorm_eval", "choose_mode"]
 
@@ -19,10 +20,11 @@ log = logging.getLogger("gradnoise.monitor")
 
 
 def choose_mode(model: nn.Module, mode: str, *, batchnorm: str, accumulation_steps: int, group: Group | None,
-                compiled: bool) -> str:  # fmt: skip
+                compiled: bool, tied_ok: bool = False) -> str:  # fmt: skip
     """``"hooks"``, ``"separate"`` or ``"two-batch"`` for the requested ``mode`` (see
     :class:`~gradnoise.Monitor`): hooks where every parameter is in a rule layer called
-    once, in the eager model, with no BatchNorm in train mode; the two-batch estimate for a
+    once (or, with ``tied_ok``, a weight tied between an embedding and a Linear head), in
+    the eager model, with no BatchNorm in train mode; the two-batch estimate for a
     BatchNorm model trained normally; the global batch under DDP/FSDP.
 
     Raises:
@@ -52,7 +54,10 @@ def choose_mode(model: nn.Module, mode: str, *, batchnorm: str, accumulation_ste
         return mode
     owners = param_owners(model, trainable_params(model))
     modules = dict(model.named_modules())
-    uncovered = [n for n, os in owners.items() if len(os) != 1 or rule_for(modules[os[0][0]]) is None]
+    uncovered = [
+        n for n, os in owners.items()
+        if not (tied_ok and tied_pair(os, modules)) and (len(os) != 1 or rule_for(modules[os[0][0]]) is None)
+    ]  # fmt: skip
     if mode == "hooks" and uncovered:
         raise ValueError(
             f"mode='hooks' needs every trainable parameter in a supported layer "

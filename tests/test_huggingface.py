@@ -75,8 +75,9 @@ def gpt2():
 def test_trainer_callback(make, mode, tmp_path):
     """With clipping active (max_grad_norm small) and two accumulation steps: the run is
     bitwise identical with the callback, and each record equals gradient_stats of the
-    unclipped gradient at that step (GPT-2's wpe(arange(T)) is off the batch: the monitor
-    measures it in a separate pass)."""
+    unclipped gradient at that step. GPT-2 takes ``**kwargs``: Trainer divides its loss by
+    its own count of label tokens (12 per row, where 11 are predicted), not the mean that
+    ``lm_loss`` computes, so the callback measures it in a separate pass."""
     plain = train(make, None, tmp_path)
     cb = Recording(lm_loss, strict=True)
     watched = train(make, cb, tmp_path)

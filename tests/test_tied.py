@@ -79,3 +79,25 @@ def test_a_tied_pair_equals_the_loop_without_per_example_gradients(kind):
     # Σ_i g_i² needs the per-example gradients: materialised, the same numbers
     full = gn.gradient_stats(model, loss, x, y, method="fast", variance=True)
     assert full.per_param["wte.weight"].trace_cov == pytest.approx(ref["wte.weight"][0], rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["sequence", "padding", "head-first"])
+def test_the_monitor_measures_a_tied_pair_in_hooks_mode(kind):
+    """Two accumulation micro-batches (whose small layers' rules run after both backward
+    passes, so each micro-batch keeps its own pair parts): the loop's numbers for the whole
+    batch, and training bitwise unchanged."""
+    model, x, y = _case(kind)
+    twin, _, _ = _case(kind)
+    loss = nn.CrossEntropyLoss()
+    ref = _reference(model, loss, x, y)
+    xs = list(zip(*(t.chunk(2) for t in x), strict=True)) if isinstance(x, tuple) else [(c,) for c in x.chunk(2)]
+    with gn.Monitor(model, loss, accumulation_steps=2, strict=True) as mon:
+        assert mon.mode == "hooks"
+        for xc, yc in zip(xs, y.chunk(2), strict=True):
+            (loss(model(*xc), yc) / 2).backward()
+        rec = mon.step(x, y)
+    assert rec["trace_cov"] == pytest.approx(sum(t for t, _ in ref.values()), rel=1e-10)
+    assert rec["grad_norm_sq"] == pytest.approx(sum(n for _, n in ref.values()), rel=1e-9)
+    for xc, yc in zip(xs, y.chunk(2), strict=True):
+        (loss(twin(*xc), yc) / 2).backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters(), strict=True))

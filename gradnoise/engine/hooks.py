@@ -150,7 +150,8 @@ class Recorder(ModuleHooks):
     def set_actions(self, actions: dict[str, set[str]], pairs: dict[str, tuple[str, str]] | None = None) -> None:
         self.actions = actions
         for name, (emb, head) in (pairs or {}).items():  # tied weights: both layers leave a part
-            parts = TiedParts(self.calls[emb][0].args[0].detach(), self.modules[emb].padding_idx)
+            parts = TiedParts(self.modules[emb].padding_idx)
+            parts.set_ids(self.calls[emb][0].args[0].detach())
             self.tied[emb], self.tied[head] = (name, "embedding", parts), (name, "head", parts)
         for name, calls in self.calls.items():  # release what no action needs
             for c in calls:

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from gradnoise._functional import trainable_params
 from gradnoise.engine.hooks import ModuleCall, batch_dim
 from gradnoise.rules import prefers_gram, rule_for
+from gradnoise.rules.tied import tied_pair
 
 __all__ = ["Plan", "Route", "ancestors", "on_batch", "param_owners", "plan_for", "route_for",
            "traced_calls"]  # fmt: skip
@@ -292,13 +293,9 @@ def tied_pairs(owners, modules, calls, paths: dict[str, str]) -> dict[str, tuple
     gradients (:mod:`gradnoise.rules.tied`)."""
     out = {}
     for name, path in paths.items():
-        os = owners[name]
-        if path != "fast-tied" or len(os) != 2 or any(local != "weight" for _, local in os):
-            continue
-        kinds = {type(modules[m]): m for m, _ in os}
-        emb, head = kinds.get(nn.Embedding), kinds.get(nn.Linear)
-        if emb is not None and head is not None and len(calls[emb]) == 1 and len(calls[head]) == 1:
-            out[name] = (emb, head)
+        pair = tied_pair(owners[name], modules) if path == "fast-tied" else None
+        if pair is not None and len(calls[pair[0]]) == 1 and len(calls[pair[1]]) == 1:
+            out[name] = pair
     return out
 
 

@@ -8,11 +8,22 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from gradnoise._functional import is_measuring
-from gradnoise.engine.batch_trace import BatchTrace, input_signature
-from gradnoise.engine.hooks import LOW_PRECISION, ModuleHooks, batch_dim, in_float32, rule_input
+from gradnoise.engine.batch_trace import input_signature
+from gradnoise.engine.broadcast import trace_signature
+from gradnoise.engine.hooks import (
+    LOW_PRECISION,
+    ModuleHooks,
+    batch_dim,
+    in_float32,
+    rule_input,
+    widen,
+)
+from gradnoise.engine.plan import plan_for
 from gradnoise.rules import rule_for, weighted_norms
+from gradnoise.rules.tied import TiedParts, tied_pair
 
 __all__ = ["DEFER_ELEMENTS", "StepHooks"]
 
@@ -29,10 +40,17 @@ class StepHooks(ModuleHooks):
     cost little to keep. Layers larger than :data:`DEFER_ELEMENTS` are done during the
     backward pass, so that their output gradients are not kept.
 
-    Which layers run on the batch is traced from the model's inputs
-    (:class:`~gradnoise.engine.batch_trace.BatchTrace`) in the first measured forward pass of
-    each input signature; a layer that runs on something else (``wpe(arange(T))``) is named
-    in :attr:`off_batch` and not measured.
+    Which layers run on the batch is traced from the model's inputs before the first measured
+    forward pass of each input signature, as the engine does
+    (:func:`~gradnoise.engine.broadcast.trace_signature`: one or two extra forward passes
+    without gradients, with torch's RNG rewound). A layer applied off the batch whose output
+    only broadcasts against it (``wpe(arange(T))``) has its output expanded over the batch in
+    the measured forward passes — the same values, so the same training — and is measured
+    like the others; any other layer off the batch is named in :attr:`off_batch`.
+
+    A weight tied between an ``nn.Embedding`` and an ``nn.Linear`` head (``pairs``) gets the
+    two layers' norms and their cross term (:mod:`gradnoise.rules.tied`); without
+    ``elementwise`` or a metric only.
 
     Args:
         root: the model whose forward passes' inputs are the batch.
@@ -54,15 +72,21 @@ class StepHooks(ModuleHooks):
                  metric: Callable[[], dict[str, Tensor] | None] | None = None) -> None:  # fmt: skip
         super().__init__(modules)
         self.metric = metric
+        canonical = {id(p): n for n, p in root.named_parameters()}  # a tied weight: its first name
         self.locals = {  # parameters of each hooked layer (and of children its rule owns): local → full name
-            name: {local: f"{name}.{local}" if name else local
-                   for local, _ in m.named_parameters(recurse=rule_for(m).owns_children, remove_duplicate=False)}
+            name: {local: canonical.get(id(p), f"{name}.{local}")
+                   for local, p in m.named_parameters(recurse=rule_for(m).owns_children, remove_duplicate=False)}
             for name, m in modules.items()
         }  # fmt: skip
         self.root = root
-        self._traced: dict[tuple, set[str]] = {}  # input signature → layers off the batch
-        self._trace: BatchTrace | None = None
-        self._signature: tuple | None = None
+        self.plan = plan_for(root)
+        self.pairs = {} if elementwise or metric is not None else {
+            key: pair for key, os in self.plan.owners.items() if (pair := tied_pair(os, self.plan.modules()))
+        }  # fmt: skip
+        self._tied_keys = {m: key for key, pair in self.pairs.items() for m in pair}
+        self._tracing = False
+        self._expand: frozenset[str] = frozenset()
+        self._batch = 0
         self.armed, self.elementwise, self.loss_scale, self.strict = armed, elementwise, loss_scale, strict
         self.rules = {name: rule_for(m) for name, m in modules.items()}  # fixed per module
         self.batch_dims = {name: batch_dim(m) for name, m in modules.items()}
@@ -74,69 +98,74 @@ class StepHooks(ModuleHooks):
         self.sum_sq: dict[str, Tensor] = {}  # parameter → Σ_i g_i² over micro-batches
         self.calls: dict[str, int] = {}
         self.failed: str | None = None
-        self.pending: list[tuple] = []  # (name, module, input, output gradient), for flush()
+        self.pending: list[tuple] = []  # (name, module, input, output gradient, tied parts), for flush()
         self.off_batch: set[str] = set()  # layers of this step's forward passes not on the batch
         self.low_precision: torch.dtype | None = None  # a 16-bit output gradient seen this step
         self.sq_p: dict[str, list[Tensor]] = {}  # parameter → per-micro-batch |g_i|²_P
         self._weights: dict[str, Tensor] | None | bool = False  # this step's P (False: not read yet)
+        self._tied: dict[str, tuple[TiedParts, list[Tensor]]] = {}  # tied weight → this forward pass's parts
 
     def install(self) -> None:
         super().install()
         begin = lambda m, args, kwargs: self._begin(args, kwargs)  # noqa: E731
-        end = lambda m, args, kwargs, out: self._stop_trace()  # noqa: E731
-        begin._gradnoise_observer = end._gradnoise_observer = True  # they read only
+        begin._gradnoise_observer = True  # it reads only
         self._handles.append(self.root.register_forward_pre_hook(begin, with_kwargs=True))
-        self._handles.append(self.root.register_forward_hook(end, with_kwargs=True, always_call=True))
-
-    def remove(self) -> None:
-        self._stop_trace()
-        super().remove()
 
     def _begin(self, args: tuple, kwargs: dict) -> None:
-        if not self.armed() or not torch.is_grad_enabled() or is_measuring() or self._trace is not None:
+        """Before a measured forward pass: which layers run on the batch, and which are
+        expanded over it (traced once per input signature)."""
+        if not self.armed() or not torch.is_grad_enabled() or is_measuring() or self._tracing:
             return
-        self._signature = input_signature((args, kwargs))
-        if self._signature not in self._traced:
-            self._traced[self._signature] = set()
-            self._trace = BatchTrace((args, kwargs))
-            self._trace.__enter__()
-        self.off_batch |= self._traced[self._signature]
+        signature = input_signature((args, kwargs))
+        leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.dim()]
+        self._batch = leaves[0].shape[0] if leaves else 0
+        plan = self.plan
+        if signature not in plan.unbatched:
+            recorded = {m: mod for m, mod in plan.modules().items() if m in plan.recorded}
+            self._tracing = True
+            try:
+                trace_signature(plan, signature, recorded, (args, kwargs), self._batch,
+                                lambda: self.root(*args, **kwargs))  # fmt: skip
+            finally:
+                self._tracing = False
+        flags, self._expand = plan.unbatched[signature], plan.broadcast[signature]
+        self._tied = {key: (TiedParts(self.modules[emb].padding_idx), []) for key, (emb, _) in self.pairs.items()}
+        self.off_batch |= {
+            m for m in self.modules if m not in self._expand and any(f is None or 0 in f for f in flags.get(m, ()))
+        }  # fmt: skip
 
-    def _stop_trace(self) -> None:
-        if self._trace is not None:
-            trace, self._trace = self._trace, None
-            trace.__exit__(None, None, None)
     def _forward_hook(self, name: str):
         whole_call = self.rules[name].whole_call
 
         def hook(module, args, kwargs, output):
             if not self.armed() or not torch.is_grad_enabled() or is_measuring():
                 return  # only the user's own forward passes of measured steps count
-            trace = self._trace
-            if trace is not None and not (args and trace.depends(args[0])):
-                self._traced[self._signature].add(name)
-                self.off_batch.add(name)
-            elif trace is not None:
-                trace.mark(output)  # also where the module's inside is not traced
             if name in self.off_batch:
-                return
+                return None
+            expanded = name in self._expand
+            if expanded:  # the same values for every example: what broadcasting gives each
+                args, output = (widen(args[0], output, self._batch, args[0]), *args[1:]), widen(args[0], output, self._batch)
+            tied = self._tied.get(self._tied_keys.get(name))  # kept with the call: micro-batches may interleave
+            if tied is not None and isinstance(module, nn.Embedding):
+                tied[0].set_ids(args[0].detach())
             out = output[0] if isinstance(output, tuple) and output else output  # attention: (y, weights)
             if isinstance(out, Tensor) and out.requires_grad and args and isinstance(args[0], Tensor):
-                out.register_hook(self._backward_hook(name, module, rule_input(whole_call, args, kwargs)))
+                out.register_hook(self._backward_hook(name, module, rule_input(whole_call, args, kwargs), tied))
+            return output if expanded else None
 
         hook._gradnoise_observer = True  # reads only: the closed-form Hessian path may ignore it
         return hook
 
-    def _backward_hook(self, name: str, module: nn.Module, a):
+    def _backward_hook(self, name: str, module: nn.Module, a, tied: tuple | None):
         def hook(g: Tensor) -> None:
             # Counted when the gradient arrives: a forward without backward (evaluation) is ignored.
             self.calls[name] = self.calls.get(name, 0) + 1
             first = a[0][0] if isinstance(a, tuple) else a
             if first.numel() + g.numel() <= DEFER_ELEMENTS:
-                self.pending.append((name, module, a, g.detach()))
+                self.pending.append((name, module, a, g.detach(), tied))
                 return
             try:
-                self._apply(name, module, a, g.detach())
+                self._apply(name, module, a, g.detach(), tied)
             except Exception as exc:  # never break the user's backward pass
                 if self.strict:
                     raise
@@ -150,7 +179,7 @@ class StepHooks(ModuleHooks):
         for item in pending:
             self._apply(*item)
 
-    def _apply(self, name: str, module: nn.Module, a, g: Tensor) -> None:
+    def _apply(self, name: str, module: nn.Module, a, g: Tensor, tied: tuple | None = None) -> None:
         if g.dtype in LOW_PRECISION:  # the step's gradients carry 16-bit rounding (autocast)
             self.low_precision = g.dtype
         a, g = in_float32(a, g)
@@ -161,6 +190,10 @@ class StepHooks(ModuleHooks):
         full = self.locals[name]
         for local, (sq, s2) in norms.items():
             key = full[local]
+            if key in self.pairs:
+                sq = self._tied_norms(tied, module, a, g, sq, scale)
+                if sq is None:  # the other layer of the pair is still to come
+                    continue
             self.sq.setdefault(key, []).append(sq)
             if s2 is not None:
                 self.sum_sq[key] = self.sum_sq[key] + s2 if key in self.sum_sq else s2
@@ -170,6 +203,18 @@ class StepHooks(ModuleHooks):
             local_w = {k: w if w is not None else torch.ones_like(module.get_parameter(k)) for k, w in local_w.items()}
             for local, (sq, _) in weighted_norms(self.rules[name], module, a, g, local_w, False, scale).items():
                 self.sq_p.setdefault(full[local], []).append(sq)
+
+    def _tied_norms(self, tied: tuple, module: nn.Module, a, g: Tensor, sq: Tensor, scale: float) -> Tensor | None:
+        """``|g_i|²`` of a tied weight once both of its layers are in (else ``None``): the two
+        layers' norms and twice their cross term, all of ``δ = scale · d``."""
+        parts, norms = tied
+        norms.append(sq)
+        if isinstance(module, nn.Embedding):
+            parts.add_embedding(g)
+        else:
+            parts.add_head(a, g)
+        cross = parts.cross()
+        return None if cross is None else norms[0] + norms[1] + cross.mul_(2 * scale * scale)
 
     def step_weights(self) -> dict[str, Tensor] | None:
         """This step's metric ``P`` by parameter name (read once per step), or ``None``."""

@@ -18,26 +18,39 @@ backward pass, so the first to arrive leaves its part (:class:`TiedParts`) for t
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["TiedParts"]
+__all__ = ["TiedParts", "tied_pair"]
+
+
+def tied_pair(owners: list[tuple[str, str]], modules: dict[str, nn.Module]) -> tuple[str, str] | None:
+    """``(embedding, head)`` when a weight's owners (module name, local name) are exactly one
+    ``nn.Embedding`` and one ``nn.Linear``, as ``weight`` of both; else ``None``."""
+    if len(owners) != 2 or any(local != "weight" for _, local in owners):
+        return None
+    kinds = {type(modules[m]): m for m, _ in owners}
+    emb, head = kinds.get(nn.Embedding), kinds.get(nn.Linear)
+    return None if emb is None or head is None else (emb, head)
 
 
 class TiedParts:
     """What each layer of a tied pair leaves for the cross term.
 
     Args:
-        ids: the embedding's token ids (its recorded input), ``[B, ...]``.
         padding_idx: the embedding's padding row (no gradient from the embedding), if any.
     """
 
     __slots__ = ("ids", "padding_idx", "head", "embedding")
 
-    def __init__(self, ids: Tensor, padding_idx: int | None) -> None:
-        self.ids = ids.reshape(ids.shape[0], -1)
+    def __init__(self, padding_idx: int | None) -> None:
+        self.ids: Tensor | None = None  # [B, T], set from the embedding's forward pass
         self.padding_idx = padding_idx
         self.head: tuple[Tensor, Tensor] | None = None  # (h [B, S, d], δ at the ids [B, S, T])
         self.embedding: Tensor | None = None  # e [B, T, d]
+
+    def set_ids(self, ids: Tensor) -> None:
+        """The embedding's token ids (its input in the forward pass), ``[B, ...]``."""
+        self.ids = ids.reshape(ids.shape[0], -1)
 
     def add_head(self, a: Tensor, d: Tensor) -> None:
         """The head's input and output gradient; of the latter (``[B, S, V]``, the largest
