@@ -9,14 +9,19 @@ d 256, T 128, B 16, ``wpe(arange(T))``, tied embeddings), the same with
 installed), nanoGPT with a 50k vocabulary (1 layer), a small ResNet (BatchNorm in eval,
 3×32×32, B 64), and Embedding → LSTM → Linear. Rows: ``gradient_stats(variance=False)``
 (auto), the same with the per-element variance, ``method="vmap"``, and with ``--anchors``
-BackPACK (BatchL2Grad) and Opacus where they run. Each: median time and its ratio to the
-floor (a plain forward + backward of the same model and batch, interleaved in the same
-process), and the peak-memory ratio measured in a fresh child process.
+BackPACK (BatchL2Grad) and Opacus where they run (models with an ``nn.CrossEntropyLoss``
+on one label per example: not the language models, whose loss is per token); their floor
+is a plain forward + backward of the same model and batch. One more row per model: an
+AdamW training step with ``gn.Monitor(every=1)`` (the mode it chose in the label), whose
+floor is the same step on an identical model without it. Each: median time and its ratio to
+the floor (interleaved in the same process), and the peak-memory ratio measured in a fresh
+child process.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import subprocess
@@ -115,6 +120,8 @@ def make(name: str):
 
 
 def calls(name, model, loss_fn, x, y, with_anchors: bool) -> dict:
+    """Rows: label → (floor, call)."""
+    floor = floor_of(model, loss_fn, x, y)
     out = {
         "gradient_stats (auto, no variance)": lambda: gn.gradient_stats(model, loss_fn, x, y, variance=False),
         "gradient_stats (auto, variance)": lambda: gn.gradient_stats(model, loss_fn, x, y),
@@ -123,7 +130,26 @@ def calls(name, model, loss_fn, x, y, with_anchors: bool) -> dict:
     if with_anchors and isinstance(loss_fn, nn.CrossEntropyLoss):
         found = anchors(model, loss_fn, x, y)
         out.update({k: v for k, v in found.items() if "Variance" not in k})
-    return out
+    rows = {label: (floor, c) for label, c in out.items()}
+    return {**rows, **monitor_rows(model, loss_fn, x, y)}
+
+
+def monitor_rows(model, loss_fn, x, y) -> dict:
+    """An AdamW training step with the Monitor measuring every step, against the same step
+    on an identical model without it."""
+    watched = copy.deepcopy(model)
+    opt_plain = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    opt_watched = torch.optim.AdamW(watched.parameters(), lr=1e-5)
+    mon = gn.Monitor(watched, loss_fn, every=1)
+
+    def step(m, opt, monitor=None):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(m(x), y).backward()
+        if monitor is not None:
+            monitor.step(x, y)
+        opt.step()
+
+    return {f"Monitor ({mon.mode}) AdamW step, every step": (lambda: step(model, opt_plain), lambda: step(watched, opt_watched, mon))}
 
 
 def floor_of(model, loss_fn, x, y):
@@ -137,14 +163,12 @@ def floor_of(model, loss_fn, x, y):
 def memory_child(name: str, with_anchors: bool) -> None:
     track_rss()
     model, loss_fn, x, y = make(name)
-    floor = floor_of(model, loss_fn, x, y)
-    cs = calls(name, model, loss_fn, x, y, with_anchors)
-    out = {"floor": 0}
-    for label, c in [("floor", floor), *cs.items()]:
+    out = {}
+    for label, (floor, c) in calls(name, model, loss_fn, x, y, with_anchors).items():
         try:
             c(), floor()  # warm up: one-time allocations are not peaks
             model.zero_grad(set_to_none=True)
-            out[label] = peak_bytes(c, torch.device("cpu"))
+            out[label] = (peak_bytes(floor, torch.device("cpu")), peak_bytes(c, torch.device("cpu")))
         except Exception as exc:  # noqa: BLE001
             out[label] = f"fails: {type(exc).__name__}"
     print(json.dumps(out))
@@ -176,15 +200,14 @@ def main(argv=None) -> None:
             cmd = [sys.executable, "-m", "benchmarks.bench_models", "--threads", str(args.threads), "--memory-of", name]
             res = subprocess.run(cmd + (["--anchors"] if args.anchors else []), capture_output=True, text=True)
             mem = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {}
-        floor = floor_of(model, loss_fn, x, y)
-        for label, c in calls(name, model, loss_fn, x, y, args.anchors).items():
+        for label, (floor, c) in calls(name, model, loss_fn, x, y, args.anchors).items():
             try:
                 f, t, _ = interleaved_medians(floor, c, torch.device("cpu"), budget_s=args.budget, min_reps=3)
             except Exception as exc:  # noqa: BLE001  (an anchor that does not support the model)
                 print(f"| {name} | {label} | | fails: {type(exc).__name__} | | |", flush=True)
                 continue
             m = mem.get(label)
-            ratio = f"{m / mem['floor']:.2f}" if isinstance(m, int) and mem.get("floor") else (m or "")
+            ratio = f"{m[1] / m[0]:.2f}" if isinstance(m, list) and m[0] else (m or "")
             print(f"| {name} | {label} | {1e3 * f:.1f} | {1e3 * t:.1f} | {t / f:.2f} | {ratio} |", flush=True)
 
 

@@ -105,6 +105,7 @@ EXPERIMENTS = {  # experiment → the figure script that reads it (None: a table
     "linear_scaling": "fig_linear_scaling",
     "epoch_sweep": "fig_epoch_sweep",
     "adam_noise_scale": "fig_adam_noise_scale",
+    "layernorm_gns": "fig_layernorm_gns",
 }
 
 

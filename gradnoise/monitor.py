@@ -64,7 +64,7 @@ from gradnoise.distributed import group_of
 from gradnoise.eigen import hessian_eigenvalues
 from gradnoise.engine.step_hooks import StepHooks
 from gradnoise.micro_batches import MicroBatches
-from gradnoise.monitor_mode import batchnorm_eval, choose_mode
+from gradnoise.monitor_mode import NORM_LAYERS, batchnorm_eval, choose_mode, scoped
 from gradnoise.noise_scale import NoiseScaleEMA
 from gradnoise.preconditioner import Preconditioner, check_preconditioner, step_metric
 from gradnoise.rules import rule_for
@@ -132,6 +132,9 @@ class Monitor:
             ``"eval"`` measures per-example statistics in a separate pass with the BatchNorm
             layers in eval mode (running statistics) — the noise of a slightly different
             function, stated in the run's config.
+        scope: ``"all"`` parameters, or ``"norms"``: only those of the LayerNorm/RMSNorm
+            layers, hooked alone at near-zero cost (the layer-normalisation GNS of Gray et al.
+            2024, which tracks the whole model's; see the report's claim 13).
     """
 
     def __init__(
@@ -157,6 +160,7 @@ class Monitor:
         preconditioner: Preconditioner | None = None,
         timeout: float = 300.0,
         batchnorm: Literal["two-batch", "eval"] = "two-batch",
+        scope: Literal["all", "norms"] = "all",
     ) -> None:
         if mode not in ("auto", "hooks", "separate", "two-batch"):
             raise ValueError(f"unknown mode {mode!r}; choose 'auto', 'hooks', 'separate' or 'two-batch'")
@@ -187,7 +191,8 @@ class Monitor:
         self._v_prev: Tensor | None = None
         self._keys: list[str] | None = None
         params = trainable_params(self.inner)
-        self._params = {n: p for n, p in self.inner.named_parameters() if n in params}
+        self._params = scoped(self.inner, {n: p for n, p in self.inner.named_parameters() if n in params}, scope)
+        self.scope = scope
         self._group = group_of(self._params, timeout)
         self._dist = None if self._group is None else self._group.dist
         self._rank0 = self._group is None or self._group.rank == 0
@@ -197,7 +202,7 @@ class Monitor:
         self._requested_mode, self.batchnorm = mode, batchnorm
         self.mode = choose_mode(self.inner, mode, batchnorm=batchnorm, accumulation_steps=accumulation_steps,
                                 group=self._group, compiled=self.compiled,
-                                tied_ok=not variance and preconditioner is None)  # fmt: skip
+                                tied_ok=not variance and preconditioner is None, scope=scope)  # fmt: skip
         self._hooks: StepHooks | None = None
         self._micro: MicroBatches | None = None  # accumulation or DDP: the two-batch estimate
         self._sinks: list = [self.history]
@@ -207,7 +212,7 @@ class Monitor:
                 "model": type(self.inner).__name__, "num_params": sum(p.numel() for p in self._params.values()),
                 "loss_fn": type(loss_fn).__name__, "every": describe(every), "sharpness_every": describe(sharpness_every),
                 "variance": variance, "ema": ema, "accumulation_steps": accumulation_steps,
-                "loss_scale": self.loss_scale, "mode": self.mode, "batchnorm": self.batchnorm,
+                "loss_scale": self.loss_scale, "mode": self.mode, "batchnorm": self.batchnorm, "scope": scope,
                 "world_size": 1 if self._dist is None else self._dist.get_world_size(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(config or {}),
             }  # fmt: skip
@@ -234,7 +239,8 @@ class Monitor:
             self._armed = False
             return
         if self.mode == "hooks" and self._hooks is None:
-            modules = {m: mod for m, mod in self.inner.named_modules() if rule_for(mod) is not None}
+            modules = {m: mod for m, mod in self.inner.named_modules()
+                       if rule_for(mod) is not None and (self.scope == "all" or isinstance(mod, NORM_LAYERS))}  # fmt: skip
             self._hooks = StepHooks(
                 self.inner, modules, armed=lambda: self._armed, elementwise=self.variance, loss_scale=self.loss_scale,
                 strict=self.strict, metric=self._metric if self.preconditioner is not None else None,
@@ -341,11 +347,11 @@ class Monitor:
             try:
                 stats = self._stats_from_hooks(B, rec["loss"])  # the scalars and per_layer
             except CancellationError:  # this step measured again, by the engine (which does not cancel)
-                if self._dist is not None:  # the engine would measure this rank's batch only
+                if self._dist is not None or self.scope != "all":  # the engine measures this rank, all parameters
                     raise
                 stats = gradient_stats(self.inner, self.loss_fn, inputs, targets, variance=self.variance)
             except HooksCannotMeasure as exc:  # a module reused, or a layer not on the batch
-                if self._requested_mode != "auto" or self._dist is not None:
+                if self._requested_mode != "auto" or self._dist is not None or self.scope != "all":
                     raise
                 log.info("gradnoise.Monitor: %s; measuring in mode='separate' from now on", exc)
                 self._hooks.remove()

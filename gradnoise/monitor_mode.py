@@ -14,13 +14,35 @@ from gradnoise.engine.plan import param_owners
 from gradnoise.rules import rule_for
 from gradnoise.rules.tied import tied_pair
 
-__all__ = ["batchnorm_eval", "choose_mode"]
+__all__ = ["NORM_LAYERS", "batchnorm_eval", "choose_mode", "scoped"]
 
 log = logging.getLogger("gradnoise.monitor")
 
 
+NORM_LAYERS = (nn.LayerNorm, nn.RMSNorm)  # Monitor(scope="norms")
+
+
+def scoped(model: nn.Module, params: dict, scope: str) -> dict:
+    """The parameters a monitor measures: all of them (``scope="all"``), or only those of the
+    LayerNorm/RMSNorm layers (``"norms"``: the layer-normalisation GNS of Gray et al. 2024,
+    arXiv:2411.00999, whose per-example norms cost a few elementwise operations per layer).
+
+    Raises:
+        ValueError: an unknown scope, or ``"norms"`` on a model without such parameters.
+    """
+    if scope not in ("all", "norms"):
+        raise ValueError(f"unknown scope {scope!r}; choose 'all' or 'norms'")
+    if scope == "all":
+        return params
+    owned = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    out = {n: p for n, p in params.items() if id(p) in owned}
+    if not out:
+        raise ValueError("scope='norms' measures the trainable parameters of LayerNorm/RMSNorm layers; this model has none")
+    return out
+
+
 def choose_mode(model: nn.Module, mode: str, *, batchnorm: str, accumulation_steps: int, group: Group | None,
-                compiled: bool, tied_ok: bool = False) -> str:  # fmt: skip
+                compiled: bool, tied_ok: bool = False, scope: str = "all") -> str:  # fmt: skip
     """``"hooks"``, ``"separate"`` or ``"two-batch"`` for the requested ``mode`` (see
     :class:`~gradnoise.Monitor`): hooks where every parameter is in a rule layer called
     once (or, with ``tied_ok``, a weight tied between an embedding and a Linear head), in
@@ -31,6 +53,14 @@ def choose_mode(model: nn.Module, mode: str, *, batchnorm: str, accumulation_ste
         ValueError: a requested mode that cannot measure this model, with what to do.
     """
     bn_train = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if scope == "norms":  # a few layers' norms inside the user's backward pass: nothing else is near-free
+        if mode not in ("auto", "hooks") or compiled or bn_train:
+            raise ValueError(
+                "scope='norms' measures the normalisation layers in the user's own backward pass (mode='hooks'), "
+                f"which needs the eager model without BatchNorm in train mode; got mode={mode!r}"
+                f"{', a compiled model' if compiled else ''}{f', BatchNorm {bn_train[:3]} in train mode' if bn_train else ''}"
+            )
+        return "hooks"
     if bn_train and mode in ("auto", "hooks", "separate"):
         if mode != "auto" and not (mode == "separate" and batchnorm == "eval"):
             raise ValueError(

@@ -81,7 +81,8 @@ class StepHooks(ModuleHooks):
         self.root = root
         self.plan = plan_for(root)
         self.pairs = {} if elementwise or metric is not None else {
-            key: pair for key, os in self.plan.owners.items() if (pair := tied_pair(os, self.plan.modules()))
+            key: pair for key, os in self.plan.owners.items()
+            if (pair := tied_pair(os, self.plan.modules())) and all(m in modules for m in pair)
         }  # fmt: skip
         self._tied_keys = {m: key for key, pair in self.pairs.items() for m in pair}
         self._tracing = False
