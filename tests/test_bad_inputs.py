@@ -80,7 +80,9 @@ ENTRY_POINTS = {
 
 
 def _monitor_step(model, loss_fn, x, y):
-    mon = gn.Monitor(model, loss_fn, strict=True)
+    # the monitor's own pass reads the batch; in hooks mode it reads the user's backward
+    # pass, which this table does not run (a NaN there gives a non-finite record error)
+    mon = gn.Monitor(model, loss_fn, strict=True, mode="separate")
     try:
         mon.step(x, y)
     finally:

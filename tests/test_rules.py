@@ -9,6 +9,16 @@ from gradnoise.rules import RULES, rule_for
 from gradnoise.rules.registry import always
 
 
+def _eval_bn(bn: nn.Module) -> nn.Module:
+    """BatchNorm in eval mode with non-trivial running statistics and affine parameters."""
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn.eval()
+
+
 def _layers():
     """One configuration per registered family (several for the ones with paths)."""
     torch.manual_seed(0)
@@ -24,6 +34,9 @@ def _layers():
         ("layernorm", nn.LayerNorm(6), lambda: torch.randn(7, 3, 6)),
         ("groupnorm", nn.GroupNorm(2, 4), lambda: torch.randn(7, 4, 5)),
         ("mha", nn.MultiheadAttention(8, 2, batch_first=True), lambda: torch.randn(7, 5, 8)),
+        ("batchnorm1d-eval", _eval_bn(nn.BatchNorm1d(5)), lambda: torch.randn(7, 5)),
+        ("batchnorm2d-eval", _eval_bn(nn.BatchNorm2d(3)), lambda: torch.randn(7, 3, 4, 5)),
+        ("batchnorm3d-eval", _eval_bn(nn.BatchNorm3d(2)), lambda: torch.randn(7, 2, 3, 2, 3)),
     ]
     if hasattr(nn, "RMSNorm"):
         cases.append(("rmsnorm", nn.RMSNorm(6), lambda: torch.randn(7, 3, 6)))

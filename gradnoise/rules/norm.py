@@ -1,6 +1,13 @@
-"""Normalisation layers with per-example statistics (LayerNorm, GroupNorm, RMSNorm): their
-affine parameters' per-example gradients are small (``[B, C]``) and are materialised.
-BatchNorm couples examples and has no rule (the engines refuse it in train mode)."""
+"""Normalisation layers with per-example statistics (LayerNorm, GroupNorm, RMSNorm), and
+BatchNorm in eval mode: their affine parameters' per-example gradients are small
+(``[B, C]``) and are materialised.
+
+BatchNorm in train mode couples a batch's examples (its statistics are the batch's), so
+per-example gradients are not defined and the engines refuse it before any rule runs. In
+eval mode it is a per-channel affine map with fixed running statistics,
+``y = γ (x − μ) / √(σ² + ε) + β``; its rule takes those statistics, which are only those
+of the forward pass where the module uses them: in eval mode with running statistics
+tracked (:func:`_batch_norm_accepts`)."""
 
 from __future__ import annotations
 
@@ -42,7 +49,22 @@ def _group_norm_grads(module: nn.GroupNorm, a: Tensor, d: Tensor) -> Grads:
     return _affine(module, xhat, d.reshape(B, C, -1), (2,))
 
 
+def _batch_norm_grads(module: nn.modules.batchnorm._BatchNorm, a: Tensor, d: Tensor) -> Grads:
+    shape = (1, -1) + (1,) * (a.dim() - 2)  # channels on dim 1
+    mean, var = module.running_mean.view(shape), module.running_var.view(shape)
+    xhat = (a - mean) * torch.rsqrt(var + module.eps)
+    return _affine(module, xhat, d, tuple(range(2, a.dim())))
+
+
+def _batch_norm_accepts(module: nn.Module) -> bool:
+    """Running statistics exist (``track_running_stats``): in eval mode they are what the
+    forward pass normalises with. (In train mode the engines refuse the layer first.)"""
+    return module.running_mean is not None and module.running_var is not None
+
+
 register(Rule(always, norms_from_grads(_layer_norm_grads), _layer_norm_grads), nn.LayerNorm)
+for _bn in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+    register(Rule(_batch_norm_accepts, norms_from_grads(_batch_norm_grads), _batch_norm_grads), _bn)
 register(Rule(always, norms_from_grads(_group_norm_grads), _group_norm_grads), nn.GroupNorm)
 if hasattr(nn, "RMSNorm"):
     register(Rule(always, norms_from_grads(_rms_norm_grads), _rms_norm_grads), nn.RMSNorm)
