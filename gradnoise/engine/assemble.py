@@ -110,7 +110,7 @@ def _collect_rules(p: Pass, parts: _Parts) -> None:
     recorder, owners, B = p.recorder, p.plan.owners, p.batch
     for name, path in p.route.paths.items():
         module, local = owners[name][0]
-        if path == "fast" and module in recorder.norms:
+        if path == "fast" and local in recorder.norms.get(module, ()):  # (an attention projection may not be reached)
             parts.sq[name], parts.sum_sq[name] = recorder.norms[module][local]
         elif path == "fast" and module in recorder.grads:  # the module has tied parameters
             parts.grads[name] = recorder.grads[module][local]

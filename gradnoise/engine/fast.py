@@ -14,6 +14,7 @@ the standard ``torch.nn`` losses and checked on the batch for any other callable
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -37,6 +38,7 @@ from gradnoise._functional import (
 )
 from gradnoise._moments import Moments
 from gradnoise.engine.assemble import Pass, assemble
+from gradnoise.engine.attention_capture import AttentionCapture
 from gradnoise.engine.batch_trace import input_signature
 from gradnoise.engine.broadcast import trace_signature
 from gradnoise.engine.graph import hook_edges
@@ -159,7 +161,11 @@ def fast_moments(
             trace_signature(plan, signature, recorded, xs, B, run)
         with recorder.installed():
             recorder.expand = plan.broadcast[signature]
-            outputs = run()
+            attention = any(isinstance(m, nn.MultiheadAttention) for m in recorded.values()) and weights is None
+            recorder.capture = AttentionCapture() if attention else None
+            with recorder.capture if attention else contextlib.nullcontext():
+                outputs = run()
+            recorder.capture = None
             recorder.active = False
             traced_calls(plan, signature, recorder.calls, False)
             route = route_for(plan, modules, recorder.calls, B, gram_ok, pairs_ok=not variance and weights is None)

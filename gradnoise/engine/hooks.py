@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradnoise.engine.attention_capture import AttentionCapture
 from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
-from gradnoise.rules import linear_gram_norms, prefers_gram, rule_for, weighted_norms
+from gradnoise.rules import dense_norms, linear_gram_norms, prefers_gram, rule_for, weighted_norms
 from gradnoise.rules.tied import TiedParts
 
 __all__ = ["LOW_PRECISION", "ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "in_float32", "kept_outputs",
@@ -27,7 +28,7 @@ class ModuleCall:
     """One recorded module call (a plain class with slots: one is made per layer per call)."""
 
     __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "output_version", "last", "seq",
-                 "unbatched")  # fmt: skip
+                 "unbatched", "projections")  # fmt: skip
 
     def __init__(self, module: str, args: tuple, kwargs: dict, shapes: list, versions: list) -> None:
         self.module, self.args, self.kwargs, self.versions = module, args, kwargs, versions
@@ -40,6 +41,7 @@ class ModuleCall:
         # Argument positions and keywords that do not depend on the batch (BatchTrace);
         # None while unknown, which no rule or module vmap takes as the batch.
         self.unbatched: frozenset | None = None
+        self.projections: list | None = None  # an attention call's projections (engine.attention_capture)
 
 
 def flatten(obj: Any) -> list[Tensor | None]:
@@ -146,6 +148,7 @@ class Recorder(ModuleHooks):
         self.weights: dict[str, dict[str, Tensor]] | None = None  # a metric P per module and local name
         self.tied: dict[str, tuple[str, str, TiedParts]] = {}  # module → (tied weight, role, parts)
         self.cross: dict[str, Tensor] = {}  # tied weight → ⟨E_i, L_i⟩ (rules.tied)
+        self.capture: AttentionCapture | None = None  # active during the forward pass, if set
 
     def set_actions(self, actions: dict[str, set[str]], pairs: dict[str, tuple[str, str]] | None = None) -> None:
         self.actions = actions
@@ -183,6 +186,8 @@ class Recorder(ModuleHooks):
                 for j, t in enumerate(outs):
                     if t is not None and t.requires_grad:
                         t.register_hook(functools.partial(on_grad, call, j))
+            if self.capture is not None and self.capture.calls and isinstance(module, nn.MultiheadAttention):
+                self._projections(call, module)
             if self.trace is not None:
                 call.unbatched = frozenset() if expanded else unbatched_entries(self.trace, args, kwargs)
                 if len(call.unbatched) < sum(isinstance(t, Tensor) for t in (*args, *kwargs.values())):
@@ -196,7 +201,8 @@ class Recorder(ModuleHooks):
         actions = self.actions.get(call.module, ())
         if "store" in actions:
             call.grads[j] = g
-        if j == 0 and ("norms" in actions or "grads" in actions or "gram" in actions or "moments" in actions):
+        projected = call.projections is not None and actions == {"norms"} and self.weights is None
+        if j == 0 and not projected and ("norms" in actions or "grads" in actions or "gram" in actions or "moments" in actions):
             self._apply_rule(call, g)
         if call.last:
             # The gradient of this output is requested (a gradient edge) only so that this
@@ -237,6 +243,27 @@ class Recorder(ModuleHooks):
                 acc[local] = acc[local] + v if local in acc else v
         if "store" not in self.actions[call.module]:
             call.args, call.kwargs = None, {}  # free the activation early
+
+    def _projections(self, call: ModuleCall, module: nn.MultiheadAttention) -> None:
+        """Hooks on the projections of this attention call, if the capture ran it."""
+        key, found = self.capture.calls[-1]
+        if key != id(module.in_proj_weight):
+            return
+        self.capture.calls.pop()
+        call.projections = found
+        for prefix, a, y, to_batch in found:
+            if y.requires_grad:
+                y.register_hook(functools.partial(self._on_projection, call, prefix, a, to_batch))
+
+    def _on_projection(self, call: ModuleCall, prefix: str, a: Tensor, to_batch, g: Tensor) -> None:
+        """An attention projection's output gradient: its norms, as a Linear layer's."""
+        if self.actions.get(call.module) != {"norms"} or self.weights is not None:
+            return  # the rule's own path (per-example gradients, or a metric)
+        a, d = in_float32(a, to_batch(g.detach()))
+        module = self.modules[call.module]
+        bias = (module.in_proj_bias if prefix == "in_proj_" else module.out_proj.bias) is not None
+        norms = dense_norms(a, d, bias, self.variance, self.batch if self.variance else 1.0)
+        self.norms.setdefault(call.module, {}).update({prefix + k: v for k, v in norms.items()})
 
     def _tied_part(self, name: str, a: Tensor, d: Tensor) -> None:
         weight, role, parts = self.tied[name]

@@ -1,0 +1,62 @@
+"""The engine runs simple nn.MultiheadAttention calls itself (engine.attention_capture),
+with hooks on the two projections instead of the rule's recomputation: the float64 loop's
+numbers, on the path it says, and torch's own function for every other call."""
+
+import pytest
+import torch
+from torch import nn
+
+import gradnoise as gn
+from gradnoise.engine import hooks
+
+
+class Encoder(nn.Module):
+    def __init__(self, mask: str, norm_first: bool):
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first)
+        self.head, self.mask = nn.Linear(8, 3), mask
+
+    def forward(self, x):
+        h, T = self.embed(x), x.shape[1]
+        if self.mask == "causal":
+            h = self.layer(h, src_mask=nn.Transformer.generate_square_subsequent_mask(T, dtype=h.dtype), is_causal=True)
+        elif self.mask == "bool":
+            h = self.layer(h, src_mask=torch.rand(T, T, generator=torch.Generator().manual_seed(0)) > 0.7)
+        elif self.mask == "padding":  # a key-padding mask: torch's own function and the rule
+            pad = torch.zeros(x.shape[:2], dtype=torch.bool)
+            pad[:, -1] = True
+            h = self.layer(h, src_key_padding_mask=pad)
+        else:
+            h = self.layer(h)
+        return self.head(h.mean(1))
+
+
+def _reference(model, loss, x, y):
+    g = gn.per_sample_grads_loop(model, loss, x, y)
+    out = {}
+    for k, v in g.items():
+        mean = v.mean(0)
+        trace = float(((v - mean) ** 2).sum() / (v.shape[0] - 1))
+        out[k] = (trace, float(mean.pow(2).sum()) - trace / v.shape[0])
+    return out
+
+
+@pytest.mark.parametrize("mask, captured", [("none", True), ("causal", True), ("bool", True), ("padding", False)])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("variance", [False, True])
+def test_an_encoder_layer_equals_the_loop(mask, captured, norm_first, variance, monkeypatch):
+    seen = []
+    original = hooks.Recorder._on_projection
+    monkeypatch.setattr(hooks.Recorder, "_on_projection", lambda self, *a: seen.append(1) or original(self, *a))
+    torch.manual_seed(0)
+    model = Encoder(mask, norm_first).double()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    ref = _reference(model, nn.CrossEntropyLoss(), x, y)
+    got = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="fast", variance=variance)
+    assert (len(seen) == 2) is captured  # the two projections' hooks, or the rule
+    for name, (trace, norm) in ref.items():
+        assert got.per_param[name].method == "fast"
+        assert got.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10, abs=1e-14), name
+        assert got.per_param[name].grad_norm_sq == pytest.approx(norm, rel=1e-9, abs=1e-12), name
