@@ -11,18 +11,21 @@ from gradnoise.engine import hooks
 
 
 class Encoder(nn.Module):
+    """An encoder layer between two Linear layers, with one of several attention masks."""
+
     def __init__(self, mask: str, norm_first: bool):
         super().__init__()
         self.embed = nn.Linear(3, 8)
         self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=norm_first)
         self.head, self.mask = nn.Linear(8, 3), mask
+        self.register_buffer("allowed", torch.rand(5, 5, generator=torch.Generator().manual_seed(0)) > 0.7)
 
     def forward(self, x):
         h, T = self.embed(x), x.shape[1]
         if self.mask == "causal":
             h = self.layer(h, src_mask=nn.Transformer.generate_square_subsequent_mask(T, dtype=h.dtype), is_causal=True)
         elif self.mask == "bool":
-            h = self.layer(h, src_mask=torch.rand(T, T, generator=torch.Generator().manual_seed(0)) > 0.7)
+            h = self.layer(h, src_mask=self.allowed[:T, :T])
         elif self.mask == "padding":  # a key-padding mask: torch's own function and the rule
             pad = torch.zeros(x.shape[:2], dtype=torch.bool)
             pad[:, -1] = True
@@ -60,3 +63,28 @@ def test_an_encoder_layer_equals_the_loop(mask, captured, norm_first, variance, 
         assert got.per_param[name].method == "fast"
         assert got.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10, abs=1e-14), name
         assert got.per_param[name].grad_norm_sq == pytest.approx(norm, rel=1e-9, abs=1e-12), name
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "padding"])
+def test_the_monitor_measures_attention_at_its_projections(mask):
+    """In the user's own forward pass the capture runs only where a checked forward pass
+    gives bitwise torch's outputs (with a key-padding mask torch's own function runs, and
+    the rule); training stays bitwise identical, and the records equal the float64 loop."""
+    torch.manual_seed(0)
+    model, twin = Encoder(mask, True).double(), Encoder(mask, True).double()
+    twin.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 5, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+    loss = nn.CrossEntropyLoss()
+    ref = _reference(model, loss, x, y)
+    with gn.Monitor(model, loss, strict=True) as mon:
+        assert mon.mode == "hooks"
+        for _ in range(2):  # checked, then from the cache
+            model.zero_grad()
+            loss(model(x), y).backward()
+            rec = mon.step(x, y)
+            assert rec["trace_cov"] == pytest.approx(sum(t for t, _ in ref.values()), rel=1e-10)
+            assert rec["grad_norm_sq"] == pytest.approx(sum(n for _, n in ref.values()), rel=1e-9)
+        assert list(mon._hooks._capture_ok.values()) == [True]
+    loss(twin(x), y).backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters(), strict=True))

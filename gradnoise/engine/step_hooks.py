@@ -5,14 +5,16 @@ per micro-batch, without an extra forward or backward."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
 from gradnoise._functional import is_measuring
+from gradnoise.engine.attention_capture import AttentionCapture
 from gradnoise.engine.batch_trace import input_signature
-from gradnoise.engine.broadcast import trace_signature
+from gradnoise.engine.broadcast import same_outputs, trace_signature
 from gradnoise.engine.hooks import (
     LOW_PRECISION,
     ModuleHooks,
@@ -22,12 +24,21 @@ from gradnoise.engine.hooks import (
     widen,
 )
 from gradnoise.engine.plan import plan_for
-from gradnoise.rules import rule_for, weighted_norms
+from gradnoise.rules import dense_norms, rule_for, weighted_norms
 from gradnoise.rules.tied import TiedParts, tied_pair
 
 __all__ = ["DEFER_ELEMENTS", "StepHooks"]
 
 DEFER_ELEMENTS = 1 << 20  # a layer's input + output gradient up to this size: rule applied after backward
+
+
+class _Projection(NamedTuple):
+    """An attention projection's input (``[B, T, ·]``) and how its output gradient becomes
+    ``[B, T, ·]`` (:mod:`gradnoise.engine.attention_capture`)."""
+
+    prefix: str
+    a: Tensor
+    to_batch: Callable[[Tensor], Tensor]
 
 
 class StepHooks(ModuleHooks):
@@ -85,6 +96,11 @@ class StepHooks(ModuleHooks):
             if (pair := tied_pair(os, self.plan.modules())) and all(m in modules for m in pair)
         }  # fmt: skip
         self._tied_keys = {m: key for key, pair in self.pairs.items() for m in pair}
+        # attention calls run by AttentionCapture in measured forward passes, where a checked
+        # forward pass shows the same outputs (per input signature): no recomputation
+        self._attention = metric is None and any(isinstance(m, nn.MultiheadAttention) for m in modules.values())
+        self._capture: AttentionCapture | None = None
+        self._capture_ok: dict[tuple, bool] = {}
         self._tracing = False
         self._expand: frozenset[str] = frozenset()
         self._batch = 0
@@ -109,8 +125,37 @@ class StepHooks(ModuleHooks):
     def install(self) -> None:
         super().install()
         begin = lambda m, args, kwargs: self._begin(args, kwargs)  # noqa: E731
-        begin._gradnoise_observer = True  # it reads only
+        end = lambda m, args, kwargs, out: self._end()  # noqa: E731
+        begin._gradnoise_observer = end._gradnoise_observer = True  # they read only
         self._handles.append(self.root.register_forward_pre_hook(begin, with_kwargs=True))
+        self._handles.append(self.root.register_forward_hook(end, with_kwargs=True, always_call=True))
+
+    def remove(self) -> None:
+        self._end()
+        super().remove()
+
+    def _end(self) -> None:
+        if self._capture is not None:
+            capture, self._capture = self._capture, None
+            capture.__exit__(None, None, None)
+
+    def _capture_checked(self, signature: tuple, args: tuple, kwargs: dict) -> bool:
+        """Whether a forward pass with :class:`AttentionCapture` gives bitwise the outputs of
+        one without (checked once per input signature, without gradients, RNG rewound)."""
+        if signature not in self._capture_ok:
+            cpu = torch.get_rng_state()
+            self._tracing = True
+            try:
+                with torch.no_grad():
+                    plain = self.root(*args, **kwargs)
+                    torch.set_rng_state(cpu)
+                    with AttentionCapture():
+                        captured = self.root(*args, **kwargs)
+            finally:
+                self._tracing = False
+                torch.set_rng_state(cpu)
+            self._capture_ok[signature] = same_outputs(plain, captured)
+        return self._capture_ok[signature]
 
     def _begin(self, args: tuple, kwargs: dict) -> None:
         """Before a measured forward pass: which layers run on the batch, and which are
@@ -134,6 +179,9 @@ class StepHooks(ModuleHooks):
         self.off_batch |= {
             m for m in self.modules if m not in self._expand and any(f is None or 0 in f for f in flags.get(m, ()))
         }  # fmt: skip
+        if self._attention and self._capture is None and self._capture_checked(signature, args, kwargs):
+            self._capture = AttentionCapture()
+            self._capture.__enter__()
 
     def _forward_hook(self, name: str):
         whole_call = self.rules[name].whole_call
@@ -146,6 +194,8 @@ class StepHooks(ModuleHooks):
             expanded = name in self._expand
             if expanded:  # the same values for every example: what broadcasting gives each
                 args, output = (widen(args[0], output, self._batch, args[0]), *args[1:]), widen(args[0], output, self._batch)
+            if self._capture is not None and isinstance(module, nn.MultiheadAttention) and self._captured(name, module):
+                return None  # measured at its projections
             tied = self._tied.get(self._tied_keys.get(name))  # kept with the call: micro-batches may interleave
             if tied is not None and isinstance(module, nn.Embedding):
                 tied[0].set_ids(args[0].detach())
@@ -157,11 +207,23 @@ class StepHooks(ModuleHooks):
         hook._gradnoise_observer = True  # reads only: the closed-form Hessian path may ignore it
         return hook
 
+    def _captured(self, name: str, module: nn.MultiheadAttention) -> bool:
+        """Hooks on this attention call's projections, if the capture ran it."""
+        calls = self._capture.calls
+        if not calls or calls[-1][0] != id(module.in_proj_weight):
+            return False
+        for prefix, a, y, to_batch in calls.pop()[1]:
+            if y.requires_grad:
+                y.register_hook(self._backward_hook(name, module, _Projection(prefix, a, to_batch), None))
+        return True
+
     def _backward_hook(self, name: str, module: nn.Module, a, tied: tuple | None):
         def hook(g: Tensor) -> None:
-            # Counted when the gradient arrives: a forward without backward (evaluation) is ignored.
-            self.calls[name] = self.calls.get(name, 0) + 1
-            first = a[0][0] if isinstance(a, tuple) else a
+            # Counted when the gradient arrives: a forward without backward (evaluation) is
+            # ignored; an attention call once (at its output projection, which comes first).
+            if not isinstance(a, _Projection) or a.prefix == "out_proj.":
+                self.calls[name] = self.calls.get(name, 0) + 1
+            first = a.a if isinstance(a, _Projection) else a[0][0] if isinstance(a, tuple) else a
             if first.numel() + g.numel() <= DEFER_ELEMENTS:
                 self.pending.append((name, module, a, g.detach(), tied))
                 return
@@ -183,11 +245,16 @@ class StepHooks(ModuleHooks):
     def _apply(self, name: str, module: nn.Module, a, g: Tensor, tied: tuple | None = None) -> None:
         if g.dtype in LOW_PRECISION:  # the step's gradients carry 16-bit rounding (autocast)
             self.low_precision = g.dtype
-        a, g = in_float32(a, g)
-        first = a[0][0] if isinstance(a, tuple) else a
-        B = first.shape[self.batch_dims[name]]
-        scale = B / self.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
-        norms = self.rules[name].norms(module, a, g, self.elementwise, scale)
+        if isinstance(a, _Projection):  # an attention projection: a Linear layer on [B, T, ·]
+            prefix, bias = a.prefix, (module.in_proj_bias if a.prefix == "in_proj_" else module.out_proj.bias) is not None
+            a, g = in_float32(a.a, a.to_batch(g))
+            scale = a.shape[0] / self.loss_scale
+            norms = {prefix + k: v for k, v in dense_norms(a, g, bias, self.elementwise, scale).items()}
+        else:
+            a, g = in_float32(a, g)
+            first = a[0][0] if isinstance(a, tuple) else a
+            scale = first.shape[self.batch_dims[name]] / self.loss_scale  # δ_i = B/scale · ∂L_user/∂out_i
+            norms = self.rules[name].norms(module, a, g, self.elementwise, scale)
         full = self.locals[name]
         for local, (sq, s2) in norms.items():
             key = full[local]
