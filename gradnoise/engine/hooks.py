@@ -250,7 +250,7 @@ class Recorder(ModuleHooks):
         if key != id(module.in_proj_weight):
             return
         self.capture.calls.pop()
-        call.projections = found
+        call.projections = [prefix for prefix, *_ in found]  # not the outputs: only their hooks are needed
         for prefix, a, y, to_batch in found:
             if y.requires_grad:
                 y.register_hook(functools.partial(self._on_projection, call, prefix, a, to_batch))
