@@ -33,22 +33,7 @@ from torch import nn
 import gradnoise as gn
 from benchmarks._timing import interleaved_medians, peak_bytes, track_rss
 from benchmarks.bench_engine import anchors
-
-
-class Block(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.ln1, self.ln2, self.heads = nn.LayerNorm(d), nn.LayerNorm(d), heads
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        B, T, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
-        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
-        return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
+from gradnoise.tasks import CausalBlock
 
 
 class NanoGPT(nn.Module):
@@ -60,7 +45,7 @@ class NanoGPT(nn.Module):
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(T, d)
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
-            if encoder else Block(d, heads) for _ in range(layers)
+            if encoder else CausalBlock(d, heads) for _ in range(layers)
         )  # fmt: skip
         self.lnf, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
         self.head.weight = self.wte.weight

@@ -24,6 +24,7 @@ __all__ = [
     "mnist1d_mlp",
     "mnist1d_cnn",
     "tiny_transformer",
+    "CausalBlock",
     "bn_cnn",
     "gn_cnn",
 ]
@@ -228,8 +229,8 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(dim, classes)
 
     def forward(self, ids: Tensor) -> Tensor:
-        # Position ids per example (not one shared [T] row), so that every layer sees a
-        # leading batch dimension and the fast per-example engine covers it.
+        # Position ids per example; a shared [T] row broadcast over the batch gives the same
+        # outputs (and the engine measures that pattern too, through the broadcast).
         pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         h = self.blocks(self.embed(ids) + self.pos(pos))
         return self.head(self.norm(h).mean(1))
@@ -237,6 +238,25 @@ class TinyTransformer(nn.Module):
 
 def tiny_transformer(**kwargs) -> TinyTransformer:
     return TinyTransformer(**kwargs)
+
+
+class CausalBlock(nn.Module):
+    """nanoGPT's pre-norm decoder block on ``[B, T, d]``: causal self-attention through one
+    ``qkv`` Linear and scaled dot-product attention, then a GELU MLP, each residual."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1, self.ln2, self.heads = nn.LayerNorm(d), nn.LayerNorm(d), heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
+        return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
 
 
 def token_data(n: int, seq_len: int = 16, vocab: int = 16, classes: int = 4, seed: int = 0):

@@ -8,6 +8,7 @@ from torch import nn
 
 import gradnoise as gn
 from gradnoise.engine import hooks
+from tests.reference import loop_stats
 
 
 class Encoder(nn.Module):
@@ -35,16 +36,6 @@ class Encoder(nn.Module):
         return self.head(h.mean(1))
 
 
-def _reference(model, loss, x, y):
-    g = gn.per_sample_grads_loop(model, loss, x, y)
-    out = {}
-    for k, v in g.items():
-        mean = v.mean(0)
-        trace = float(((v - mean) ** 2).sum() / (v.shape[0] - 1))
-        out[k] = (trace, float(mean.pow(2).sum()) - trace / v.shape[0])
-    return out
-
-
 @pytest.mark.parametrize("mask, captured", [("none", True), ("causal", True), ("bool", True), ("padding", False)])
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("variance", [False, True])
@@ -56,7 +47,7 @@ def test_an_encoder_layer_equals_the_loop(mask, captured, norm_first, variance, 
     model = Encoder(mask, norm_first).double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 5, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
-    ref = _reference(model, nn.CrossEntropyLoss(), x, y)
+    ref = loop_stats(model, nn.CrossEntropyLoss(), x, y)
     got = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="fast", variance=variance)
     assert (len(seen) == 2) is captured  # the two projections' hooks, or the rule
     for name, (trace, norm) in ref.items():
@@ -76,7 +67,7 @@ def test_the_monitor_measures_attention_at_its_projections(mask):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(6, 5, 3, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
     loss = nn.CrossEntropyLoss()
-    ref = _reference(model, loss, x, y)
+    ref = loop_stats(model, loss, x, y)
     with gn.Monitor(model, loss, strict=True) as mon:
         assert mon.mode == "hooks"
         for _ in range(2):  # checked, then from the cache

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import gradnoise as gn
+from tests.reference import loop_stats
 
 
 class Positions(nn.Module):
@@ -31,16 +32,6 @@ class Positions(nn.Module):
         return self.head(torch.tanh(x).mean(1))
 
 
-def _reference(model, loss, x, y):
-    g = gn.per_sample_grads_loop(model, loss, x, y)
-    out = {}
-    for k, v in g.items():
-        mean = v.mean(0)
-        trace = float(((v - mean) ** 2).sum() / (v.shape[0] - 1))
-        out[k] = (trace, float(mean.pow(2).sum()) - trace / v.shape[0])
-    return out
-
-
 @pytest.mark.parametrize(
     "use, method",
     [("arange", "fast"), ("row", "fast"), ("flip", "vmap"), ("cumsum", "vmap"), ("offset", "fast")],
@@ -57,7 +48,7 @@ def test_an_off_batch_layer_equals_the_loop(use, method, variance):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 7, (5, 6), generator=g), torch.randint(0, 3, (5,), generator=g)
     loss = nn.CrossEntropyLoss()
-    ref = _reference(model, loss, x, y)
+    ref = loop_stats(model, loss, x, y)
     for _ in range(2):  # traced, then from the plan's cache
         got = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
         assert got.per_param["wpe.weight"].method == method

@@ -7,17 +7,12 @@ from torch import nn
 
 import gradnoise as gn
 from tests.cases import CASES_BY_NAME
+from tests.reference import loop_stats
 
 
 def _reference(model, loss, x, y, names):
-    g = gn.per_sample_grads_loop(model, loss, x, y)
-    trace = norm = 0.0
-    for k in names:
-        v = g[k]
-        mean = v.mean(0)
-        t = float(((v - mean) ** 2).sum() / (v.shape[0] - 1))
-        trace, norm = trace + t, norm + float(mean.pow(2).sum()) - t / v.shape[0]
-    return trace, norm
+    stats = loop_stats(model, loss, x, y)
+    return sum(stats[k][0] for k in names), sum(stats[k][1] for k in names)
 
 
 @pytest.mark.parametrize("case", ["nanogpt-block", "transformer", "rmsnorm"])

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import gradnoise as gn
+from tests.reference import loop_stats
 
 
 def _near_identical(scale, n=256, seed=0):
@@ -73,18 +74,6 @@ def test_the_monitor_measures_a_cancelling_step_without_cancellation():
     mon.close()
 
 
-def _loop_reference_stats(model, loss, x, y):
-    """tr Σ and |G|² of each parameter from a float64 loop of torch.autograd.grad."""
-    g = gn.per_sample_grads_loop(model, loss, x, y)
-    B = x.shape[0]
-    out = {}
-    for k, v in g.items():
-        mean = v.mean(0)
-        trace = float(((v - mean) ** 2).sum() / (B - 1))
-        out[k] = (trace, float(mean.pow(2).sum()) - trace / B)
-    return out
-
-
 @pytest.mark.parametrize("seq", [5, 6, 4])  # T == B, T > B, T < B
 def test_a_layer_off_the_batch_is_never_taken_for_one_example_per_row(seq):
     """nanoGPT's ``wpe(arange(T))`` with T equal to the batch size: its leading dimension is
@@ -97,7 +86,7 @@ def test_a_layer_off_the_batch_is_never_taken_for_one_example_per_row(seq):
     model = NanoGPTBlock().double()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 9, (5, seq), generator=g), torch.randint(0, 9, (5,), generator=g)
-    ref = _loop_reference_stats(model, nn.CrossEntropyLoss(), x, y)
+    ref = loop_stats(model, nn.CrossEntropyLoss(), x, y)
     for _ in range(2):
         got = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="fast")
         assert got.per_param["wpe.weight"].method == "fast"
@@ -119,7 +108,7 @@ def test_the_monitor_never_measures_a_layer_off_the_batch_per_row():
     twin.load_state_dict(model.state_dict())
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 9, (5, 5), generator=g), torch.randint(0, 9, (5,), generator=g)
-    ref = _loop_reference_stats(model, nn.CrossEntropyLoss(), x, y)
+    ref = loop_stats(model, nn.CrossEntropyLoss(), x, y)
     with gn.Monitor(model, nn.CrossEntropyLoss(), mode="hooks", strict=True) as mon:
         for _ in range(2):  # traced, then from the plan's cache
             model.zero_grad()

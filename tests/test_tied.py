@@ -8,6 +8,7 @@ from torch import nn
 
 import gradnoise as gn
 from gradnoise.engine.plan import plan_for
+from tests.reference import loop_stats
 
 
 class TiedSequenceLM(nn.Module):
@@ -39,16 +40,6 @@ class HeadFirst(nn.Module):
         return self.cls(torch.cat([torch.tanh(z), self.wte(idx).mean(1)], -1))
 
 
-def _reference(model, loss, x, y):
-    g = gn.per_sample_grads_loop(model, loss, x, y)
-    out = {}
-    for k, v in g.items():
-        mean = v.mean(0)
-        trace = float(((v - mean) ** 2).sum() / (v.shape[0] - 1))
-        out[k] = (trace, float(mean.pow(2).sum()) - trace / v.shape[0])
-    return out
-
-
 def _case(kind):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
@@ -68,7 +59,7 @@ def _case(kind):
 def test_a_tied_pair_equals_the_loop_without_per_example_gradients(kind):
     model, x, y = _case(kind)
     loss = nn.CrossEntropyLoss()
-    ref = _reference(model, loss, x, y)
+    ref = loop_stats(model, loss, x, y)
     got = gn.gradient_stats(model, loss, x, y, method="fast", variance=False)
     routes = list(plan_for(model).routes.values())
     assert [r.pairs for r in routes] == [{"wte.weight": ("wte", "head")}]
@@ -89,7 +80,7 @@ def test_the_monitor_measures_a_tied_pair_in_hooks_mode(kind):
     model, x, y = _case(kind)
     twin, _, _ = _case(kind)
     loss = nn.CrossEntropyLoss()
-    ref = _reference(model, loss, x, y)
+    ref = loop_stats(model, loss, x, y)
     xs = list(zip(*(t.chunk(2) for t in x), strict=True)) if isinstance(x, tuple) else [(c,) for c in x.chunk(2)]
     with gn.Monitor(model, loss, accumulation_steps=2, strict=True) as mon:
         assert mon.mode == "hooks"

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 import gradnoise as gn
+from gradnoise.tasks import CausalBlock
 
 from .. import common
 
@@ -37,27 +38,11 @@ def corpus() -> tuple[torch.Tensor, int]:
     return torch.tensor([index[c] for c in text]), len(chars)
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.ln1, self.ln2, self.heads = nn.LayerNorm(d), nn.LayerNorm(d), heads
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        B, T, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
-        q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(y.transpose(1, 2).reshape(B, T, d))
-        return x + self.out(nn.functional.gelu(self.fc(self.ln2(x))))
-
-
 class CharGPT(nn.Module):
     def __init__(self, vocab: int, d: int, layers: int, heads: int, T: int):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(T, d)
-        self.blocks = nn.Sequential(*(Block(d, heads) for _ in range(layers)))
+        self.blocks = nn.Sequential(*(CausalBlock(d, heads) for _ in range(layers)))
         self.lnf, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
         self.head.weight = self.wte.weight
 
