@@ -104,7 +104,7 @@ def make(name: str):
     raise ValueError(f"unknown model {name!r}")
 
 
-def calls(name, model, loss_fn, x, y, with_anchors: bool) -> dict:
+def calls(name, model, loss_fn, x, y, with_anchors: bool, autocast: bool = False) -> dict:
     """Rows: label → (floor, call)."""
     floor = floor_of(model, loss_fn, x, y)
     out = {
@@ -116,12 +116,12 @@ def calls(name, model, loss_fn, x, y, with_anchors: bool) -> dict:
         found = anchors(model, loss_fn, x, y)
         out.update({k: v for k, v in found.items() if "Variance" not in k})
     rows = {label: (floor, c) for label, c in out.items()}
-    return {**rows, **monitor_rows(model, loss_fn, x, y)}
+    return {**rows, **monitor_rows(model, loss_fn, x, y, autocast)}
 
 
-def monitor_rows(model, loss_fn, x, y) -> dict:
+def monitor_rows(model, loss_fn, x, y, autocast: bool = False) -> dict:
     """An AdamW training step with the Monitor measuring every step, against the same step
-    on an identical model without it."""
+    on an identical model without it (both under bfloat16 autocast with ``autocast``)."""
     watched = copy.deepcopy(model)
     opt_plain = torch.optim.AdamW(model.parameters(), lr=1e-5)
     opt_watched = torch.optim.AdamW(watched.parameters(), lr=1e-5)
@@ -129,12 +129,15 @@ def monitor_rows(model, loss_fn, x, y) -> dict:
 
     def step(m, opt, monitor=None):
         opt.zero_grad(set_to_none=True)
-        loss_fn(m(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(m(x), y)
+        loss.backward()
         if monitor is not None:
             monitor.step(x, y)
         opt.step()
 
-    return {f"Monitor ({mon.mode}) AdamW step, every step": (lambda: step(model, opt_plain), lambda: step(watched, opt_watched, mon))}
+    label = f"Monitor ({mon.mode}) AdamW step, every step{', bf16 autocast' if autocast else ''}"
+    return {label: (lambda: step(model, opt_plain), lambda: step(watched, opt_watched, mon))}
 
 
 def floor_of(model, loss_fn, x, y):
@@ -166,6 +169,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget", type=float, default=3.0, help="seconds per row")
     p.add_argument("--anchors", action="store_true")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--autocast", action="store_true", help="the Monitor rows under bfloat16 autocast")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -185,7 +189,7 @@ def main(argv=None) -> None:
             cmd = [sys.executable, "-m", "benchmarks.bench_models", "--threads", str(args.threads), "--memory-of", name]
             res = subprocess.run(cmd + (["--anchors"] if args.anchors else []), capture_output=True, text=True)
             mem = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {}
-        for label, (floor, c) in calls(name, model, loss_fn, x, y, args.anchors).items():
+        for label, (floor, c) in calls(name, model, loss_fn, x, y, args.anchors, args.autocast).items():
             try:
                 f, t, _ = interleaved_medians(floor, c, torch.device("cpu"), budget_s=args.budget, min_reps=3)
             except Exception as exc:  # noqa: BLE001  (an anchor that does not support the model)
