@@ -282,20 +282,31 @@ def preserved_state(model: nn.Module, modules: Iterable[nn.Module] | None = None
     """Restore torch's global RNG state (CPU and CUDA) and all ``training`` flags on exit
     (of ``model.modules()``, or of ``modules`` when the caller has them already); marks the
     block as a measurement (:func:`is_measuring`)."""
-    cpu_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    rewind = rng_rewinder()
     modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
     _measuring.depth = getattr(_measuring, "depth", 0) + 1
     try:
         yield
     finally:
         _measuring.depth -= 1
-        torch.set_rng_state(cpu_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
+        rewind()
         for m, mode in modes:
             if m.training is not mode:  # nn.Module.__setattr__ costs µs per module
                 m.training = mode
+
+
+def rng_rewinder() -> Callable[[], None]:
+    """A function that sets torch's global RNG (CPU and, where initialised, CUDA) back to
+    its state now: for extra forward passes that must draw what the caller's draws."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+    return rewind
 
 
 def sdpa_math():

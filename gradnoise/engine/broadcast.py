@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from gradnoise._functional import rng_rewinder
 from gradnoise.engine.batch_trace import BatchTrace
 from gradnoise.engine.hooks import ModuleCall, Recorder, batch_dim
 from gradnoise.engine.plan import Plan, traced_calls
@@ -77,13 +78,7 @@ def trace_signature(plan: Plan, signature: tuple, recorded: dict[str, nn.Module]
     input signature, the calls' flags and the layers whose expansion left the outputs
     unchanged (``plan.broadcast``). Torch's RNG is the same before each forward pass and
     after the last, so that dropout draws the same masks as the caller's forward pass."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-    def rewind() -> None:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+    rewind = rng_rewinder()
 
     def traced(expand: frozenset[str]) -> tuple[Any, Recorder]:
         rewind()

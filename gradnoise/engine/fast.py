@@ -161,7 +161,7 @@ def fast_moments(
             trace_signature(plan, signature, recorded, xs, B, run)
         with recorder.installed():
             recorder.expand = plan.broadcast[signature]
-            attention = any(isinstance(m, nn.MultiheadAttention) for m in recorded.values()) and weights is None
+            attention = plan.attention and weights is None
             recorder.capture = AttentionCapture() if attention else None
             with recorder.capture if attention else contextlib.nullcontext():
                 outputs = run()

@@ -80,7 +80,7 @@ class Plan:
     """
 
     __slots__ = ("_refs", "_registries", "_ids", "_params", "_flags", "named", "owners", "recorded",
-                 "batchnorms", "direct", "routes", "unbatched", "broadcast")  # fmt: skip
+                 "batchnorms", "attention", "direct", "routes", "unbatched", "broadcast")  # fmt: skip
 
     def __init__(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
@@ -100,6 +100,8 @@ class Plan:
                     recorded.update(ancestors(m))
         self.recorded = [m for m in modules if m in recorded]
         self.batchnorms = [n for n, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        # recorded attention layers: the engine's forward runs their calls (engine.attention_capture)
+        self.attention = any(isinstance(modules[m], nn.MultiheadAttention) for m in self.recorded)
         # Whether the forward pass may run the caller's model as it is (faster than
         # ``functional_call``): no buffers that a forward could update, and not a DDP wrapper
         # (whose forward and backward synchronise processes). Parameter hooks: per call.

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from gradnoise._functional import is_measuring
+from gradnoise._functional import is_measuring, rng_rewinder
 from gradnoise.engine.attention_capture import AttentionCapture
 from gradnoise.engine.batch_trace import input_signature
 from gradnoise.engine.broadcast import same_outputs, trace_signature
@@ -143,17 +143,17 @@ class StepHooks(ModuleHooks):
         """Whether a forward pass with :class:`AttentionCapture` gives bitwise the outputs of
         one without (checked once per input signature, without gradients, RNG rewound)."""
         if signature not in self._capture_ok:
-            cpu = torch.get_rng_state()
+            rewind = rng_rewinder()  # CPU and CUDA: the user's forward pass draws next
             self._tracing = True
             try:
                 with torch.no_grad():
                     plain = self.root(*args, **kwargs)
-                    torch.set_rng_state(cpu)
+                    rewind()
                     with AttentionCapture():
                         captured = self.root(*args, **kwargs)
             finally:
                 self._tracing = False
-                torch.set_rng_state(cpu)
+                rewind()
             self._capture_ok[signature] = same_outputs(plain, captured)
         return self._capture_ok[signature]
 
