@@ -33,7 +33,7 @@ from torch import nn
 import gradnoise as gn
 from benchmarks._timing import interleaved_medians, peak_bytes, track_rss
 from benchmarks.bench_engine import anchors
-from gradnoise.tasks import CausalBlock
+from gradnoise.tasks import CausalBlock, TokenLoss
 
 
 class NanoGPT(nn.Module):
@@ -55,12 +55,6 @@ class NanoGPT(nn.Module):
         for b in self.blocks:
             x = b(x)
         return self.head(self.lnf(x))
-
-
-class TokenLoss(nn.Module):
-    def forward(self, logits, targets):
-        logits = getattr(logits, "logits", logits)
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 class LSTMModel(nn.Module):

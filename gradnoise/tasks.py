@@ -25,6 +25,7 @@ __all__ = [
     "mnist1d_cnn",
     "tiny_transformer",
     "CausalBlock",
+    "TokenLoss",
     "bn_cnn",
     "gn_cnn",
 ]
@@ -238,6 +239,16 @@ class TinyTransformer(nn.Module):
 
 def tiny_transformer(**kwargs) -> TinyTransformer:
     return TinyTransformer(**kwargs)
+
+
+class TokenLoss(nn.Module):
+    """Mean cross-entropy over every position of ``[B, T, V]`` logits (a model output with
+    ``.logits`` too) against ``[B, T]`` targets: each example's loss is the mean over its
+    positions, and the batch's the mean over examples, as the fast engine needs."""
+
+    def forward(self, logits, targets: Tensor) -> Tensor:
+        logits = getattr(logits, "logits", logits)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 class CausalBlock(nn.Module):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import gradnoise as gn
-from gradnoise.tasks import CausalBlock
+from gradnoise.tasks import CausalBlock, TokenLoss
 
 from .. import common
 
@@ -49,13 +49,6 @@ class CharGPT(nn.Module):
     def forward(self, idx):
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
         return self.head(self.lnf(self.blocks(x)))
-
-
-class TokenLoss(nn.Module):
-    """Mean cross-entropy of every next character (per example: the mean over its positions)."""
-
-    def forward(self, logits, targets):
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 @dataclass(frozen=True)
