@@ -1,7 +1,8 @@
 """The noise statistics on the models researchers train, against a plain training step.
 
     python -m benchmarks.bench_models [--models nanogpt,encoder,gpt2,nanogpt-50k,resnet,lstm]
-        [--threads 2] [--budget 3] [--anchors] [--no-memory]
+        [--threads 2] [--budget 3] [--anchors] [--no-memory] [--autocast]
+        [--device cuda] [--size gpu]
 
 Models (held out from the engine's design; CPU sizes): a nanoGPT-style decoder (4 layers,
 d 256, T 128, B 16, ``wpe(arange(T))``, tied embeddings), the same with
@@ -15,7 +16,10 @@ is a plain forward + backward of the same model and batch. One more row per mode
 AdamW training step with ``gn.Monitor(every=1)`` (the mode it chose in the label), whose
 floor is the same step on an identical model without it. Each: median time and its ratio to
 the floor (interleaved in the same process), and the peak-memory ratio measured in a fresh
-child process.
+child process. ``--device cuda`` runs it all on the GPU (memory: the allocator's peak);
+``--size gpu`` takes sizes that occupy a GPU instead of the CPU sizes above (nanoGPT d 768,
+12 heads, T 256, B 32; the ResNet at B 256; the LSTM at d 512, B 64), so that the ratios
+are not those of kernel-launch latency.
 """
 
 from __future__ import annotations
@@ -75,27 +79,37 @@ def resnet():
                          nn.Linear(128, 10)).eval()  # fmt: skip
 
 
-def make(name: str):
+SIZES = {  # (B, T, d, heads) of the language models; B of the ResNet; (B, T, d) of the LSTM
+    "cpu": {"lm": (16, 128, 256, 4), "resnet": 64, "lstm": (16, 64, 128)},
+    "gpu": {"lm": (32, 256, 768, 12), "resnet": 256, "lstm": (64, 128, 512)},
+}
+
+
+def make(name: str, size: str = "cpu", device: str = "cpu"):
+    """``(model, loss_fn, inputs, targets)`` on ``device``, with a fixed seed."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
+    (B, T, d, heads), sz = SIZES[size]["lm"], SIZES[size]
     if name in ("nanogpt", "encoder", "nanogpt-50k"):
         vocab, layers = (50257, 1) if name == "nanogpt-50k" else (512, 4)
-        model = NanoGPT(vocab=vocab, layers=layers, encoder=name == "encoder")
-        x = torch.randint(0, vocab, (16, 128), generator=g)
-        return model, TokenLoss(), x, torch.randint(0, vocab, (16, 128), generator=g)
-    if name == "gpt2":
+        model = NanoGPT(vocab=vocab, d=d, layers=layers, heads=heads, T=T, encoder=name == "encoder")
+        loss_fn, x, y = TokenLoss(), *(torch.randint(0, vocab, (B, T), generator=g) for _ in range(2))
+    elif name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        cfg = GPT2Config(vocab_size=512, n_positions=128, n_embd=256, n_layer=2, n_head=4, resid_pdrop=0.0,
+        cfg = GPT2Config(vocab_size=512, n_positions=T, n_embd=d, n_layer=2, n_head=heads, resid_pdrop=0.0,
                          embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
-        x = torch.randint(0, 512, (16, 128), generator=g)
-        return GPT2LMHeadModel(cfg), TokenLoss(), x, torch.randint(0, 512, (16, 128), generator=g)
-    if name == "resnet":
-        return resnet(), nn.CrossEntropyLoss(), torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)
-    if name == "lstm":
-        x = torch.randint(0, 512, (16, 64), generator=g)
-        return LSTMModel(), TokenLoss(), x, torch.randint(0, 512, (16, 64), generator=g)
-    raise ValueError(f"unknown model {name!r}")
+        model, loss_fn, x, y = GPT2LMHeadModel(cfg), TokenLoss(), *(torch.randint(0, 512, (B, T), generator=g) for _ in range(2))
+    elif name == "resnet":
+        B = sz["resnet"]
+        model, loss_fn = resnet(), nn.CrossEntropyLoss()
+        x, y = torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, 10, (B,), generator=g)
+    elif name == "lstm":
+        B, T, d = sz["lstm"]
+        model, loss_fn, x, y = LSTMModel(d=d), TokenLoss(), *(torch.randint(0, 512, (B, T), generator=g) for _ in range(2))
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    return model.to(device), loss_fn, x.to(device), y.to(device)
 
 
 def calls(name, model, loss_fn, x, y, with_anchors: bool, autocast: bool = False) -> dict:
@@ -123,7 +137,7 @@ def monitor_rows(model, loss_fn, x, y, autocast: bool = False) -> dict:
 
     def step(m, opt, monitor=None):
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(m(x), y)
         loss.backward()
         if monitor is not None:
@@ -142,15 +156,15 @@ def floor_of(model, loss_fn, x, y):
     return floor
 
 
-def memory_child(name: str, with_anchors: bool) -> None:
+def memory_child(name: str, with_anchors: bool, size: str, device: torch.device) -> None:
     track_rss()
-    model, loss_fn, x, y = make(name)
+    model, loss_fn, x, y = make(name, size, device)
     out = {}
     for label, (floor, c) in calls(name, model, loss_fn, x, y, with_anchors).items():
         try:
             c(), floor()  # warm up: one-time allocations are not peaks
             model.zero_grad(set_to_none=True)
-            out[label] = (peak_bytes(floor, torch.device("cpu")), peak_bytes(c, torch.device("cpu")))
+            out[label] = (peak_bytes(floor, device), peak_bytes(c, device))
         except Exception as exc:  # noqa: BLE001
             out[label] = f"fails: {type(exc).__name__}"
     print(json.dumps(out))
@@ -164,28 +178,33 @@ def main(argv=None) -> None:
     p.add_argument("--anchors", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--autocast", action="store_true", help="the Monitor rows under bfloat16 autocast")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", choices=sorted(SIZES), default="cpu", help="model and batch sizes (see above)")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     if args.memory_of:
-        return memory_child(args.memory_of, args.anchors)
-    print(f"# {platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+        return memory_child(args.memory_of, args.anchors, args.size, device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()}, {args.threads} threads"
+    print(f"# {where}, torch {torch.__version__}, sizes: {args.size}{', bf16 autocast' if args.autocast else ''}")
     print("| model | call | floor ms | call ms | × floor | peak memory × floor |")
     print("|---|---|---|---|---|---|")
     for name in args.models.split(","):
         try:
-            model, loss_fn, x, y = make(name)
+            model, loss_fn, x, y = make(name, args.size, device)
         except ImportError as exc:
             print(f"| {name} | skipped ({exc}) | | | | |")
             continue
         mem = {}
         if not args.no_memory:
-            cmd = [sys.executable, "-m", "benchmarks.bench_models", "--threads", str(args.threads), "--memory-of", name]
+            cmd = [sys.executable, "-m", "benchmarks.bench_models", "--threads", str(args.threads), "--memory-of", name,
+                   "--size", args.size, "--device", args.device]  # fmt: skip
             res = subprocess.run(cmd + (["--anchors"] if args.anchors else []), capture_output=True, text=True)
             mem = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {}
         for label, (floor, c) in calls(name, model, loss_fn, x, y, args.anchors, args.autocast).items():
             try:
-                f, t, _ = interleaved_medians(floor, c, torch.device("cpu"), budget_s=args.budget, min_reps=3)
+                f, t, _ = interleaved_medians(floor, c, device, budget_s=args.budget, min_reps=3)
             except Exception as exc:  # noqa: BLE001  (an anchor that does not support the model)
                 print(f"| {name} | {label} | | fails: {type(exc).__name__} | | |", flush=True)
                 continue

@@ -84,7 +84,7 @@ class MaskedAttention(nn.Module):
         T = x.shape[1]
         pad = x[..., 0] > 0.8
         pad[:, 0] = False  # never every key masked
-        causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
         kv = self.kv(x)
         h = self.attn(x, kv, kv, key_padding_mask=pad, attn_mask=causal, need_weights=False)[0]
         h = self.attn2(h, h, h, attn_mask=self.bias[:T, :T], need_weights=False)[0]
