@@ -3,6 +3,7 @@ squared norms recorded in the user's backward pass) and the parameters' ``.grad`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,11 +71,45 @@ def _check(hooks: StepHooks, accumulation_steps: int) -> None:
         raise HooksCannotMeasure(f"modules called more than once per forward {several[:3]}: use Monitor(mode='separate')")
 
 
-def _eps(hooks: StepHooks, param: Tensor) -> float:
-    """The rounding of the step's gradients: the parameter's dtype, or the 16-bit one of the
-    output gradients under autocast (``.grad`` is then computed from 16-bit products)."""
-    eps = torch.finfo(param.dtype).eps
-    return max(eps, torch.finfo(hooks.low_precision).eps) if hooks.low_precision is not None else eps
+# Under autocast, a layer that ran in 16 bits gets a .grad that is the 16-bit rounding of a
+# sum whose terms the hooks' norms share (hooks.in_float32 rounds their inputs as autocast
+# did): element j carries a relative error ρ_j, uniform on ±u (round to nearest) and
+# independent across elements, so B|ĝ|² − B|ḡ|² = B Σ_j ḡ_j²(2ρ_j + ρ_j²) has standard
+# deviation B(2u/√3)‖ḡ‖₄² and a bias under Bu²|ḡ|². A layer's centred sum (the statistics
+# are reported per layer) is kept where that error, at ROUNDING_SIGMAS deviations, is under
+# ROUNDED_TOLERANCE of it: far below the statistics' own sampling error at any batch size.
+ROUNDING_SIGMAS = 6.0
+ROUNDED_TOLERANCE = 1e-2
+
+
+def flatness(tensors: list[Tensor]) -> list[float]:
+    """``‖t‖₄² / ‖t‖₂²`` of each tensor: ``1/√n`` for ``n`` equal elements, 1 for one spike."""
+    if not tensors:
+        return []
+    fourth = torch.stack(torch._foreach_norm(tensors, 4, dtype=torch.float64)).square_()
+    second = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square_()
+    return fourth.div_(second.clamp_min_(torch.finfo(torch.float64).tiny)).tolist()
+
+
+def _cancelled(hooks: StepHooks, params: dict[str, Tensor], host: list[HostSums], count: int,
+               flat: list[float] | None = None) -> list[str]:  # fmt: skip
+    """The parameters whose centred sum the step's rounding cannot resolve: the worst case
+    ``ε·Σ_i |g_i|²`` of their dtype (:meth:`HostSums.cancelled`), and for the layers that ran
+    in 16 bits (``flat``: :func:`flatness` of every ``.grad``) the rounding of ``.grad``."""
+    lost = [n for n, h in zip(params, host, strict=True) if h.cancelled(torch.finfo(params[n].dtype).eps)]
+    layers: dict[str, list[float]] = {}  # layer → [centred sum, error variance, error bias]
+    for n, h, r in zip(params, host, flat or [0.0] * len(host), strict=True):
+        acc = layers.setdefault(n.rpartition(".")[0], [0.0, 0.0, 0.0])
+        acc[0] += h.trace_m2
+        if n in hooks.low_precision:
+            u, s = torch.finfo(hooks.low_precision[n]).eps / 2, count * h.mean_sq
+            acc[1] += (2 * u / math.sqrt(3) * r * s) ** 2
+            acc[2] += u * u * s
+    for n in params:
+        m2, var, bias = layers[n.rpartition(".")[0]]
+        if ROUNDING_SIGMAS * math.sqrt(var) + bias > ROUNDED_TOLERANCE * m2 and n not in lost:
+            lost.append(n)
+    return lost
 
 
 def _rows(hooks: StepHooks, params: dict[str, Tensor], B: int):
@@ -114,7 +149,8 @@ def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, in
     # (.grad is the user's gradient: divided by the loss scale and accumulation steps on
     # the host scalars, unless the variance needs the mean itself).
     sq_rows, _, host = centred_sums(rows, list(mean.values()), B, mean_scale=1.0 if m2 is not None else 1.0 / factor)
-    lost = [n for n, h in zip(params, host, strict=True) if h.cancelled(_eps(hooks, params[n]))]
+    flat = flatness(list(mean.values())) if hooks.low_precision else None
+    lost = _cancelled(hooks, params, host, B, flat)
     if lost:
         raise CancellationError(f"the centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")
     if m2 is None:  # the scalars only: one transfer, no per-parameter tensors
@@ -153,7 +189,11 @@ def preconditioned_step_stats(hooks: StepHooks, params: dict[str, Tensor], numel
     # |ḡ|²_P = ⟨P ⊙ ḡ, ḡ⟩, with .grad = factor · ḡ
     mean_sq = [torch.dot(w.reshape(-1), g.reshape(-1)).div_(factor * factor) for w, g in zip(weighted_grads, grads, strict=True)]
     _, _, host = centred_sums(rows, [], B, mean_sq=mean_sq)
-    lost = [n for n, h in zip(params, host, strict=True) if h.cancelled(_eps(hooks, params[n]))]
+    # the rounding of ḡ_j weighs P_j ḡ_j² in |ḡ|²_P: the flatness of P ⊙ ḡ² (of √P ⊙ ḡ)
+    flat = None
+    if hooks.low_precision:
+        flat = flatness(torch._foreach_sqrt(torch._foreach_mul(weighted_grads, grads)))
+    lost = _cancelled(hooks, params, host, B, flat)
     if lost:
         raise CancellationError(f"the preconditioned centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")
     total, per_layer = summarise_scalars(numels, host, B, "hooks")
@@ -165,9 +205,10 @@ def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[
                       extra: tuple[float, ...] = ()) -> StepStats:  # fmt: skip
     """:func:`step_stats` of the global batch under DDP or FSDP2: each rank's examples' sums
     ``Σ_i |g_i|²`` per parameter (from its own backward pass) and ``|ḡ|²`` (under FSDP, of
-    its shard of the reduce-scattered gradient) in one all-reduce of ``2P + 4`` numbers
+    its shard of the reduce-scattered gradient) in one all-reduce of ``3P + 4`` numbers
     (:meth:`~gradnoise.distributed.Group.all_reduce`, which every rank joins, also one whose
-    measurement failed). Each rank's loss is the mean over its ``B`` examples and the ranks'
+    measurement failed), and ``P`` more, the ``‖ḡ‖₄⁴`` that :func:`_cancelled` needs after
+    a 16-bit backward pass. Each rank's loss is the mean over its ``B`` examples and the ranks'
     gradients are averaged, so ``ḡ`` is the global mean when every rank has the same ``B``
     (checked). No per-element variance (the GSNR is ``None``). ``loss``: this rank's mean
     loss, averaged into the global batch's (every rank gets the same record). ``extra``:
@@ -178,9 +219,9 @@ def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[
         as :func:`step_stats` on any rank; :class:`~gradnoise.distributed.RankFailed` on the
         others.
     """
-    P = len(params)
-    E = len(extra)
-    values = torch.zeros(2 * P + 4 + E, dtype=torch.float64)
+    P, E = len(params), len(extra)
+    F = P  # ‖ḡ‖₄⁴ (zeros without autocast): the same length on every rank, also one that fails
+    values = torch.zeros(2 * P + F + 4 + E, dtype=torch.float64)
     failure = None
     try:
         _check(hooks, accumulation_steps)
@@ -189,24 +230,28 @@ def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[
             sums.append(s.sum(dtype=torch.float64))
             shards.append(local(g))
         mean_sq = squared_norms(shards).div_(factor**2)  # one foreach pass, squared in float64
+        fourth = torch.stack(torch._foreach_norm(shards, 4, dtype=torch.float64)).pow_(4) if hooks.low_precision else torch.zeros_like(mean_sq)
         counts = [*extra, B, B * B, 0.0 if loss is None else loss * B, 0.0 if loss is None else 1.0]
-        values = torch.cat([torch.stack(sums).cpu(), mean_sq.cpu(), torch.tensor(counts, dtype=torch.float64)])
+        values = torch.cat([torch.stack(sums).cpu(), mean_sq.cpu(), fourth.cpu().div_(factor**4),
+                            torch.tensor(counts, dtype=torch.float64)])  # fmt: skip
     except Exception as exc:  # noqa: BLE001  (joins the all-reduce, then re-raised)
         failure = exc
     values = group.all_reduce(values, failed=failure is not None)
     if failure is not None:
         raise failure
     total_b, sum_b2, loss_sum, with_loss = values[-4:].tolist()
-    summed_extra = tuple(values[2 * P : 2 * P + E].tolist())
+    summed_extra = tuple(values[2 * P + F : 2 * P + F + E].tolist())
     if abs(sum_b2 * group.size - total_b**2) > 0.5:
         raise ValueError(
             "the ranks' batches differ in size: the averaged gradient is then not the mean over the global batch, "
             "which the per-example statistics need; give every rank the same batch size"
         )
     n = int(round(total_b))
-    mean_sq = values[P : 2 * P] if group.sharded else values[P : 2 * P] / group.size  # every rank holds all of ḡ
+    copies = 1 if group.sharded else group.size  # unsharded, every rank holds all of ḡ
+    mean_sq = values[P : 2 * P] / copies
     host = [HostSums(max(sq - n * m, 0.0), m, sq) for sq, m in zip(values[:P].tolist(), mean_sq.tolist(), strict=True)]
-    lost = [name for name, h in zip(params, host, strict=True) if h.cancelled(_eps(hooks, params[name]))]
+    flat = (values[2 * P : 2 * P + F] / copies).sqrt_().div_(mean_sq.clamp_min(1e-300)).tolist()
+    lost = _cancelled(hooks, params, host, n, flat)
     if lost:
         raise CancellationError(f"the centred sums of {lost[:3]} cancel in {params[lost[0]].dtype}")
     total, per_layer = summarise_scalars(numels, host, n, "hooks")

@@ -107,7 +107,10 @@ def in_float32(a, g: Tensor):
     tensors = [a] if isinstance(a, Tensor) else [t for part in (a[0], a[1].values()) for t in part if isinstance(t, Tensor)]
     if g.dtype not in LOW_PRECISION and not any(t.dtype in LOW_PRECISION for t in tensors):
         return a, g
-    up = lambda t: t.float() if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+    # A 16-bit output from a wider input: autocast ran the layer on the input rounded to
+    # 16 bits, so the rule does too (then the hooks' norms and .grad share their inputs).
+    low = g.dtype if g.dtype in LOW_PRECISION else None
+    up = lambda t: (t.to(low) if low is not None else t).float() if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
     if isinstance(a, Tensor):
         return up(a), g.float()
     return (tuple(up(t) for t in a[0]), {k: up(v) for k, v in a[1].items()}), g.float()

@@ -117,7 +117,9 @@ class StepHooks(ModuleHooks):
         self.failed: str | None = None
         self.pending: list[tuple] = []  # (name, module, input, output gradient, tied parts), for flush()
         self.off_batch: set[str] = set()  # layers of this step's forward passes not on the batch
-        self.low_precision: torch.dtype | None = None  # a 16-bit output gradient seen this step
+        # parameter → the 16-bit dtype of its layer's output gradient (autocast): its .grad
+        # carries that rounding (layers autocast runs in float32, LayerNorm, do not)
+        self.low_precision: dict[str, torch.dtype] = {}
         self.sq_p: dict[str, list[Tensor]] = {}  # parameter → per-micro-batch |g_i|²_P
         self._weights: dict[str, Tensor] | None | bool = False  # this step's P (False: not read yet)
         self._tied: dict[str, tuple[TiedParts, list[Tensor]]] = {}  # tied weight → this forward pass's parts
@@ -243,8 +245,7 @@ class StepHooks(ModuleHooks):
             self._apply(*item)
 
     def _apply(self, name: str, module: nn.Module, a, g: Tensor, tied: tuple | None = None) -> None:
-        if g.dtype in LOW_PRECISION:  # the step's gradients carry 16-bit rounding (autocast)
-            self.low_precision = g.dtype
+        low = g.dtype if g.dtype in LOW_PRECISION else None
         if isinstance(a, _Projection):  # an attention projection: a Linear layer on [B, T, ·]
             prefix, bias = a.prefix, (module.in_proj_bias if a.prefix == "in_proj_" else module.out_proj.bias) is not None
             a, g = in_float32(a.a, a.to_batch(g))
@@ -258,6 +259,8 @@ class StepHooks(ModuleHooks):
         full = self.locals[name]
         for local, (sq, s2) in norms.items():
             key = full[local]
+            if low is not None:
+                self.low_precision[key] = low
             if key in self.pairs:
                 sq = self._tied_norms(tied, module, a, g, sq, scale)
                 if sq is None:  # the other layer of the pair is still to come
