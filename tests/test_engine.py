@@ -25,7 +25,6 @@ EXPECTED_METHODS = {
     "mha-masked": {"fast"},
     "mha-kdim": {"fast", "vmap-module"},
     "transformer": {"fast"},
-    "lstm": {"fast", "vmap-module"},
 }
 
 

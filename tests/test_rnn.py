@@ -1,12 +1,14 @@
-"""RNNs unrolled with per-example weights (engine/rnn.py) against a float64 loop of
-torch.autograd.grad through torch's own fused kernels."""
+"""RNNs unrolled once with their gate pre-activations kept (engine/rnn.py), and looped
+through the fused kernel, against a float64 loop of torch.autograd.grad through torch's
+own fused kernels."""
 
 import pytest
 import torch
 from torch import nn
 
 import gradnoise as gn
-from gradnoise.engine.rnn import rnn_grads, rnn_grads_looped
+from gradnoise.engine import rnn
+from gradnoise.engine.rnn import rnn_grads, rnn_grads_looped, rnn_norms
 from tests.cases import CASES_BY_NAME
 
 
@@ -48,14 +50,38 @@ def test_unrolled_rnn_equals_a_loop_of_autograd(kind, batch_first, layers, bidir
         got = fn(module, args, [d_out, *d_h], B)
         for n in ref:
             torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
+    for elementwise in (False, True):  # the norms without materialising, scaled by 3
+        norms, sums = rnn_norms(module, args, [d_out, *d_h], B, elementwise, 3.0)
+        assert norms.keys() == sums.keys() == ref.keys()
+        for n, g in ref.items():
+            sq, s2 = norms[n]
+            torch.testing.assert_close(sq, 9 * g.flatten(1).square().sum(1), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(sums[n], g.sum(0), rtol=1e-10, atol=1e-12)
+            if elementwise:
+                torch.testing.assert_close(s2, 9 * g.square().sum(0), rtol=1e-10, atol=1e-12)
+            else:
+                assert s2 is None
 
 
+@pytest.mark.parametrize("path", ["rnn-unrolled", "rnn-looped"])
+@pytest.mark.parametrize("variance", [False, True])
 @pytest.mark.parametrize("name", ["lstm", "gru"])
-def test_the_engine_takes_the_unrolled_path(name):
-    """gradient_stats on a model with an RNN: its parameters on the module path (not the
-    whole-model fallback that a wrong per-example gradient would trigger), equal to vmap."""
+def test_the_engine_takes_an_rnn_path(name, variance, path, monkeypatch):
+    """gradient_stats on a model with an RNN: its parameters on the path measured faster for
+    the shape (not the whole-model fallback that a wrong per-example gradient would
+    trigger), each path equal to vmap."""
     model, loss, x, y = CASES_BY_NAME[name].make(torch.float64)
-    fast = gn.gradient_stats(model, loss, x, y, method="fast")
-    ref = gn.gradient_stats(model, loss, x, y, method="vmap")
-    assert {fast.per_param[n].method for n in fast.per_param if n.startswith("body.")} == {"vmap-module"}
-    assert fast.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
+    monkeypatch.setattr(rnn, "_FASTER", {})
+    fast = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
+    assert {fast.per_param[n].method for n in fast.per_param if n.startswith("body.")} == set(rnn._FASTER.values())
+    (key,) = rnn._FASTER
+    rnn._FASTER[key] = path  # the other path, taken from now on for this shape
+    again = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
+    assert {again.per_param[n].method for n in again.per_param if n.startswith("body.")} == {path}
+    ref = gn.gradient_stats(model, loss, x, y, method="vmap", variance=variance)
+    for s in (fast, again):
+        assert s.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
+        assert s.grad_norm_sq == pytest.approx(ref.grad_norm_sq, rel=1e-10, abs=1e-12)
+        if variance:
+            for k in ref.variance:
+                torch.testing.assert_close(s.variance[k], ref.variance[k], rtol=1e-9, atol=1e-14)

@@ -14,8 +14,9 @@ from gradnoise._factored import FactoredGrads
 from gradnoise._functional import LossFn
 from gradnoise._moments import Moments, centred_m2_, centred_sums, moments_from_grads, scaled_rows
 from gradnoise.engine.hooks import Recorder
-from gradnoise.engine.module_vmap import close_to, local_tensors, module_grads
+from gradnoise.engine.module_vmap import close_to, local_tensors, module_grads, rnn_call
 from gradnoise.engine.plan import Plan, Route
+from gradnoise.engine.rnn import per_example_rnn_norms
 from gradnoise.per_sample import vmap_grads_and_losses
 
 __all__ = ["Pass", "assemble", "cancelled", "check_finite"]
@@ -140,6 +141,8 @@ def _collect_units(p: Pass, parts: _Parts) -> None:
             parts.whole_model.extend(names)
             continue
         module = p.modules[unit]
+        if len(calls[unit]) == 1 and rnn_call(module, calls[unit][0]) and p.sqrt_weights is None and _rnn(p, parts, unit, names):
+            continue
         local_leaves = local_tensors(module, p.params, p.state, p.model)
         wanted = [n[len(unit) + 1 :] for n in names]  # noqa: E203
         total: dict[str, Tensor] | None = {}
@@ -156,6 +159,21 @@ def _collect_units(p: Pass, parts: _Parts) -> None:
                 parts.methods[n] = "vmap-module"
         else:
             parts.whole_model.extend(names)
+
+
+def _rnn(p: Pass, parts: _Parts, unit: str, names: list[str]) -> bool:
+    """An RNN's norms from its unrolled gates (:func:`~gradnoise.engine.rnn.per_example_rnn_norms`),
+    as a rule's (scaled like the recorder's), checked against the batch gradient."""
+    module, call, B = p.modules[unit], p.recorder.calls[unit][0], p.batch
+    grads = [None if g is None else g.detach() for g in call.grads]
+    path, norms, sums = per_example_rnn_norms(module, call.args, grads, B, p.variance, B if p.variance else 1.0)
+    local = {n: n[len(unit) + 1 :] for n in names}  # noqa: E203
+    if not all(close_to(sums[local[n]], p.mean[n]) for n in names):
+        return False
+    for n in names:
+        parts.sq[n], parts.sum_sq[n] = norms[local[n]]
+        parts.methods[n] = path
+    return True
 
 
 def _whole_model(p: Pass, names: list[str]) -> Moments:

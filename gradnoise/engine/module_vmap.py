@@ -10,10 +10,10 @@ from torch.func import functional_call, grad, vmap
 
 from gradnoise._functional import sdpa_math
 from gradnoise.engine.hooks import ModuleCall, batch_dim, flatten
-from gradnoise.engine.rnn import per_example_rnn_grads, unrollable
+from gradnoise.engine.rnn import rnn_grads, unrollable
 from gradnoise.per_sample import needs_loop
 
-__all__ = ["close_to", "local_tensors", "module_grads"]
+__all__ = ["close_to", "local_tensors", "module_grads", "rnn_call"]
 
 
 _UNBATCHED_MASKS = ("attn_mask", "src_mask", "tgt_mask", "memory_mask", "mask")
@@ -42,11 +42,8 @@ def module_grads(
             return None
         return d if len(shape) > d and shape[d] == batch else None
 
-    if unrollable(module) and not call.kwargs and call.unbatched is not None and 0 not in call.unbatched:
-        # an RNN: unrolled with per-example weights, or looped through the fused kernel,
-        # whichever measured faster (fused kernels have no vmap rule)
-        deltas = [None if g is None else g.detach() * batch for g in call.grads]
-        grads = per_example_rnn_grads(module, call.args, deltas, batch)
+    if rnn_call(module, call):  # fused kernels have no vmap rule: unrolled (several calls of one RNN)
+        grads = rnn_grads(module, call.args, [None if g is None else g.detach() * batch for g in call.grads], batch)
         return {k: grads[k] for k in wanted}
     entries = [(i, a) for i, a in enumerate(call.args)] + list(call.kwargs.items())
     batched = [(pos, t.detach(), dim_of(t.shape, pos)) for pos, t in entries if isinstance(t, Tensor)]
@@ -85,6 +82,11 @@ def module_grads(
     fn = vmap(grad(inner), in_dims=(None, in_dims, [d for _, d in deltas]))
     with sdpa_math():  # batchable attention (the fused kernel has no vmap rule)
         return fn(wanted_p, in_tensors, [dl for dl, _ in deltas])
+
+
+def rnn_call(module: nn.Module, call: ModuleCall) -> bool:
+    """A call of an RNN that :mod:`gradnoise.engine.rnn` unrolls: its input on the batch."""
+    return unrollable(module) and not call.kwargs and call.unbatched is not None and 0 not in call.unbatched
 
 
 def local_tensors(module: nn.Module, leaves, state, model: nn.Module) -> dict[str, Tensor]:

@@ -1,19 +1,24 @@
 """Per-example gradients of ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` from one recorded call,
-without a loop over examples: the recurrence is unrolled with every weight expanded to one
-copy per example (``W.expand(B, ...)``, no copy made), so that the gradient with respect
-to the expanded weights *is* the per-example gradient ``Σ_t`` of each step's contribution.
+without a loop over examples. The recurrence is unrolled once, with the shared weights, and
+its gate pre-activations are kept: the input part ``x_t W_ihᵀ + b_ih`` for all steps in one
+product, the recurrent part ``h_{t-1} W_hhᵀ + b_hh`` per step. With ``δ`` their gradients,
+example ``i``'s weight gradients are sums over time, ``Σ_t δ_it ⊗ x_it`` and
+``Σ_t δ^h_it ⊗ h_i,t-1`` (one batched product each, as a Linear layer's on a sequence).
 Gate order and formulas are torch's (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` documentation).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-__all__ = ["per_example_rnn_grads", "rnn_grads", "rnn_grads_looped", "unrollable"]
+from gradnoise.rules import dense_norms
+from gradnoise.rules.registry import Norms
+
+__all__ = ["per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms", "unrollable"]
 
 
 def unrollable(module: nn.Module) -> bool:
@@ -21,57 +26,61 @@ def unrollable(module: nn.Module) -> bool:
     return type(module) in (nn.LSTM, nn.GRU, nn.RNN) and not getattr(module, "proj_size", 0)
 
 
-def _cell(module: nn.Module, x: Tensor, state, w_ih, w_hh, b_ih, b_hh):
-    """One step for a batch with per-example weights ``w [B, ·, ·]``."""
-    h = state[0] if isinstance(module, nn.LSTM) else state
-    gi = torch.bmm(w_ih, x.unsqueeze(2)).squeeze(2) + (b_ih if b_ih is not None else 0)
-    gh = torch.bmm(w_hh, h.unsqueeze(2)).squeeze(2) + (b_hh if b_hh is not None else 0)
+def _cell(module: nn.Module, gx: Tensor, gh: Tensor, state):
+    """One step from the gate pre-activations: input part ``gx`` and recurrent part ``gh``."""
     if isinstance(module, nn.LSTM):
-        i, f, g, o = (gi + gh).chunk(4, 1)
+        i, f, g, o = (gx + gh).chunk(4, 1)
         c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, (h, c)
     if isinstance(module, nn.GRU):
-        ir, iz, in_ = gi.chunk(3, 1)
+        ir, iz, in_ = gx.chunk(3, 1)
         hr, hz, hn = gh.chunk(3, 1)
         r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-        n = torch.tanh(in_ + r * hn)
-        h = (1 - z) * n + z * h
+        h = (1 - z) * torch.tanh(in_ + r * hn) + z * state
         return h, h
-    h = torch.tanh(gi + gh) if module.nonlinearity == "tanh" else torch.relu(gi + gh)
+    h = torch.tanh(gx + gh) if module.nonlinearity == "tanh" else torch.relu(gx + gh)
     return h, h
 
 
-def rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int) -> dict[str, Tensor]:
-    """Per-example gradients ``[B, *shape]`` of every parameter of ``module`` for the call
-    ``module(*args)``, given the gradients of its outputs (``output``, then ``h_n`` and for an
-    LSTM ``c_n``; ``None`` where none arrived), each of example ``i``'s own loss."""
+def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None]) -> list[tuple]:
+    """The call unrolled with the shared weights: per layer and direction, its parameter
+    suffix, input ``[B, T, in]``, the gradients ``δ`` of the input part of its gates
+    ``[B, T, G]``, the previous hidden states ``[B, T, H]`` and the gradients ``δ^h`` of the
+    recurrent part. Output gradients as in :func:`rnn_grads`."""
     x = args[0].detach()
     if not module.batch_first:
         x = x.transpose(0, 1)
     B, T = x.shape[0], x.shape[1]
     L, D, H = module.num_layers, 2 if module.bidirectional else 1, module.hidden_size
     h0 = args[1] if len(args) > 1 else None
-    leaves = {n: p.detach().unsqueeze(0).expand(B, *p.shape).requires_grad_(True) for n, p in module.named_parameters()}
+    p = {n: q.detach() for n, q in module.named_parameters()}
     zeros = x.new_zeros(L * D, B, H)
     if isinstance(module, nn.LSTM):
         hx, cx = (h0[0].detach(), h0[1].detach()) if h0 is not None else (zeros, zeros)
     else:
         hx = h0.detach() if h0 is not None else zeros
-    layer_in, finals = x, []
+    layer_in, finals, kept = x, [], []
     with torch.enable_grad():
         for layer in range(L):
             outs = []
             for d in range(D):
                 k, sfx = layer * D + d, f"_l{layer}" + ("_reverse" if d else "")
-                w = [leaves.get(f"{kind}{sfx}") for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+                gx = F.linear(layer_in, p[f"weight_ih{sfx}"], p.get(f"bias_ih{sfx}"))
+                if not gx.requires_grad:  # the first layer: its input does not need a gradient
+                    gx.requires_grad_(True)
+                steps = gx.unbind(1)  # one stack in the backward pass, not a full-size copy per step
                 state = (hx[k], cx[k]) if isinstance(module, nn.LSTM) else hx[k]
-                steps = range(T - 1, -1, -1) if d else range(T)
-                hs = [None] * T
-                for t in steps:
-                    hs[t], state = _cell(module, layer_in[:, t], state, *w)
+                hs, prev, ghs = [None] * T, [None] * T, [None] * T
+                for t in range(T - 1, -1, -1) if d else range(T):
+                    prev[t] = state[0] if isinstance(module, nn.LSTM) else state
+                    ghs[t] = F.linear(prev[t], p[f"weight_hh{sfx}"], p.get(f"bias_hh{sfx}"))
+                    if not ghs[t].requires_grad:  # a given h0 at the first step
+                        ghs[t].requires_grad_(True)
+                    hs[t], state = _cell(module, steps[t], ghs[t], state)
                 outs.append(torch.stack(hs, 1))
                 finals.append(state)
+                kept.append((sfx, layer_in.detach(), gx, torch.stack(prev, 1).detach(), ghs))
             layer_in = torch.cat(outs, 2) if D == 2 else outs[0]
         out = layer_in if module.batch_first else layer_in.transpose(0, 1)
         total = (out * output_grads[0]).sum() if output_grads and output_grads[0] is not None else out.sum() * 0
@@ -80,8 +89,46 @@ def rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
             total = total + (h_n * output_grads[1]).sum()
         if isinstance(module, nn.LSTM) and len(output_grads) > 2 and output_grads[2] is not None:
             total = total + (torch.stack([s[1] for s in finals]) * output_grads[2]).sum()
-        grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
-    return {n: torch.zeros_like(leaf) if g is None else g for (n, leaf), g in zip(leaves.items(), grads, strict=True)}
+        wrt = [t for _, _, gx, _, ghs in kept for t in (gx, *ghs)]
+        deltas = iter(torch.autograd.grad(total, wrt, allow_unused=True))
+    found = []
+    for sfx, a, gx, prev, ghs in kept:
+        dx = next(deltas)
+        dh = [next(deltas) for _ in ghs]
+        dx = torch.zeros_like(gx) if dx is None else dx
+        dh = torch.stack([torch.zeros_like(g) if d is None else d for g, d in zip(ghs, dh, strict=True)], 1)
+        found.append((sfx, a, dx, prev, dh))
+    return found
+
+
+def rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int) -> dict[str, Tensor]:
+    """Per-example gradients ``[B, *shape]`` of every parameter of ``module`` for the call
+    ``module(*args)``, given the gradients of its outputs (``output``, then ``h_n`` and for an
+    LSTM ``c_n``; ``None`` where none arrived), each of example ``i``'s own loss."""
+    grads = {}
+    for sfx, a, dx, prev, dh in _unrolled(module, args, output_grads):
+        grads[f"weight_ih{sfx}"] = torch.einsum("btg,bti->bgi", dx, a)
+        grads[f"weight_hh{sfx}"] = torch.einsum("btg,bth->bgh", dh, prev)
+        grads[f"bias_ih{sfx}"], grads[f"bias_hh{sfx}"] = dx.sum(1), dh.sum(1)
+    return {n: grads[n] for n, _ in module.named_parameters()}
+
+
+def rnn_norms(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int, elementwise: bool,
+              scale: float = 1.0) -> tuple[Norms, dict[str, Tensor]]:  # fmt: skip
+    """The layer-rule form of :func:`rnn_grads` without materialising ``B × P`` numbers: per
+    parameter ``|g_i|²`` and (with ``elementwise``) ``Σ_i g_i²`` of ``scale · output_grads``
+    (each weight a Linear layer's on a sequence, :func:`~gradnoise.rules.dense_norms`), and
+    the summed gradient ``Σ_i g_i`` of ``output_grads``."""
+    norms, sums = {}, {}
+    for sfx, a, dx, prev, dh in _unrolled(module, args, output_grads):
+        for kind, inp, d in (("ih", a, dx), ("hh", prev, dh)):
+            bias = f"bias_{kind}{sfx}" in module._parameters and module._parameters[f"bias_{kind}{sfx}"] is not None
+            for k, v in dense_norms(inp, d, bias, elementwise, scale).items():
+                norms[f"{k}_{kind}{sfx}"] = v
+            sums[f"weight_{kind}{sfx}"] = d.flatten(0, 1).T @ inp.flatten(0, 1)
+            if bias:
+                sums[f"bias_{kind}{sfx}"] = d.sum((0, 1))
+    return norms, sums
 
 
 def rnn_grads_looped(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int) -> dict[str, Tensor]:
@@ -109,27 +156,38 @@ def rnn_grads_looped(module: nn.Module, args: tuple, output_grads: list[Tensor |
     return {n: torch.stack(r) for n, r in rows.items()}
 
 
-_FASTER: dict[tuple, Callable] = {}  # by configuration and shapes: the faster of the two, measured
+_FASTER: dict[tuple, str] = {}  # by configuration and shapes: the faster of the two, measured
 
 
-def per_example_rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int) -> dict[str, Tensor]:
-    """Per-example gradients of an RNN call by whichever of :func:`rnn_grads` (unrolled, many
-    small batched operations) and :func:`rnn_grads_looped` (fused kernel, one example at a
-    time) measured faster the first time this configuration and shape were seen (each
-    takes several times the other's time somewhere: long sequences and small batches favour
-    the loop)."""
+def _norms_from_grads(grads: dict[str, Tensor], elementwise: bool, scale: float) -> tuple[Norms, dict[str, Tensor]]:
+    norms = {}
+    for n, g in grads.items():
+        flat = g.flatten(1)
+        sq = flat.square().sum(1).mul_(scale * scale)
+        norms[n] = (sq, g.square().sum(0).mul_(scale * scale) if elementwise else None)
+    return norms, {n: g.sum(0) for n, g in grads.items()}
+
+
+def per_example_rnn_norms(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int,
+                          elementwise: bool, scale: float = 1.0) -> tuple[str, Norms, dict[str, Tensor]]:  # fmt: skip
+    """:func:`rnn_norms`, or the same from :func:`rnn_grads_looped` (torch's fused kernel, one
+    example at a time), whichever measured faster the first time this configuration and
+    shape were seen (long sequences of few examples favour the loop). Returns the path taken
+    (``"rnn-unrolled"`` or ``"rnn-looped"``), the norms and the summed gradients."""
     key = (type(module), module.num_layers, module.hidden_size, module.input_size, module.bidirectional,
-           module.batch_first, tuple(args[0].shape), len(args), args[0].device.type)  # fmt: skip
-    fn = _FASTER.get(key)
-    if fn is not None:
-        return fn(module, args, output_grads, batch)
+           module.batch_first, tuple(args[0].shape), len(args), args[0].device.type, elementwise)  # fmt: skip
+    unrolled = lambda: rnn_norms(module, args, output_grads, batch, elementwise, scale)  # noqa: E731
+    looped = lambda: _norms_from_grads(rnn_grads_looped(module, args, output_grads, batch), elementwise, scale)  # noqa: E731
+    candidates = {"rnn-unrolled": unrolled, "rnn-looped": looped}
+    if key in _FASTER:
+        return _FASTER[key], *candidates[_FASTER[key]]()
     timed = []
-    for candidate in (rnn_grads, rnn_grads_looped):
+    for path, fn in candidates.items():
         start = time.perf_counter()
-        out = candidate(module, args, output_grads, batch)
-        timed.append((time.perf_counter() - start, candidate, out))
-    seconds, fn, out = min(timed, key=lambda t: t[0])
+        out = fn()
+        timed.append((time.perf_counter() - start, path, out))
+    _, path, out = min(timed, key=lambda t: t[0])
     if len(_FASTER) >= 64:
         _FASTER.clear()
-    _FASTER[key] = fn
-    return out
+    _FASTER[key] = path
+    return path, *out
