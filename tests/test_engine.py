@@ -367,3 +367,30 @@ def test_conv_paths_with_a_frozen_parameter(frozen, variance):
         torch.testing.assert_close(fast.mean[k], ref.mean[k], rtol=1e-10, atol=1e-14)
 
 
+
+
+@pytest.mark.parametrize("name", ["conv2d", "conv2d-gram", "resnet-block", "conv1d-gram"])
+def test_without_variance_convolutions_formed_by_products_take_the_moments_path(name):
+    """Without Σ_i g_i² a convolution whose norms would form the per-example products takes
+    the moments path (those products also give the mean: the backward skips the weight
+    gradient); one whose norms take a Gram form keeps the backward's weight gradient. Both
+    equal vmap in float64."""
+    from gradnoise.engine.plan import plan_for
+    from gradnoise.rules.conv import conv_prefers_moments
+
+    model, loss, x, y = CASES_BY_NAME[name].make(torch.float64, batch=8)
+    prefers = {}
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: prefers.__setitem__(n, conv_prefers_moments(mod, a[0].shape, o.shape)))
+               for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d))]  # fmt: skip
+    model(x)
+    for h in handles:
+        h.remove()
+    fast = gn.gradient_stats(model, loss, x, y, method="fast", variance=False)
+    (route,) = plan_for(model).routes.values()
+    first = next(iter(prefers))  # its input needs no gradient: the moments path in any case
+    assert {m for m in set(route.owned.values()) if m in prefers} == {n for n, p in prefers.items() if p or n == first}
+    ref = gn.gradient_stats(model, loss, x, y, method="vmap", variance=False)
+    assert fast.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
+    assert fast.grad_norm_sq == pytest.approx(ref.grad_norm_sq, rel=1e-10, abs=1e-12)
+    for k in ref.mean:
+        torch.testing.assert_close(fast.mean[k], ref.mean[k], rtol=1e-10, atol=1e-12 * float(ref.mean[k].abs().max()))

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from gradnoise.engine.attention_capture import AttentionCapture
 from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
 from gradnoise.rules import dense_norms, linear_gram_norms, prefers_gram, rule_for, weighted_norms
+from gradnoise.rules.conv import conv_prefers_moments
 from gradnoise.rules.tied import TiedParts
 
 __all__ = ["LOW_PRECISION", "ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "in_float32", "kept_outputs",
@@ -181,7 +182,8 @@ class Recorder(ModuleHooks):
                 call = ModuleCall(name, args, kwargs, [output.shape], versions)
                 if output.requires_grad:
                     output.register_hook(functools.partial(on_grad, call, 0))
-                    if keep and (always or variance or not (args and getattr(args[0], "requires_grad", False))):
+                    if keep and (always is True or variance or not (args and getattr(args[0], "requires_grad", False))
+                                 or (always and always(module, args[0].shape, output.shape))):
                         call.output, call.output_version, call.seq = output, output._version, next(seq)
             else:
                 outs = flatten(output)
@@ -289,20 +291,22 @@ def widen(a: Tensor, out: Tensor, batch: int, t: Tensor | None = None) -> Tensor
     return t.expand(batch, *t.shape)
 
 
-def kept_outputs(modules: dict[str, nn.Module], batch: int, gram: bool) -> dict[str, bool]:
+def kept_outputs(modules: dict[str, nn.Module], batch: int, gram: bool) -> dict[str, bool | Callable]:
     """The recorded layers whose outputs the recorder keeps until the path is decided
     (otherwise freed as in a plain forward pass), and whether always (``True``) or only with
     ``Σ_i g_i²`` or when their input needs no gradient (``False``).
 
     Kept: Linear layers that may take the Gram path at this batch size (always), and layers
     whose rule has moments where skipping their parameters' gradients saves work: with
-    ``Σ_i g_i²`` (per-example gradients are formed anyway), or when their input needs no
-    gradient (the backward pass then skips the layer). Otherwise the Gram forms of the norms
+    ``Σ_i g_i²`` (per-example gradients are formed anyway), when their input needs no
+    gradient (the backward pass then skips the layer), or where the norms would form the
+    per-example products anyway (a predicate of the call's shapes in place of ``False``:
+    :func:`~gradnoise.rules.conv_prefers_moments`). Otherwise the Gram forms of the norms
     and the backward's own weight gradient are cheaper.
     Depends only on the model, the batch size and ``gram``.
     """
     return {
-        name: type(m) is nn.Linear
+        name: True if type(m) is nn.Linear else conv_prefers_moments if type(m) in (nn.Conv1d, nn.Conv2d) else False
         for name, m in modules.items()
         if (gram and type(m) is nn.Linear and prefers_gram(batch, m.in_features, m.out_features))
         or getattr(rule_for(m), "moments", None) is not None

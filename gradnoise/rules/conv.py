@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from gradnoise.rules._common import batch_chunks, bias_norms, joined, scaled_, sq_norms
 from gradnoise.rules.registry import Grads, Norms, Rule, register
 
-__all__ = ["conv_moments"]
+__all__ = ["conv_moments", "conv_prefers_moments"]
 
 
 def _conv_accepts(module: nn.Module) -> bool:
@@ -257,6 +257,13 @@ def conv_moments(
         means["bias"] = gb.sum(0)
         out["bias"] = bias_norms(gb, elementwise, s2)
     return out, means
+
+
+def conv_prefers_moments(module: nn.Module, a_shape: torch.Size, out_shape: torch.Size) -> bool:
+    """Whether the norms of this call would come from per-example products (not a Gram form,
+    nor the one-channel grouped convolution): :func:`conv_moments` then forms the same
+    products and also gives the mean, so the backward pass can skip the weight gradient."""
+    return not _single_channel(module) and _geometry(module, a_shape, out_shape).gram == ""
 
 
 def _conv_grads(module: nn.Module, a: Tensor, d: Tensor) -> Grads:
