@@ -10,6 +10,7 @@ Gate order and formulas are torch's (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` documen
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +19,8 @@ from torch.nn import functional as F
 from gradnoise.rules import dense_norms
 from gradnoise.rules.registry import Norms
 
-__all__ = ["per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms", "unrollable"]
+__all__ = ["Unrolled", "kind_of", "layer_norms", "per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms",
+           "unroll", "unrollable"]
 
 
 def unrollable(module: nn.Module) -> bool:
@@ -26,78 +28,122 @@ def unrollable(module: nn.Module) -> bool:
     return type(module) in (nn.LSTM, nn.GRU, nn.RNN) and not getattr(module, "proj_size", 0)
 
 
-def _cell(module: nn.Module, gx: Tensor, gh: Tensor, state):
+KINDS = {nn.LSTM: "lstm", nn.GRU: "gru"}  # nn.RNN: "rnn_tanh" or "rnn_relu" (its nonlinearity)
+
+
+def kind_of(module: nn.Module) -> str:
+    """torch's name of the recurrence (``torch._VF``'s function): lstm, gru, rnn_tanh, rnn_relu."""
+    return KINDS.get(type(module)) or f"rnn_{module.nonlinearity}"
+
+
+def _cell(kind: str, gx: Tensor, gh: Tensor, state):
     """One step from the gate pre-activations: input part ``gx`` and recurrent part ``gh``."""
-    if isinstance(module, nn.LSTM):
+    if kind == "lstm":
         i, f, g, o = (gx + gh).chunk(4, 1)
         c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, (h, c)
-    if isinstance(module, nn.GRU):
+    if kind == "gru":
         ir, iz, in_ = gx.chunk(3, 1)
         hr, hz, hn = gh.chunk(3, 1)
         r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
         h = (1 - z) * torch.tanh(in_ + r * hn) + z * state
         return h, h
-    h = torch.tanh(gx + gh) if module.nonlinearity == "tanh" else torch.relu(gx + gh)
+    h = torch.tanh(gx + gh) if kind == "rnn_tanh" else torch.relu(gx + gh)
     return h, h
 
 
+class Unrolled(NamedTuple):
+    """One layer and direction of an unrolled call: its parameters' suffix (``_l0``,
+    ``_l1_reverse``), its input ``[B, T, in]`` (detached), the input part of its gates
+    ``[B, T, G]``, the previous hidden states ``[B, T, H]`` (detached) and the recurrent
+    parts of its gates (one ``[B, G]`` per step), both in the autograd graph."""
+
+    suffix: str
+    input: Tensor
+    gx: Tensor
+    prev: Tensor
+    gh: list[Tensor]
+
+
+def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, layers: int, bidirectional: bool):
+    """torch's recurrence (``torch._VF.<kind>`` on a batch-first input ``x [B, T, in]``, initial
+    state ``hx`` as torch takes it, ``weights`` flat in torch's order), one step at a time
+    with the gate pre-activations kept. Returns the output ``[B, T, D·H]``, the final states
+    as torch returns them (``(h_n, c_n)`` for an LSTM) and the :class:`Unrolled` parts."""
+    D, per = 2 if bidirectional else 1, 4 if has_biases else 2
+    h0, c0 = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
+    layer_in, finals, parts = x, [], []
+    for layer in range(layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, *biases = weights[k * per : (k + 1) * per]
+            b_ih, b_hh = biases or (None, None)
+            gx = F.linear(layer_in, w_ih, b_ih)
+            if not gx.requires_grad:  # nothing below needs a gradient: a leaf, for its hook
+                gx.requires_grad_(True)
+            steps = gx.unbind(1)  # one stack in the backward pass, not a full-size copy per step
+            state = (h0[k], c0[k]) if kind == "lstm" else h0[k]
+            T = x.shape[1]
+            hs, prev, ghs = [None] * T, [None] * T, [None] * T
+            for t in range(T - 1, -1, -1) if d else range(T):
+                prev[t] = state[0] if kind == "lstm" else state
+                ghs[t] = F.linear(prev[t], w_hh, b_hh)
+                if not ghs[t].requires_grad:  # a constant initial state
+                    ghs[t].requires_grad_(True)
+                hs[t], state = _cell(kind, steps[t], ghs[t], state)
+            outs.append(torch.stack(hs, 1))
+            finals.append(state)
+            suffix = f"_l{layer}" + ("_reverse" if d else "")
+            parts.append(Unrolled(suffix, layer_in.detach(), gx, torch.stack(prev, 1).detach(), ghs))
+        layer_in = torch.cat(outs, 2) if D == 2 else outs[0]
+    if kind == "lstm":
+        return layer_in, (torch.stack([s[0] for s in finals]), torch.stack([s[1] for s in finals])), parts
+    return layer_in, torch.stack(finals), parts
+
+
+def layer_norms(part: Unrolled, dx: Tensor, dh: Tensor, biases: bool, elementwise: bool, scale: float) -> Norms:
+    """The norms of one layer and direction's parameters (by full name) from the gradients
+    of its gates' input and recurrent parts: each weight a Linear layer's on a sequence."""
+    out = {}
+    for kind, a, d in (("ih", part.input, dx), ("hh", part.prev, dh)):
+        for k, v in dense_norms(a, d, biases, elementwise, scale).items():
+            out[f"{k}_{kind}{part.suffix}"] = v
+    return out
+
+
 def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None]) -> list[tuple]:
-    """The call unrolled with the shared weights: per layer and direction, its parameter
-    suffix, input ``[B, T, in]``, the gradients ``δ`` of the input part of its gates
-    ``[B, T, G]``, the previous hidden states ``[B, T, H]`` and the gradients ``δ^h`` of the
-    recurrent part. Output gradients as in :func:`rnn_grads`."""
+    """The call unrolled with the shared weights (detached): per layer and direction, its
+    :class:`Unrolled` part and the gradients ``δ`` and ``δ^h`` (``[B, T, G]``) of its gates'
+    input and recurrent parts. Output gradients as in :func:`rnn_grads`."""
     x = args[0].detach()
     if not module.batch_first:
         x = x.transpose(0, 1)
-    B, T = x.shape[0], x.shape[1]
-    L, D, H = module.num_layers, 2 if module.bidirectional else 1, module.hidden_size
+    B, L, D, H = x.shape[0], module.num_layers, 2 if module.bidirectional else 1, module.hidden_size
     h0 = args[1] if len(args) > 1 else None
-    p = {n: q.detach() for n, q in module.named_parameters()}
     zeros = x.new_zeros(L * D, B, H)
     if isinstance(module, nn.LSTM):
-        hx, cx = (h0[0].detach(), h0[1].detach()) if h0 is not None else (zeros, zeros)
+        hx = (h0[0].detach(), h0[1].detach()) if h0 is not None else (zeros, zeros)
     else:
         hx = h0.detach() if h0 is not None else zeros
-    layer_in, finals, kept = x, [], []
+    weights = [w.detach() for w in module._flat_weights]
     with torch.enable_grad():
-        for layer in range(L):
-            outs = []
-            for d in range(D):
-                k, sfx = layer * D + d, f"_l{layer}" + ("_reverse" if d else "")
-                gx = F.linear(layer_in, p[f"weight_ih{sfx}"], p.get(f"bias_ih{sfx}"))
-                if not gx.requires_grad:  # the first layer: its input does not need a gradient
-                    gx.requires_grad_(True)
-                steps = gx.unbind(1)  # one stack in the backward pass, not a full-size copy per step
-                state = (hx[k], cx[k]) if isinstance(module, nn.LSTM) else hx[k]
-                hs, prev, ghs = [None] * T, [None] * T, [None] * T
-                for t in range(T - 1, -1, -1) if d else range(T):
-                    prev[t] = state[0] if isinstance(module, nn.LSTM) else state
-                    ghs[t] = F.linear(prev[t], p[f"weight_hh{sfx}"], p.get(f"bias_hh{sfx}"))
-                    if not ghs[t].requires_grad:  # a given h0 at the first step
-                        ghs[t].requires_grad_(True)
-                    hs[t], state = _cell(module, steps[t], ghs[t], state)
-                outs.append(torch.stack(hs, 1))
-                finals.append(state)
-                kept.append((sfx, layer_in.detach(), gx, torch.stack(prev, 1).detach(), ghs))
-            layer_in = torch.cat(outs, 2) if D == 2 else outs[0]
-        out = layer_in if module.batch_first else layer_in.transpose(0, 1)
+        out, finals, parts = unroll(kind_of(module), x, hx, weights, module.bias, L, module.bidirectional)
+        out = out if module.batch_first else out.transpose(0, 1)
         total = (out * output_grads[0]).sum() if output_grads and output_grads[0] is not None else out.sum() * 0
-        if len(output_grads) > 1 and output_grads[1] is not None:
-            h_n = torch.stack([s[0] if isinstance(module, nn.LSTM) else s for s in finals])
-            total = total + (h_n * output_grads[1]).sum()
-        if isinstance(module, nn.LSTM) and len(output_grads) > 2 and output_grads[2] is not None:
-            total = total + (torch.stack([s[1] for s in finals]) * output_grads[2]).sum()
-        wrt = [t for _, _, gx, _, ghs in kept for t in (gx, *ghs)]
+        for state, g in zip(finals if isinstance(finals, tuple) else (finals,), output_grads[1:], strict=False):
+            if g is not None:
+                total = total + (state * g).sum()
+        wrt = [t for part in parts for t in (part.gx, *part.gh)]
         deltas = iter(torch.autograd.grad(total, wrt, allow_unused=True))
     found = []
-    for sfx, a, gx, prev, ghs in kept:
+    for part in parts:
         dx = next(deltas)
-        dh = [next(deltas) for _ in ghs]
-        dx = torch.zeros_like(gx) if dx is None else dx
-        dh = torch.stack([torch.zeros_like(g) if d is None else d for g, d in zip(ghs, dh, strict=True)], 1)
-        found.append((sfx, a, dx, prev, dh))
+        dh = [next(deltas) for _ in part.gh]
+        dx = torch.zeros_like(part.gx) if dx is None else dx
+        dh = torch.stack([torch.zeros_like(g) if d is None else d for g, d in zip(part.gh, dh, strict=True)], 1)
+        found.append((part, dx, dh))
     return found
 
 
@@ -106,9 +152,10 @@ def rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
     ``module(*args)``, given the gradients of its outputs (``output``, then ``h_n`` and for an
     LSTM ``c_n``; ``None`` where none arrived), each of example ``i``'s own loss."""
     grads = {}
-    for sfx, a, dx, prev, dh in _unrolled(module, args, output_grads):
-        grads[f"weight_ih{sfx}"] = torch.einsum("btg,bti->bgi", dx, a)
-        grads[f"weight_hh{sfx}"] = torch.einsum("btg,bth->bgh", dh, prev)
+    for part, dx, dh in _unrolled(module, args, output_grads):
+        sfx = part.suffix
+        grads[f"weight_ih{sfx}"] = torch.einsum("btg,bti->bgi", dx, part.input)
+        grads[f"weight_hh{sfx}"] = torch.einsum("btg,bth->bgh", dh, part.prev)
         grads[f"bias_ih{sfx}"], grads[f"bias_hh{sfx}"] = dx.sum(1), dh.sum(1)
     return {n: grads[n] for n, _ in module.named_parameters()}
 
@@ -117,17 +164,14 @@ def rnn_norms(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
               scale: float = 1.0) -> tuple[Norms, dict[str, Tensor]]:  # fmt: skip
     """The layer-rule form of :func:`rnn_grads` without materialising ``B × P`` numbers: per
     parameter ``|g_i|²`` and (with ``elementwise``) ``Σ_i g_i²`` of ``scale · output_grads``
-    (each weight a Linear layer's on a sequence, :func:`~gradnoise.rules.dense_norms`), and
-    the summed gradient ``Σ_i g_i`` of ``output_grads``."""
+    (:func:`layer_norms`), and the summed gradient ``Σ_i g_i`` of ``output_grads``."""
     norms, sums = {}, {}
-    for sfx, a, dx, prev, dh in _unrolled(module, args, output_grads):
-        for kind, inp, d in (("ih", a, dx), ("hh", prev, dh)):
-            bias = f"bias_{kind}{sfx}" in module._parameters and module._parameters[f"bias_{kind}{sfx}"] is not None
-            for k, v in dense_norms(inp, d, bias, elementwise, scale).items():
-                norms[f"{k}_{kind}{sfx}"] = v
-            sums[f"weight_{kind}{sfx}"] = d.flatten(0, 1).T @ inp.flatten(0, 1)
-            if bias:
-                sums[f"bias_{kind}{sfx}"] = d.sum((0, 1))
+    for part, dx, dh in _unrolled(module, args, output_grads):
+        norms.update(layer_norms(part, dx, dh, module.bias, elementwise, scale))
+        for kind, inp, d in (("ih", part.input, dx), ("hh", part.prev, dh)):
+            sums[f"weight_{kind}{part.suffix}"] = d.flatten(0, 1).T @ inp.flatten(0, 1)
+            if module.bias:
+                sums[f"bias_{kind}{part.suffix}"] = d.sum((0, 1))
     return norms, sums
 
 
