@@ -9,7 +9,7 @@ from torch import nn
 import gradnoise as gn
 from gradnoise.engine import rnn
 from gradnoise.engine.rnn import rnn_grads, rnn_grads_looped, rnn_norms
-from tests.cases import CASES_BY_NAME
+from tests.cases import CASES_BY_NAME, Case, SeqHead, labels, randn
 
 
 def _reference(module, x, h0, d_out, d_h, batch_first):
@@ -63,13 +63,27 @@ def test_unrolled_rnn_equals_a_loop_of_autograd(kind, batch_first, layers, bidir
                 assert s2 is None
 
 
+@pytest.mark.parametrize("variance", [False, True])
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn-stack"])
+def test_the_engine_runs_rnns_with_their_gates_in_view(name, variance):
+    """gradient_stats on a model with an RNN: the engine's own forward runs it unrolled
+    (engine.rnn_capture) and its parameters take the rule path, equal to vmap."""
+    model, loss, x, y = RNN_CASES[name].make(torch.float64)
+    fast = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
+    assert {fast.per_param[n].method for n in fast.per_param if n.startswith("body.")} == {"fast"}
+    _equal_to_vmap(fast, gn.gradient_stats(model, loss, x, y, method="vmap", variance=variance), variance)
+
+
 @pytest.mark.parametrize("path", ["rnn-unrolled", "rnn-looped"])
 @pytest.mark.parametrize("variance", [False, True])
 @pytest.mark.parametrize("name", ["lstm", "gru"])
-def test_the_engine_takes_an_rnn_path(name, variance, path, monkeypatch):
-    """gradient_stats on a model with an RNN: its parameters on the path measured faster for
-    the shape (not the whole-model fallback that a wrong per-example gradient would
-    trigger), each path equal to vmap."""
+def test_an_rnn_call_the_capture_does_not_run_is_recomputed(name, variance, path, monkeypatch):
+    """An RNN call that the engine's forward leaves to torch's kernel (packed sequences,
+    dropout between layers in training; forced here) is recomputed, on the path measured
+    faster for the shape, each path equal to vmap."""
+    from gradnoise.engine import rnn_capture
+
+    monkeypatch.setattr(rnn_capture.RNNCapture, "__torch_function__", lambda self, f, t, a=(), k=None: f(*a, **(k or {})))
     model, loss, x, y = CASES_BY_NAME[name].make(torch.float64)
     monkeypatch.setattr(rnn, "_FASTER", {})
     fast = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
@@ -80,8 +94,22 @@ def test_the_engine_takes_an_rnn_path(name, variance, path, monkeypatch):
     assert {again.per_param[n].method for n in again.per_param if n.startswith("body.")} == {path}
     ref = gn.gradient_stats(model, loss, x, y, method="vmap", variance=variance)
     for s in (fast, again):
-        assert s.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
-        assert s.grad_norm_sq == pytest.approx(ref.grad_norm_sq, rel=1e-10, abs=1e-12)
-        if variance:
-            for k in ref.variance:
-                torch.testing.assert_close(s.variance[k], ref.variance[k], rtol=1e-9, atol=1e-14)
+        _equal_to_vmap(s, ref, variance)
+
+
+def _equal_to_vmap(s, ref, variance):
+    assert s.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
+    assert s.grad_norm_sq == pytest.approx(ref.grad_norm_sq, rel=1e-10, abs=1e-12)
+    for k in ref.per_param:
+        assert s.per_param[k].trace_cov == pytest.approx(ref.per_param[k].trace_cov, rel=1e-9, abs=1e-14), k
+    if variance:
+        for k in ref.variance:
+            torch.testing.assert_close(s.variance[k], ref.variance[k], rtol=1e-9, atol=1e-14)
+
+
+RNN_CASES = {
+    **CASES_BY_NAME,
+    # two layers, bidirectional, sequence-first, tanh: every parameter suffix and layout
+    "rnn-stack": Case("rnn-stack", lambda: SeqHead(nn.RNN(4, 5, num_layers=2, bidirectional=True), 10, batch_first=False),
+                      randn(6, 4), labels(3)),
+}

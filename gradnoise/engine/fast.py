@@ -51,6 +51,7 @@ from gradnoise.engine.plan import (
     route_for,
     traced_calls,
 )
+from gradnoise.engine.rnn_capture import RNNCapture
 from gradnoise.rules import rule_for
 
 __all__ = ["NotMeanLossError", "fast_applies", "fast_moments"]
@@ -161,11 +162,12 @@ def fast_moments(
             trace_signature(plan, signature, recorded, xs, B, run)
         with recorder.installed():
             recorder.expand = plan.broadcast[signature]
-            attention = plan.attention and weights is None
-            recorder.capture = AttentionCapture() if attention else None
-            with recorder.capture if attention else contextlib.nullcontext():
+            # the engine's own forward runs attention and RNN calls with their insides in view
+            recorder.capture = AttentionCapture() if plan.attention and weights is None else None
+            recorder.rnn_capture = RNNCapture() if plan.rnn and weights is None else None
+            with recorder.capture or contextlib.nullcontext(), recorder.rnn_capture or contextlib.nullcontext():
                 outputs = run()
-            recorder.capture = None
+            recorder.capture = recorder.rnn_capture = None
             recorder.active = False
             traced_calls(plan, signature, recorder.calls, False)
             route = route_for(plan, modules, recorder.calls, B, gram_ok, pairs_ok=not variance and weights is None)

@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from gradnoise.engine.attention_capture import AttentionCapture
 from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
+from gradnoise.engine.rnn import layer_norms
+from gradnoise.engine.rnn_capture import RNNCapture
 from gradnoise.rules import dense_norms, linear_gram_norms, prefers_gram, rule_for, weighted_norms
 from gradnoise.rules.conv import conv_prefers_moments
 from gradnoise.rules.tied import TiedParts
@@ -42,7 +44,9 @@ class ModuleCall:
         # Argument positions and keywords that do not depend on the batch (BatchTrace);
         # None while unknown, which no rule or module vmap takes as the batch.
         self.unbatched: frozenset | None = None
-        self.projections: list | None = None  # an attention call's projections (engine.attention_capture)
+        # the parts the engine's own forward ran in view: an attention call's projections
+        # (engine.attention_capture), an RNN call's layers (engine.rnn_capture)
+        self.projections: list | None = None
 
 
 def flatten(obj: Any) -> list[Tensor | None]:
@@ -153,6 +157,7 @@ class Recorder(ModuleHooks):
         self.tied: dict[str, tuple[str, str, TiedParts]] = {}  # module → (tied weight, role, parts)
         self.cross: dict[str, Tensor] = {}  # tied weight → ⟨E_i, L_i⟩ (rules.tied)
         self.capture: AttentionCapture | None = None  # active during the forward pass, if set
+        self.rnn_capture: RNNCapture | None = None  # likewise
 
     def set_actions(self, actions: dict[str, set[str]], pairs: dict[str, tuple[str, str]] | None = None) -> None:
         self.actions = actions
@@ -193,6 +198,8 @@ class Recorder(ModuleHooks):
                         t.register_hook(functools.partial(on_grad, call, j))
             if self.capture is not None and self.capture.calls and isinstance(module, nn.MultiheadAttention):
                 self._projections(call, module)
+            elif self.rnn_capture is not None and self.rnn_capture.calls and isinstance(module, nn.RNNBase):
+                self._gates(call, module)
             if self.trace is not None:
                 call.unbatched = frozenset() if expanded else unbatched_entries(self.trace, args, kwargs)
                 if len(call.unbatched) < sum(isinstance(t, Tensor) for t in (*args, *kwargs.values())):
@@ -269,6 +276,33 @@ class Recorder(ModuleHooks):
         bias = (module.in_proj_bias if prefix == "in_proj_" else module.out_proj.bias) is not None
         norms = dense_norms(a, d, bias, self.variance, self.batch if self.variance else 1.0)
         self.norms.setdefault(call.module, {}).update({prefix + k: v for k, v in norms.items()})
+
+    def _gates(self, call: ModuleCall, module: nn.RNNBase) -> None:
+        """Hooks on the gates of this RNN call, if the capture ran it: the gradient of each
+        layer's input part (after those of its recurrent parts, which only a GRU needs)."""
+        key, parts = self.rnn_capture.calls[-1]
+        if key != id(module._flat_weights[0]):
+            return
+        self.rnn_capture.calls.pop()
+        call.projections = [part.suffix for part in parts]
+        for part in parts:
+            recurrent = [None] * len(part.gh) if isinstance(module, nn.GRU) else None
+            for t, gh in enumerate(part.gh if recurrent is not None else ()):
+                gh.register_hook(functools.partial(recurrent.__setitem__, t))
+            part.gx.register_hook(functools.partial(self._on_gates, call, part, recurrent))
+
+    def _on_gates(self, call: ModuleCall, part, recurrent: list | None, g: Tensor) -> None:
+        """An RNN layer's gate gradients: its norms (:func:`~gradnoise.engine.rnn.layer_norms`)."""
+        if self.actions.get(call.module) != {"norms"}:
+            return
+        dx = g.detach()
+        dh = dx  # the gates' recurrent part enters as its input part does, except in a GRU
+        if recurrent is not None:
+            dh = torch.stack([torch.zeros_like(gh) if d is None else d for gh, d in zip(part.gh, recurrent, strict=True)], 1)
+        (a, dx), (prev, dh) = in_float32(part.input, dx), in_float32(part.prev, dh)
+        norms = layer_norms(part._replace(input=a, prev=prev), dx, dh, self.modules[call.module].bias, self.variance,
+                            self.batch if self.variance else 1.0)  # fmt: skip
+        self.norms.setdefault(call.module, {}).update(norms)
 
     def _tied_part(self, name: str, a: Tensor, d: Tensor) -> None:
         weight, role, parts = self.tied[name]

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from gradnoise._functional import trainable_params
 from gradnoise.engine.hooks import ModuleCall, batch_dim
+from gradnoise.engine.rnn import unrollable
 from gradnoise.rules import prefers_gram, rule_for
 from gradnoise.rules.tied import tied_pair
 
@@ -80,7 +81,7 @@ class Plan:
     """
 
     __slots__ = ("_refs", "_registries", "_ids", "_params", "_flags", "named", "owners", "recorded",
-                 "batchnorms", "attention", "direct", "routes", "unbatched", "broadcast")  # fmt: skip
+                 "batchnorms", "attention", "rnn", "direct", "routes", "unbatched", "broadcast")  # fmt: skip
 
     def __init__(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
@@ -102,6 +103,7 @@ class Plan:
         self.batchnorms = [n for n, m in modules.items() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         # recorded attention layers: the engine's forward runs their calls (engine.attention_capture)
         self.attention = any(isinstance(modules[m], nn.MultiheadAttention) for m in self.recorded)
+        self.rnn = any(unrollable(modules[m]) for m in self.recorded)  # likewise (engine.rnn_capture)
         # Whether the forward pass may run the caller's model as it is (faster than
         # ``functional_call``): no buffers that a forward could update, and not a DDP wrapper
         # (whose forward and backward synchronise processes). Parameter hooks: per call.
@@ -195,7 +197,7 @@ def route_for(plan: Plan, modules: dict[str, nn.Module], calls: dict[str, list[M
     the input needs a gradient): routing costs a few percent of a small model's step."""
     sig = (B, gram_ok, pairs_ok, tuple(
         (name, tuple((c.args[0].shape if c.args and isinstance(c.args[0], Tensor) else None, c.shapes[0],
-                      gram_ready(c), c.unbatched) for c in cs))
+                      gram_ready(c), c.unbatched, c.projections is not None) for c in cs))
         for name, cs in calls.items()
     ))  # fmt: skip
     route = plan.routes.get(sig)
@@ -224,10 +226,14 @@ def decide(owners, modules, calls, B: int):
             for c in calls[mname]
         )  # fmt: skip
 
+    def captured(mname: str) -> bool:  # an RNN the engine's forward ran with its gates in view
+        cs = calls[mname]
+        return isinstance(modules[mname], nn.RNNBase) and len(cs) == 1 and cs[0].projections is not None
+
     paths: dict[str, str] = {}
     units: dict[str, list[str]] = {}
     for name, os in owners.items():
-        ruled = all(m in calls and rule_for(modules[m]) and batched(m) for m, _ in os)
+        ruled = all(m in calls and (rule_for(modules[m]) or captured(m)) and batched(m) for m, _ in os)
         n_calls = sum(len(calls.get(m, [])) for m, _ in os)
         if ruled and n_calls == 1:
             paths[name] = "fast"
