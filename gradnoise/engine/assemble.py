@@ -115,12 +115,8 @@ def _collect_rules(p: Pass, parts: _Parts) -> None:
             parts.sq[name], parts.sum_sq[name] = recorder.norms[module][local]
         elif path == "fast" and module in recorder.grads:  # the module has tied parameters
             parts.grads[name] = recorder.grads[module][local]
-        elif name in p.route.pairs:  # |E_i + L_i|² from the two rules and the cross term
-            param = p.params[name]
-            zero = param.new_zeros(B)
-            emb, head = (recorder.norms[m]["weight"][0] if m in recorder.norms else zero for m in p.route.pairs[name])
-            parts.sq[name] = emb + head + 2 * recorder.cross.get(name, zero)
-            parts.sum_sq[name] = None
+        elif name in p.route.pairs:  # |E_i + L_i|² (and Σ_i g_i²) from the two rules and the cross terms
+            _tied_pair(p, parts, name)
         elif path == "fast-tied":
             found = [recorder.grads[m][loc] for m, loc in owners[name] if m in recorder.grads]
             param = p.params[name]
@@ -129,6 +125,21 @@ def _collect_rules(p: Pass, parts: _Parts) -> None:
             param = p.params[name]
             parts.sq[name] = param.new_zeros(B)
             parts.sum_sq[name] = torch.zeros_like(param) if p.variance else None
+
+
+def _tied_pair(p: Pass, parts: _Parts, name: str) -> None:
+    """A tied weight's ``|g_i|²`` and ``Σ_i g_i²`` (with ``variance``) from its two layers'
+    norms and the cross terms (:mod:`gradnoise.rules.tied`). The rules' norms are of ``B·d``
+    with ``variance`` (else scaled later), the cross terms of ``d``: scaled here alike."""
+    recorder, param, B = p.recorder, p.params[name], p.batch
+    s2 = B * B if p.variance else 1.0
+    found = [recorder.norms[m]["weight"] for m in p.route.pairs[name] if m in recorder.norms]
+    cross, cross_sum = recorder.cross.get(name, (param.new_zeros(B), None))
+    parts.sq[name] = sum((sq for sq, _ in found), param.new_zeros(B)) + cross.mul(2 * s2)
+    parts.sum_sq[name] = None
+    if p.variance:
+        total = sum((s for _, s in found), torch.zeros_like(param))
+        parts.sum_sq[name] = total if cross_sum is None else total.add_(cross_sum, alpha=2 * s2)
 
 
 def _collect_units(p: Pass, parts: _Parts) -> None:

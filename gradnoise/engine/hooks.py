@@ -155,7 +155,7 @@ class Recorder(ModuleHooks):
         self.expand: frozenset[str] = frozenset()
         self.weights: dict[str, dict[str, Tensor]] | None = None  # a metric P per module and local name
         self.tied: dict[str, tuple[str, str, TiedParts]] = {}  # module → (tied weight, role, parts)
-        self.cross: dict[str, Tensor] = {}  # tied weight → ⟨E_i, L_i⟩ (rules.tied)
+        self.cross: dict[str, tuple] = {}  # tied weight → ⟨E_i, L_i⟩ (and Σ_i E_i ⊙ L_i; rules.tied)
         self.capture: AttentionCapture | None = None  # active during the forward pass, if set
         self.rnn_capture: RNNCapture | None = None  # likewise
 
@@ -310,7 +310,7 @@ class Recorder(ModuleHooks):
             parts.add_head(a, d)
         else:
             parts.add_embedding(d)
-        cross = parts.cross()
+        cross = parts.cross(self.modules[name].weight.shape[0] if self.variance else None)
         if cross is not None:
             self.cross[weight] = cross
 

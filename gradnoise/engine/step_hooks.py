@@ -285,7 +285,7 @@ class StepHooks(ModuleHooks):
         else:
             parts.add_head(a, g)
         cross = parts.cross()
-        return None if cross is None else norms[0] + norms[1] + cross.mul_(2 * scale * scale)
+        return None if cross is None else norms[0] + norms[1] + cross[0].mul_(2 * scale * scale)
 
     def step_weights(self) -> dict[str, Tensor] | None:
         """This step's metric ``P`` by parameter name (read once per step), or ``None``."""

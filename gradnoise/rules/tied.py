@@ -14,6 +14,12 @@ input and ``δ_is`` the gradient at its output (``V`` logits),
 one gather of the logits' gradient at the token ids and one ``T × T`` product per example
 (cost ``B·T²·d``). The two layers' output gradients arrive at different times in the
 backward pass, so the first to arrive leaves its part (:class:`TiedParts`) for the second.
+
+The per-element variance needs ``Σ_i g_i² = Σ_i E_i² + Σ_i L_i² + 2 Σ_i E_i ⊙ L_i``. Again
+the layers' rules give the first two terms. ``E_i`` is zero outside the rows ``x_it``, so
+the cross term is ``Σ_{i,t} e_it ⊙ L_i[x_it]``, added into row ``x_it``, with
+``L_i[x_it] = Σ_s δ_is[x_it] h_is``: the same gather, one more ``T × T`` product per
+example, and one scatter into ``V × d``.
 """
 
 from __future__ import annotations
@@ -66,10 +72,16 @@ class TiedParts:
             e = e * (self.ids != self.padding_idx).unsqueeze(-1)
         self.embedding = e
 
-    def cross(self) -> Tensor | None:
-        """``⟨E_i, L_i⟩`` per example once both parts are in (then released), else ``None``."""
+    def cross(self, rows: int | None = None) -> tuple[Tensor, Tensor | None] | None:
+        """``⟨E_i, L_i⟩`` per example and, given the weight's ``rows`` (``V``), ``Σ_i E_i ⊙ L_i``
+        ``[V, d]``, once both parts are in (then released); else ``None``."""
         if self.head is None or self.embedding is None:
             return None
         (h, at_ids), e = self.head, self.embedding
         self.head = self.embedding = None
-        return (at_ids * (h @ e.transpose(1, 2))).flatten(1).sum(1)
+        per_example = (at_ids * (h @ e.transpose(1, 2))).flatten(1).sum(1)
+        if rows is None:
+            return per_example, None
+        at_rows = at_ids.transpose(1, 2) @ h  # L_i[x_it] = Σ_s δ_is[x_it] h_is, [B, T, d]
+        summed = e.new_zeros(rows, e.shape[-1])
+        return per_example, summed.index_add_(0, self.ids.reshape(-1), (e * at_rows).reshape(-1, e.shape[-1]))
