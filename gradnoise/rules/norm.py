@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from gradnoise.rules._common import norms_from_grads
 from gradnoise.rules.registry import Grads, Rule, always, register
@@ -28,10 +29,9 @@ def _affine(module: nn.Module, xhat: Tensor, d: Tensor, reduce_dims: tuple[int, 
 
 
 def _layer_norm_grads(module: nn.LayerNorm, a: Tensor, d: Tensor) -> Grads:
-    dims = tuple(range(-len(module.normalized_shape), 0))
-    var, mean = torch.var_mean(a, dim=dims, keepdim=True, correction=0)
-    xhat = (a - mean) * torch.rsqrt(var + module.eps)
-    return _affine(module, xhat, d, tuple(range(1, a.dim() - len(dims))))
+    # x̂ by torch's own kernel, as the layer computed it (several times faster than var_mean)
+    xhat = F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+    return _affine(module, xhat, d, tuple(range(1, a.dim() - len(module.normalized_shape))))
 
 
 def _rms_norm_grads(module: nn.Module, a: Tensor, d: Tensor) -> Grads:
@@ -43,9 +43,7 @@ def _rms_norm_grads(module: nn.Module, a: Tensor, d: Tensor) -> Grads:
 
 def _group_norm_grads(module: nn.GroupNorm, a: Tensor, d: Tensor) -> Grads:
     B, C = a.shape[:2]
-    x = a.reshape(B, module.num_groups, -1)
-    var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
-    xhat = ((x - mean) * torch.rsqrt(var + module.eps)).reshape(B, C, -1)
+    xhat = F.group_norm(a, module.num_groups, None, None, module.eps).reshape(B, C, -1)
     return _affine(module, xhat, d.reshape(B, C, -1), (2,))
 
 
