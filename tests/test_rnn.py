@@ -113,3 +113,28 @@ RNN_CASES = {
     "rnn-stack": Case("rnn-stack", lambda: SeqHead(nn.RNN(4, 5, num_layers=2, bidirectional=True), 10, batch_first=False),
                       randn(6, 4), labels(3)),
 }
+
+
+def test_a_projected_lstm_beside_a_plain_one_keeps_torchs_kernel():
+    """While the engine's forward runs a plain LSTM unrolled, an LSTM with ``proj_size`` in
+    the same model (whose weights the unroll does not cover) runs torch's kernel and is
+    measured by module vmap: the statistics equal vmap's."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain = nn.LSTM(4, 5, batch_first=True)
+            self.projected = nn.LSTM(5, 6, batch_first=True, proj_size=3)
+            self.head = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.head(self.projected(self.plain(x)[0])[0].mean(1))
+
+    torch.manual_seed(0)
+    model = Two().double()
+    x, y = torch.randn(6, 7, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss()
+    fast = gn.gradient_stats(model, loss, x, y, method="fast")
+    assert {fast.per_param[n].method for n in fast.per_param if n.startswith("plain.")} == {"fast"}
+    assert {fast.per_param[n].method for n in fast.per_param if n.startswith("projected.")} == {"vmap-module"}
+    _equal_to_vmap(fast, gn.gradient_stats(model, loss, x, y, method="vmap"), True)

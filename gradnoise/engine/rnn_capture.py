@@ -9,7 +9,7 @@ user's, whose numbers must stay bitwise as they are — :class:`RNNCapture` (a
 torch's formulas and weights), and records each layer's gate parts: hooks on them give the
 gates' gradients in the engine's one backward pass, and the norms follow as a Linear
 layer's on a sequence. Packed sequences and dropout between layers in training run torch's
-own kernel (and the recompute path).
+own kernel (and the recompute path), as do projected LSTMs (``proj_size``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ class RNNCapture(TorchFunctionMode):
         # batch_first); the packed one has the batch sizes second and its weights third
         if kind is not None and not kwargs and len(args) == 9 and isinstance(args[3], bool):
             x, hx, weights, has_biases, layers, dropout, train, bidirectional, batch_first = args
-            if x.dim() == 3 and (dropout == 0.0 or not train):
+            plain = len(weights) == layers * (2 if bidirectional else 1) * (4 if has_biases else 2)  # no proj_size
+            if x.dim() == 3 and plain and (dropout == 0.0 or not train):
                 return self._run(kind, x, hx, list(weights), has_biases, layers, bidirectional, batch_first)
         return func(*args, **(kwargs or {}))
 
