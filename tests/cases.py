@@ -36,6 +36,33 @@ class Case:
         return model, self.loss(), x, cast(y)
 
 
+def monitored_run(case: Case, monitored: bool, device: str = "cpu", autocast: bool = False):
+    """Three AdamW steps on ``case``'s model (float32, on ``device``, the forward under bf16
+    autocast with ``autocast``), with a ``strict`` Monitor if ``monitored``. Returns the
+    final parameters and, per step, the Monitor's record and ``gradient_stats`` of the same
+    batch (no variance)."""
+    import gradnoise as gn
+
+    model, loss, _, _ = case.make(torch.float32)
+    model = model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mon = gn.Monitor(model, loss, strict=True) if monitored else None
+    g, recs = torch.Generator().manual_seed(4), []
+    for _ in range(3):
+        x, y = case.inputs(g, 8), case.targets(g, 8).to(device)
+        x = tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
+        opt.zero_grad()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(*(x if isinstance(x, tuple) else (x,)))
+        loss(out.float() if autocast else out, y).backward()
+        if mon is not None:
+            recs.append((mon.step(x, y), gn.gradient_stats(model, loss, x, y, variance=False)))
+        opt.step()
+    if mon is not None:
+        mon.close()
+    return [p.detach().clone() for p in model.parameters()], recs
+
+
 def randn(*shape):
     return lambda g, b: torch.randn(b, *shape, generator=g)
 

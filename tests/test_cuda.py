@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gradnoise as gn
-from tests.cases import CASES, CASES_BY_NAME
+from tests.cases import CASES, CASES_BY_NAME, monitored_run
 from tests.reference import loop_stats
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -48,25 +48,8 @@ def test_gradient_stats_on_cuda_equals_the_cpu_loop(case, dtype, rtol, variance)
 
 @pytest.mark.parametrize("name", ["nanogpt-block", "resnet-block", "transformer", "tied", "lstm", "mha"])
 def test_monitor_training_on_cuda_is_bitwise_identical(name):
-    case = CASES_BY_NAME[name]
-
-    def run(monitored):
-        model, loss, _, _ = case.make(torch.float32)
-        model = model.cuda()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        mon = gn.Monitor(model, loss, strict=True) if monitored else None
-        g, recs = torch.Generator().manual_seed(4), []
-        for _ in range(3):
-            x, y = to(case.inputs(g, 8), "cuda"), case.targets(g, 8).cuda()
-            opt.zero_grad()
-            loss(model(*(x if isinstance(x, tuple) else (x,))), y).backward()
-            if mon is not None:
-                recs.append((mon.step(x, y), gn.gradient_stats(model, loss, x, y, variance=False)))
-            opt.step()
-        return [p.detach().clone() for p in model.parameters()], recs
-
-    plain, _ = run(False)
-    params, recs = run(True)
+    plain, _ = monitored_run(CASES_BY_NAME[name], False, "cuda")
+    params, recs = monitored_run(CASES_BY_NAME[name], True, "cuda")
     assert all(torch.equal(a, b) for a, b in zip(plain, params, strict=True))
     for rec, ref in recs:
         assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-4)
@@ -76,27 +59,8 @@ def test_monitor_training_on_cuda_is_bitwise_identical(name):
 def test_bf16_autocast_on_cuda(name):
     """bf16 autocast on the GPU, where it is a real 16-bit matmul: training unchanged by the
     Monitor, records within the bf16 rounding of the forward pass of the float32 engine."""
-    case = CASES_BY_NAME[name]
-
-    def run(monitored):
-        model, loss, _, _ = case.make(torch.float32)
-        model = model.cuda()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        mon = gn.Monitor(model, loss, strict=True) if monitored else None
-        g, recs = torch.Generator().manual_seed(4), []
-        for _ in range(3):
-            x, y = to(case.inputs(g, 8), "cuda"), case.targets(g, 8).cuda()
-            opt.zero_grad()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = model(x)
-            loss(out.float(), y).backward()
-            if mon is not None:
-                recs.append((mon.step(x, y), gn.gradient_stats(model, loss, x, y, variance=False)))
-            opt.step()
-        return [p.detach().clone() for p in model.parameters()], recs
-
-    plain, _ = run(False)
-    params, recs = run(True)
+    plain, _ = monitored_run(CASES_BY_NAME[name], False, "cuda", autocast=True)
+    params, recs = monitored_run(CASES_BY_NAME[name], True, "cuda", autocast=True)
     assert all(torch.equal(a, b) for a, b in zip(plain, params, strict=True))
     for rec, ref in recs:
         assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=3e-2)

@@ -405,29 +405,10 @@ def test_bf16_autocast_is_measured_and_training_unchanged(name):
     monitor is bitwise identical to without it; the records agree with the float32 engine
     to the bfloat16 rounding of the forward pass (where the 16-bit gradient cannot resolve a
     centred sum, the step is measured by the engine in float32)."""
-    from tests.cases import CASES_BY_NAME
+    from tests.cases import CASES_BY_NAME, monitored_run
 
-    case = CASES_BY_NAME[name]
-
-    def run(monitored):
-        model, loss, _, _ = case.make(torch.float32)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        mon = gn.Monitor(model, loss, strict=True) if monitored else None
-        g, recs = torch.Generator().manual_seed(4), []
-        for _ in range(3):
-            x, y = case.inputs(g, 8), case.targets(g, 8)
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(x)
-            loss(out.float(), y).backward()
-            if mon is not None:
-                ref = gn.gradient_stats(model, loss, x, y, variance=False)
-                recs.append((mon.step(x, y), ref))
-            opt.step()
-        return [p.detach().clone() for p in model.parameters()], recs
-
-    plain, _ = run(False)
-    params, recs = run(True)
+    plain, _ = monitored_run(CASES_BY_NAME[name], False, autocast=True)
+    params, recs = monitored_run(CASES_BY_NAME[name], True, autocast=True)
     assert all(torch.equal(a, b) for a, b in zip(plain, params, strict=True))
     for rec, ref in recs:
         assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=2e-2)
