@@ -206,9 +206,8 @@ _FASTER: dict[tuple, str] = {}  # by configuration and shapes: the faster of the
 def _norms_from_grads(grads: dict[str, Tensor], elementwise: bool, scale: float) -> tuple[Norms, dict[str, Tensor]]:
     norms = {}
     for n, g in grads.items():
-        flat = g.flatten(1)
-        sq = flat.square().sum(1).mul_(scale * scale)
-        norms[n] = (sq, g.square().sum(0).mul_(scale * scale) if elementwise else None)
+        g2 = g.square().mul_(scale * scale)
+        norms[n] = (g2.flatten(1).sum(1), g2.sum(0) if elementwise else None)
     return norms, {n: g.sum(0) for n, g in grads.items()}
 
 
@@ -226,9 +225,12 @@ def per_example_rnn_norms(module: nn.Module, args: tuple, output_grads: list[Ten
     if key in _FASTER:
         return _FASTER[key], *candidates[_FASTER[key]]()
     timed = []
+    sync = torch.cuda.synchronize if args[0].is_cuda else lambda: None  # CUDA runs asynchronously
     for path, fn in candidates.items():
+        sync()
         start = time.perf_counter()
         out = fn()
+        sync()
         timed.append((time.perf_counter() - start, path, out))
     _, path, out = min(timed, key=lambda t: t[0])
     if len(_FASTER) >= 64:
