@@ -138,3 +138,36 @@ def test_a_projected_lstm_beside_a_plain_one_keeps_torchs_kernel():
     assert {fast.per_param[n].method for n in fast.per_param if n.startswith("plain.")} == {"fast"}
     assert {fast.per_param[n].method for n in fast.per_param if n.startswith("projected.")} == {"vmap-module"}
     _equal_to_vmap(fast, gn.gradient_stats(model, loss, x, y, method="vmap"), True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_lstm_recurrence_node_has_torchs_values_and_gradients(bias):
+    """engine/lstm_recurrence.py's hand-written backward: every input's gradient, through
+    the output and both final states, against torch's fused kernel in float64, and its own
+    finite differences (gradcheck)."""
+    from gradnoise.engine.lstm_recurrence import lstm_layer
+
+    torch.manual_seed(0)
+    B, T, I, H = 3, 6, 5, 4
+    lstm = nn.LSTM(I, H, batch_first=True, bias=bias).double()
+    x = torch.randn(B, T, I, dtype=torch.float64, requires_grad=True)
+    h0, c0 = (torch.randn(1, B, H, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    d_out, d_hn, d_cn = torch.randn(B, T, H, dtype=torch.float64), *torch.randn(2, 1, B, H, dtype=torch.float64)
+    weights = list(lstm.parameters())
+
+    def loss(out, h_n, c_n):
+        return (out * d_out).sum() + (h_n * d_hn).sum() + (c_n * d_cn).sum()
+
+    out, (h_n, c_n) = lstm(x, (h0, c0))
+    expected = torch.autograd.grad(loss(out, h_n, c_n), [x, h0, c0, *weights])
+    b_ih, b_hh = (lstm.bias_ih_l0, lstm.bias_hh_l0) if bias else (None, None)
+    got_out, got_hn, got_cn = lstm_layer(nn.functional.linear(x, lstm.weight_ih_l0, b_ih), lstm.weight_hh_l0, b_hh, h0[0], c0[0])
+    torch.testing.assert_close(got_out, out, rtol=0, atol=1e-14)
+    torch.testing.assert_close((got_hn, got_cn), (h_n[0], c_n[0]), rtol=0, atol=1e-14)
+    got = torch.autograd.grad(loss(got_out, got_hn[None], got_cn[None]), [x, h0, c0, *weights])
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-13)
+    gx = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    w_hh, b_hh, h0, c0 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((8, 2), (8,), (2, 2), (2, 2)))
+    args = (gx, w_hh, b_hh if bias else None, h0, c0)
+    assert torch.autograd.gradcheck(lambda *a: lstm_layer(*a), args)

@@ -1,7 +1,9 @@
 """Per-example gradients of ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` from one recorded call,
 without a loop over examples. The recurrence is unrolled once, with the shared weights, and
 its gate pre-activations are kept: the input part ``x_t W_ihᵀ + b_ih`` for all steps in one
-product, the recurrent part ``h_{t-1} W_hhᵀ + b_hh`` per step. With ``δ`` their gradients,
+product, the recurrent part ``h_{t-1} W_hhᵀ + b_hh`` per step (an LSTM's recurrence is one
+autograd node, :mod:`~gradnoise.engine.lstm_recurrence`, whose two parts share ``δ``, the
+gates' gradient). With ``δ`` and ``δ^h`` their gradients,
 example ``i``'s weight gradients are sums over time, ``Σ_t δ_it ⊗ x_it`` and
 ``Σ_t δ^h_it ⊗ h_i,t-1`` (one batched product each, as a Linear layer's on a sequence).
 Gate order and formulas are torch's (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` documentation).
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from gradnoise.engine.lstm_recurrence import lstm_layer
 from gradnoise.rules import dense_norms
 from gradnoise.rules.registry import Norms
 
@@ -37,12 +40,8 @@ def kind_of(module: nn.Module) -> str:
 
 
 def _cell(kind: str, gx: Tensor, gh: Tensor, state):
-    """One step from the gate pre-activations: input part ``gx`` and recurrent part ``gh``."""
-    if kind == "lstm":
-        i, f, g, o = (gx + gh).chunk(4, 1)
-        c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        return h, (h, c)
+    """One step of a GRU or a plain RNN from the gate pre-activations: input part ``gx`` and
+    recurrent part ``gh`` (an LSTM runs as one node, :func:`lstm_layer`)."""
     if kind == "gru":
         ir, iz, in_ = gx.chunk(3, 1)
         hr, hz, hn = gh.chunk(3, 1)
@@ -57,7 +56,8 @@ class Unrolled(NamedTuple):
     """One layer and direction of an unrolled call: its parameters' suffix (``_l0``,
     ``_l1_reverse``), its input ``[B, T, in]`` (detached), the input part of its gates
     ``[B, T, G]``, the previous hidden states ``[B, T, H]`` (detached) and the recurrent
-    parts of its gates (one ``[B, G]`` per step), both in the autograd graph."""
+    parts of its gates (one ``[B, G]`` per step; none for an LSTM, whose recurrent part has
+    the input part's gradient), both in the autograd graph."""
 
     suffix: str
     input: Tensor
@@ -83,19 +83,26 @@ def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, la
             gx = F.linear(layer_in, w_ih, b_ih)
             if not gx.requires_grad:  # nothing below needs a gradient: a leaf, for its hook
                 gx.requires_grad_(True)
+            suffix = f"_l{layer}" + ("_reverse" if d else "")
+            if kind == "lstm":  # one autograd node for the whole recurrence
+                y, h_n, c_n = lstm_layer(gx.flip(1) if d else gx, w_hh, b_hh, h0[k], c0[k])
+                prev = torch.cat([h0[k][:, None], y[:, :-1]], 1)
+                outs.append(y.flip(1) if d else y)
+                finals.append((h_n, c_n))
+                parts.append(Unrolled(suffix, layer_in.detach(), gx, (prev.flip(1) if d else prev).detach(), []))
+                continue
             steps = gx.unbind(1)  # one stack in the backward pass, not a full-size copy per step
-            state = (h0[k], c0[k]) if kind == "lstm" else h0[k]
+            state = h0[k]
             T = x.shape[1]
             hs, prev, ghs = [None] * T, [None] * T, [None] * T
             for t in range(T - 1, -1, -1) if d else range(T):
-                prev[t] = state[0] if kind == "lstm" else state
+                prev[t] = state
                 ghs[t] = F.linear(prev[t], w_hh, b_hh)
                 if not ghs[t].requires_grad:  # a constant initial state
                     ghs[t].requires_grad_(True)
                 hs[t], state = _cell(kind, steps[t], ghs[t], state)
             outs.append(torch.stack(hs, 1))
             finals.append(state)
-            suffix = f"_l{layer}" + ("_reverse" if d else "")
             parts.append(Unrolled(suffix, layer_in.detach(), gx, torch.stack(prev, 1).detach(), ghs))
         layer_in = torch.cat(outs, 2) if D == 2 else outs[0]
     if kind == "lstm":
@@ -142,7 +149,10 @@ def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None])
         dx = next(deltas)
         dh = [next(deltas) for _ in part.gh]
         dx = torch.zeros_like(part.gx) if dx is None else dx
-        dh = torch.stack([torch.zeros_like(g) if d is None else d for g, d in zip(part.gh, dh, strict=True)], 1)
+        if part.gh:
+            dh = torch.stack([torch.zeros_like(g) if d is None else d for g, d in zip(part.gh, dh, strict=True)], 1)
+        else:  # an LSTM's recurrent part enters its gates as the input part does
+            dh = dx
         found.append((part, dx, dh))
     return found
 
