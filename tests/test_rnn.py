@@ -171,3 +171,47 @@ def test_the_lstm_recurrence_node_has_torchs_values_and_gradients(bias):
     w_hh, b_hh, h0, c0 = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((8, 2), (8,), (2, 2), (2, 2)))
     args = (gx, w_hh, b_hh if bias else None, h0, c0)
     assert torch.autograd.gradcheck(lambda *a: lstm_layer(*a), args)
+
+
+class _EmbeddedLSTM(nn.Module):
+    def __init__(self, frozen: bool):
+        super().__init__()
+        self.embed, self.body, self.head = nn.Embedding(11, 4), nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 3)
+        self.embed.weight.requires_grad_(not frozen)
+
+    def forward(self, idx):
+        return self.head(self.body(self.embed(idx))[0].mean(1))
+
+
+@pytest.mark.parametrize("variance", [False, True])
+@pytest.mark.parametrize("where", ["on-data", "on-input-with-grad", "after-embedding", "after-frozen-embedding", "stack"])
+def test_a_captured_lstm_takes_its_mean_from_the_products(where, variance, monkeypatch):
+    """A captured LSTM's weights on the moments path (engine.rnn.layer_moments): the
+    recurrence's backward skips their gradients, and the statistics equal vmap's wherever
+    the LSTM sits — its gates are requested from autograd where nothing below leads on."""
+    from gradnoise.engine import lstm_recurrence
+
+    skipped = []
+    backward = lstm_recurrence._LSTMLayer.backward
+
+    def spy(ctx, *grads):
+        skipped.append(not ctx.wanted.needed)
+        return backward(ctx, *grads)
+
+    monkeypatch.setattr(lstm_recurrence._LSTMLayer, "backward", staticmethod(spy))
+    g = torch.Generator().manual_seed(0)
+    if where in ("after-embedding", "after-frozen-embedding"):
+        torch.manual_seed(0)
+        model, x = _EmbeddedLSTM(frozen=where == "after-frozen-embedding").double(), torch.randint(0, 11, (6, 7), generator=g)
+    else:
+        case = RNN_CASES["lstm"] if where != "stack" else Case(
+            "lstm-stack", lambda: SeqHead(nn.LSTM(4, 5, num_layers=2, bidirectional=True), 10, batch_first=False),
+            randn(6, 4), labels(3))  # fmt: skip
+        model, _, x, _ = case.make(torch.float64)
+        x = x.requires_grad_(where == "on-input-with-grad")
+    y = torch.randint(0, 3, (x.shape[0],), generator=g)
+    loss = nn.CrossEntropyLoss()
+    fast = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
+    assert skipped and all(skipped)
+    assert {fast.per_param[n].method for n in fast.per_param if n.startswith("body.")} == {"fast"}
+    _equal_to_vmap(fast, gn.gradient_stats(model, loss, x, y, method="vmap", variance=variance), variance)

@@ -203,7 +203,7 @@ def _backward(loss: Tensor, leaves: dict[str, Tensor], plan: Plan, recorder: Rec
     gram, owned, owners = route.gram, route.owned, plan.owners
     wanted = [n for n in leaves if n not in gram and n not in owned]
     skip_calls = sorted((recorder.calls[m][0] for m in {*gram.values(), *owned.values()}), key=lambda c: c.seq)
-    if not all(map(gram_ready, skip_calls)):
+    if not all(gram_ready(c) for c in skip_calls if c.gates is None):
         raise RuntimeError(
             "loss_fn modified the model's outputs in place, which per-example gradients "
             "need intact: compute the loss out of place, or use method='vmap'"

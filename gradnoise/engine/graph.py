@@ -20,13 +20,26 @@ def hook_edges(calls: list[ModuleCall], wanted_leaves: list[Tensor], differentia
     own (then its output gradient is not held until the backward pass ends, as requested
     ones are), nor one with a parameter of its own differentiated; one with nothing below
     (``last``: no input needs a gradient) is requested, and its hook releases what is
-    captured. Releases the calls' outputs (only edges are kept).
+    captured. A captured RNN call (``gates``) is requested at its first layer's gates, whose
+    gradient passes through every layer's gate hooks, unless its input leads to a request.
+    Releases the calls' outputs (only edges are kept).
     """
     targets = None  # AccumulateGrad nodes of the wanted leaves and requested nodes, if needed
     edges = []
     for c in calls:
         output, c.output = c.output, None
         if c.module in differentiated:  # its node runs for its own parameters
+            continue
+        if c.gates is not None:  # a captured RNN: its first layer's gates, unless its input leads on
+            x = c.args[0]
+            if isinstance(x, Tensor) and x.requires_grad:
+                if targets is None:
+                    targets = {get_gradient_edge(t).node for t in wanted_leaves} | {e.node for e in edges}
+                if reaches(get_gradient_edge(x).node, targets) or get_gradient_edge(x).node in targets:
+                    continue
+            edges.extend(c.gates[0])
+            if targets is not None:
+                targets.update(e.node for e in c.gates[0])
             continue
         c.last = not any(isinstance(t, Tensor) and t.requires_grad for t in c.args)
         edge = get_gradient_edge(output)

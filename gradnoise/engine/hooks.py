@@ -14,10 +14,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from gradnoise.engine.attention_capture import AttentionCapture
 from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
-from gradnoise.engine.rnn import layer_norms
+from gradnoise.engine.lstm_recurrence import WeightGrads
+from gradnoise.engine.rnn import layer_moments, layer_norms
 from gradnoise.engine.rnn_capture import RNNCapture
 from gradnoise.rules import dense_norms, linear_gram_norms, prefers_gram, rule_for, weighted_norms
 from gradnoise.rules.conv import conv_prefers_moments
@@ -31,7 +33,7 @@ class ModuleCall:
     """One recorded module call (a plain class with slots: one is made per layer per call)."""
 
     __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "output_version", "last", "seq",
-                 "unbatched", "projections")  # fmt: skip
+                 "unbatched", "projections", "gates")  # fmt: skip
 
     def __init__(self, module: str, args: tuple, kwargs: dict, shapes: list, versions: list) -> None:
         self.module, self.args, self.kwargs, self.versions = module, args, kwargs, versions
@@ -47,6 +49,9 @@ class ModuleCall:
         # the parts the engine's own forward ran in view: an attention call's projections
         # (engine.attention_capture), an RNN call's layers (engine.rnn_capture)
         self.projections: list | None = None
+        # a captured RNN call's first-layer gates (gradient edges, which carry the gradient
+        # to the hooks of every layer) and the switch of its LSTM weights' gradients
+        self.gates: tuple[list, WeightGrads] | None = None
 
 
 def flatten(obj: Any) -> list[Tensor | None]:
@@ -171,6 +176,8 @@ class Recorder(ModuleHooks):
                     c.args, c.kwargs = None, {}
                 if not actions.get(name, set()) & {"gram", "moments"}:
                     c.output = None
+                if c.gates is not None and "moments" in actions.get(name, ()):
+                    c.gates[1].needed = False  # the mean comes from the products (layer_moments)
 
     def _forward_hook(self, name: str):
         on_grad, seq, variance = self._on_grad, self._seq, self.variance
@@ -213,7 +220,7 @@ class Recorder(ModuleHooks):
         actions = self.actions.get(call.module, ())
         if "store" in actions:
             call.grads[j] = g
-        projected = call.projections is not None and actions == {"norms"} and self.weights is None
+        projected = call.projections is not None and actions in ({"norms"}, {"moments"}) and self.weights is None
         if j == 0 and not projected and ("norms" in actions or "grads" in actions or "gram" in actions or "moments" in actions):
             self._apply_rule(call, g)
         if call.last:
@@ -280,11 +287,12 @@ class Recorder(ModuleHooks):
     def _gates(self, call: ModuleCall, module: nn.RNNBase) -> None:
         """Hooks on the gates of this RNN call, if the capture ran it: the gradient of each
         layer's input part (after those of its recurrent parts, which only a GRU needs)."""
-        key, parts = self.rnn_capture.calls[-1]
+        key, parts, wanted = self.rnn_capture.calls[-1]
         if key != id(module._flat_weights[0]):
             return
         self.rnn_capture.calls.pop()
         call.projections = [part.suffix for part in parts]
+        call.gates = ([get_gradient_edge(p.gx) for p in parts if p.suffix in ("_l0", "_l0_reverse")], wanted)
         for part in parts:
             recurrent = [None] * len(part.gh) if isinstance(module, nn.GRU) else None
             for t, gh in enumerate(part.gh if recurrent is not None else ()):
@@ -292,16 +300,22 @@ class Recorder(ModuleHooks):
             part.gx.register_hook(functools.partial(self._on_gates, call, part, recurrent))
 
     def _on_gates(self, call: ModuleCall, part, recurrent: list | None, g: Tensor) -> None:
-        """An RNN layer's gate gradients: its norms (:func:`~gradnoise.engine.rnn.layer_norms`)."""
-        if self.actions.get(call.module) != {"norms"}:
+        """An RNN layer's gate gradients: its norms (:func:`~gradnoise.engine.rnn.layer_norms`),
+        and on the moments path its mean gradient."""
+        actions = self.actions.get(call.module)
+        if actions not in ({"norms"}, {"moments"}):
             return
         dx = g.detach()
         dh = dx  # the gates' recurrent part enters as its input part does, except in a GRU
         if recurrent is not None:
             dh = torch.stack([torch.zeros_like(gh) if d is None else d for gh, d in zip(part.gh, recurrent, strict=True)], 1)
         (a, dx), (prev, dh) = in_float32(part.input, dx), in_float32(part.prev, dh)
-        norms = layer_norms(part._replace(input=a, prev=prev), dx, dh, self.modules[call.module].bias, self.variance,
-                            self.batch if self.variance else 1.0)  # fmt: skip
+        part, bias, scale = part._replace(input=a, prev=prev), self.modules[call.module].bias, self.batch if self.variance else 1.0
+        if actions == {"moments"}:
+            norms, means = layer_moments(part, dx, dh, bias, self.variance, scale)
+            self.means.setdefault(call.module, {}).update(means)
+        else:
+            norms = layer_norms(part, dx, dh, bias, self.variance, scale)
         self.norms.setdefault(call.module, {}).update(norms)
 
     def _tied_part(self, name: str, a: Tensor, d: Tensor) -> None:

@@ -278,6 +278,11 @@ def moments_ready(module: nn.Module, call: ModuleCall) -> bool:
     """Whether a layer takes the moments path: its rule has ``moments`` and its output may
     carry the gradient (:func:`gram_ready`) — the recorder keeps it only where skipping
     the parameters' gradients saves work (see ``Recorder.keep_output``)."""
+    if isinstance(module, nn.RNNBase):
+        # a captured LSTM: its gates' gradient gives the products (engine.rnn.layer_moments); a
+        # GRU's or RNN's recurrent parts are gradients of the weights' own nodes, which the
+        # backward pass would then skip at the first step
+        return isinstance(module, nn.LSTM) and call.gates is not None
     return getattr(rule_for(module), "moments", None) is not None and gram_ready(call)
 
 

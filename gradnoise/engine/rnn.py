@@ -18,11 +18,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gradnoise.engine.lstm_recurrence import lstm_layer
-from gradnoise.rules import dense_norms
+from gradnoise.engine.lstm_recurrence import WeightGrads, lstm_layer
+from gradnoise.rules import dense_moments, dense_norms
 from gradnoise.rules.registry import Norms
 
-__all__ = ["Unrolled", "kind_of", "layer_norms", "per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms",
+__all__ = ["Unrolled", "kind_of", "layer_moments", "layer_norms", "per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms",
            "unroll", "unrollable"]
 
 
@@ -66,11 +66,13 @@ class Unrolled(NamedTuple):
     gh: list[Tensor]
 
 
-def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, layers: int, bidirectional: bool):
+def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, layers: int, bidirectional: bool,
+           weight_grads: WeightGrads | None = None):  # fmt: skip
     """torch's recurrence (``torch._VF.<kind>`` on a batch-first input ``x [B, T, in]``, initial
     state ``hx`` as torch takes it, ``weights`` flat in torch's order), one step at a time
     with the gate pre-activations kept. Returns the output ``[B, T, D·H]``, the final states
-    as torch returns them (``(h_n, c_n)`` for an LSTM) and the :class:`Unrolled` parts."""
+    as torch returns them (``(h_n, c_n)`` for an LSTM) and the :class:`Unrolled` parts.
+    ``weight_grads``: see :func:`~gradnoise.engine.lstm_recurrence.lstm_layer`."""
     D, per = 2 if bidirectional else 1, 4 if has_biases else 2
     h0, c0 = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
     layer_in, finals, parts = x, [], []
@@ -85,7 +87,7 @@ def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, la
                 gx.requires_grad_(True)
             suffix = f"_l{layer}" + ("_reverse" if d else "")
             if kind == "lstm":  # one autograd node for the whole recurrence
-                y, h_n, c_n = lstm_layer(gx.flip(1) if d else gx, w_hh, b_hh, h0[k], c0[k])
+                y, h_n, c_n = lstm_layer(gx.flip(1) if d else gx, w_hh, b_hh, h0[k], c0[k], weight_grads)
                 prev = torch.cat([h0[k][:, None], y[:, :-1]], 1)
                 outs.append(y.flip(1) if d else y)
                 finals.append((h_n, c_n))
@@ -118,6 +120,19 @@ def layer_norms(part: Unrolled, dx: Tensor, dh: Tensor, biases: bool, elementwis
         for k, v in dense_norms(a, d, biases, elementwise, scale).items():
             out[f"{k}_{kind}{part.suffix}"] = v
     return out
+
+
+def layer_moments(part: Unrolled, dx: Tensor, dh: Tensor, biases: bool, elementwise: bool,
+                  scale: float) -> tuple[Norms, dict[str, Tensor]]:  # fmt: skip
+    """:func:`layer_norms` and the mean gradient of each parameter, from the per-example
+    products (:func:`~gradnoise.rules.dense_moments`), so that the backward pass need not
+    form the weights' gradients."""
+    norms, means = {}, {}
+    for kind, a, d in (("ih", part.input, dx), ("hh", part.prev, dh)):
+        n, m = dense_moments(a, d, biases, elementwise, scale)
+        for k in n:
+            norms[f"{k}_{kind}{part.suffix}"], means[f"{k}_{kind}{part.suffix}"] = n[k], m[k]
+    return norms, means
 
 
 def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None]) -> list[tuple]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch.overrides import TorchFunctionMode
 
+from gradnoise.engine.lstm_recurrence import WeightGrads
 from gradnoise.engine.rnn import Unrolled, unroll
 
 __all__ = ["RNNCapture"]
@@ -26,12 +27,12 @@ _KINDS = {torch._VF.lstm: "lstm", torch._VF.gru: "gru", torch._VF.rnn_tanh: "rnn
 
 class RNNCapture(TorchFunctionMode):
     """Runs batched calls of torch's recurrences itself and records, per call, its
-    :class:`~gradnoise.engine.rnn.Unrolled` parts (:attr:`calls`: in order, keyed by the
-    first weight tensor's id)."""
+    :class:`~gradnoise.engine.rnn.Unrolled` parts and the switch of its LSTM weights'
+    gradients (:attr:`calls`: in order, keyed by the first weight tensor's id)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[tuple[int, list[Unrolled]]] = []
+        self.calls: list[tuple[int, list[Unrolled], WeightGrads]] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kind = _KINDS.get(func)
@@ -45,8 +46,9 @@ class RNNCapture(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
     def _run(self, kind, x, hx, weights, has_biases, layers, bidirectional, batch_first):
+        wanted = WeightGrads()
         out, finals, parts = unroll(kind, x if batch_first else x.transpose(0, 1), hx, weights, has_biases, layers,
-                                    bidirectional)  # fmt: skip
-        self.calls.append((id(weights[0]), parts))
+                                    bidirectional, wanted)  # fmt: skip
+        self.calls.append((id(weights[0]), parts, wanted))
         out = out if batch_first else out.transpose(0, 1)
         return (out, *finals) if kind == "lstm" else (out, finals)
