@@ -15,9 +15,10 @@ Two ways to measure (``mode``):
 
 * ``"hooks"``: forward hooks and output-gradient hooks on the supported layers apply the
   per-layer rules of :mod:`gradnoise.rules` inside *your* backward pass, and the mean
-  gradient is read from ``.grad`` — no extra forward or backward. Needs every trainable
-  parameter in a supported layer called once per forward, a mean-reduced loss, and
-  ``step()`` between ``backward()`` and ``zero_grad()``.
+  gradient is read from ``.grad`` — no extra forward or backward (an LSTM, GRU or RNN
+  layer's recurrence runs again after the backward pass, from its kept inputs and output
+  gradients). Needs every trainable parameter in a supported layer called once per
+  forward, a mean-reduced loss, and ``step()`` between ``backward()`` and ``zero_grad()``.
 * ``"separate"``: ``step()`` calls :func:`gradnoise.gradient_stats` on the batch (one extra
   forward and backward). Works for any model.
 * ``"two-batch"``: only the two-batch estimate from micro-batch or per-rank gradients.
@@ -62,6 +63,7 @@ from gradnoise._functional import (
 )
 from gradnoise.distributed import group_of
 from gradnoise.eigen import hessian_eigenvalues
+from gradnoise.engine.rnn import unrollable
 from gradnoise.engine.step_hooks import StepHooks
 from gradnoise.micro_batches import MicroBatches
 from gradnoise.monitor_mode import NORM_LAYERS, batchnorm_eval, choose_mode, scoped
@@ -240,7 +242,8 @@ class Monitor:
             return
         if self.mode == "hooks" and self._hooks is None:
             modules = {m: mod for m, mod in self.inner.named_modules()
-                       if rule_for(mod) is not None and (self.scope == "all" or isinstance(mod, NORM_LAYERS))}  # fmt: skip
+                       if (rule_for(mod) is not None and (self.scope == "all" or isinstance(mod, NORM_LAYERS)))
+                       or (unrollable(mod) and self.scope == "all")}  # fmt: skip
             self._hooks = StepHooks(
                 self.inner, modules, armed=lambda: self._armed, elementwise=self.variance, loss_scale=self.loss_scale,
                 strict=self.strict, metric=self._metric if self.preconditioner is not None else None,

@@ -11,6 +11,7 @@ from torch import nn
 from gradnoise._functional import trainable_params
 from gradnoise.distributed import Group
 from gradnoise.engine.plan import param_owners
+from gradnoise.engine.rnn import unrollable
 from gradnoise.rules import rule_for
 from gradnoise.rules.tied import tied_pair
 
@@ -84,14 +85,17 @@ def choose_mode(model: nn.Module, mode: str, *, batchnorm: str, accumulation_ste
         return mode
     owners = param_owners(model, trainable_params(model))
     modules = dict(model.named_modules())
+    # an RNN is measured by running its recurrence again (StepHooks), which needs its whole weights: not under FSDP
+    sharded = group is not None and group.sharded
     uncovered = [
         n for n, os in owners.items()
-        if not (tied_ok and tied_pair(os, modules)) and (len(os) != 1 or rule_for(modules[os[0][0]]) is None)
+        if not (tied_ok and tied_pair(os, modules))
+        and (len(os) != 1 or not (rule_for(modules[os[0][0]]) or (unrollable(modules[os[0][0]]) and not sharded)))
     ]  # fmt: skip
     if mode == "hooks" and uncovered:
         raise ValueError(
             f"mode='hooks' needs every trainable parameter in a supported layer "
-            f"(Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention); not covered: "
+            f"(Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention, LSTM/GRU/RNN); not covered: "
             f"{uncovered[:5]}. Use mode='separate' (one extra forward and backward per step)"
         )
     if compiled and mode == "hooks":

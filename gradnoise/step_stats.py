@@ -59,6 +59,11 @@ def _check(hooks: StepHooks, accumulation_steps: int) -> None:
             f"layers {sorted(hooks.off_batch)[:3]} run on a tensor that does not depend on the batch (such as a "
             "position embedding on arange(T)): their per-example gradients need mode='separate'"
         )
+    if hooks.unsupported:
+        raise HooksCannotMeasure(
+            f"RNN calls of {sorted(hooks.unsupported)[:3]} that the hooks cannot run again as torch ran them (a packed "
+            "sequence, or dropout between layers in training): their per-example gradients need mode='separate'"
+        )
     sizes = [t.shape[0] for t in next(iter(hooks.sq.values()), [])]
     if len(set(sizes)) > 1:  # .grad/factor is then not the mean over the examples
         raise ValueError(

@@ -189,7 +189,7 @@ def _adam_run(monitor_kwargs=None, steps=4, accumulation=1, mode="hooks", case="
 @pytest.mark.parametrize("variance", [False, True])
 @pytest.mark.parametrize("mode, accumulation, case", [("hooks", 1, "mlp"), ("hooks", 2, "mlp"), ("separate", 1, "mlp"),
                                                       ("hooks", 1, "layernorm"), ("hooks", 1, "mha"),
-                                                      ("hooks", 1, "conv1d")])  # fmt: skip
+                                                      ("hooks", 1, "conv1d"), ("hooks", 1, "lstm"), ("hooks", 2, "gru")])  # fmt: skip
 def test_the_monitor_records_the_preconditioned_noise_scale(mode, accumulation, case, variance):
     """With AdamW: training bitwise identical to a run without the monitor; each record holds
     tr(PΣ), GᵀPG and B_simple^P of the optimizer's metric before its step (None before the

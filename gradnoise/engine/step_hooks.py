@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from gradnoise._functional import is_measuring, rng_rewinder
+from gradnoise._functional import is_measuring, preserved_state, rng_rewinder
 from gradnoise.engine.attention_capture import AttentionCapture
 from gradnoise.engine.batch_trace import input_signature
 from gradnoise.engine.broadcast import same_outputs, trace_signature
@@ -19,15 +19,22 @@ from gradnoise.engine.hooks import (
     LOW_PRECISION,
     ModuleHooks,
     batch_dim,
+    flatten,
     in_float32,
     rule_input,
     widen,
 )
 from gradnoise.engine.plan import plan_for
+from gradnoise.engine.rnn import per_example_rnn_norms, rnn_grads
 from gradnoise.rules import dense_norms, rule_for, weighted_norms
 from gradnoise.rules.tied import TiedParts, tied_pair
 
 __all__ = ["DEFER_ELEMENTS", "StepHooks"]
+
+
+def _owns_children(module: nn.Module) -> bool:
+    rule = rule_for(module)
+    return rule is not None and rule.owns_children
 
 DEFER_ELEMENTS = 1 << 20  # a layer's input + output gradient up to this size: rule applied after backward
 
@@ -39,6 +46,21 @@ class _Projection(NamedTuple):
     prefix: str
     a: Tensor
     to_batch: Callable[[Tensor], Tensor]
+
+
+class _RNNCall(NamedTuple):
+    """An RNN call (:mod:`gradnoise.engine.rnn`): its arguments (detached) and the gradients
+    of its outputs (``output``, ``h_n`` and for an LSTM ``c_n``; ``None`` where none came)."""
+
+    args: tuple
+    grads: list[Tensor | None]
+
+
+def _rnn_supported(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """A call the RNN recurrence recomputes as torch ran it: a batched tensor input, and no
+    dropout between layers in training (whose masks the recomputation would not draw)."""
+    return (not kwargs and bool(args) and isinstance(args[0], Tensor) and args[0].dim() == 3
+            and not (module.training and module.dropout > 0 and module.num_layers > 1))  # fmt: skip
 
 
 class StepHooks(ModuleHooks):
@@ -58,6 +80,13 @@ class StepHooks(ModuleHooks):
     only broadcasts against it (``wpe(arange(T))``) has its output expanded over the batch in
     the measured forward passes — the same values, so the same training — and is measured
     like the others; any other layer off the batch is named in :attr:`off_batch`.
+
+    ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` run torch's fused kernel in the user's forward,
+    whose gates no hook sees: their calls' inputs and output gradients are kept, and after
+    the backward pass the recurrence is run again from them (one forward and backward of
+    that layer alone, :func:`~gradnoise.engine.rnn.per_example_rnn_norms`). A call that
+    cannot be run again as torch ran it (a packed sequence, dropout between layers in
+    training) is named in :attr:`unsupported`.
 
     A weight tied between an ``nn.Embedding`` and an ``nn.Linear`` head (``pairs``) gets the
     two layers' norms and their cross term (:mod:`gradnoise.rules.tied`); without
@@ -86,7 +115,7 @@ class StepHooks(ModuleHooks):
         canonical = {id(p): n for n, p in root.named_parameters()}  # a tied weight: its first name
         self.locals = {  # parameters of each hooked layer (and of children its rule owns): local → full name
             name: {local: canonical.get(id(p), f"{name}.{local}")
-                   for local, p in m.named_parameters(recurse=rule_for(m).owns_children, remove_duplicate=False)}
+                   for local, p in m.named_parameters(recurse=_owns_children(m), remove_duplicate=False)}
             for name, m in modules.items()
         }  # fmt: skip
         self.root = root
@@ -105,7 +134,7 @@ class StepHooks(ModuleHooks):
         self._expand: frozenset[str] = frozenset()
         self._batch = 0
         self.armed, self.elementwise, self.loss_scale, self.strict = armed, elementwise, loss_scale, strict
-        self.rules = {name: rule_for(m) for name, m in modules.items()}  # fixed per module
+        self.rules = {name: rule_for(m) for name, m in modules.items()}  # fixed per module (None: an RNN)
         self.batch_dims = {name: batch_dim(m) for name, m in modules.items()}
         self.reset()
 
@@ -117,6 +146,7 @@ class StepHooks(ModuleHooks):
         self.failed: str | None = None
         self.pending: list[tuple] = []  # (name, module, input, output gradient, tied parts), for flush()
         self.off_batch: set[str] = set()  # layers of this step's forward passes not on the batch
+        self.unsupported: set[str] = set()  # RNN calls that cannot be run again as torch ran them
         # parameter → the 16-bit dtype of its layer's output gradient (autocast): its .grad
         # carries that rounding (layers autocast runs in float32, LayerNorm, do not)
         self.low_precision: dict[str, torch.dtype] = {}
@@ -186,12 +216,15 @@ class StepHooks(ModuleHooks):
             self._capture.__enter__()
 
     def _forward_hook(self, name: str):
-        whole_call = self.rules[name].whole_call
+        whole_call = self.rules[name] is not None and self.rules[name].whole_call
 
         def hook(module, args, kwargs, output):
             if not self.armed() or not torch.is_grad_enabled() or is_measuring():
                 return  # only the user's own forward passes of measured steps count
             if name in self.off_batch:
+                return None
+            if self.rules[name] is None:
+                self._rnn_call(name, module, args, kwargs, output)
                 return None
             expanded = name in self._expand
             if expanded:  # the same values for every example: what broadcasting gives each
@@ -208,6 +241,26 @@ class StepHooks(ModuleHooks):
 
         hook._gradnoise_observer = True  # reads only: the closed-form Hessian path may ignore it
         return hook
+
+    def _rnn_call(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        """Keeps an RNN call's inputs and, once they all arrive, its outputs' gradients."""
+        if not _rnn_supported(module, args, kwargs):
+            self.unsupported.add(name)
+            return
+        outs = flatten(output)
+        wanted = [t for t in outs if isinstance(t, Tensor) and t.requires_grad]
+        if not wanted:
+            return
+        kept = tuple(tuple(h.detach() for h in t) if isinstance(t, tuple) else t.detach() for t in args)
+
+        def on_grads(grads) -> None:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            found = iter(grads)
+            by_position = [next(found) if isinstance(t, Tensor) and t.requires_grad else None for t in outs]
+            self.pending.append((name, module, _RNNCall(kept, [None if g is None else g.detach() for g in by_position]),
+                                 None, None))  # fmt: skip
+
+        torch.autograd.graph.register_multi_grad_hook(wanted, on_grads)
 
     def _captured(self, name: str, module: nn.MultiheadAttention) -> bool:
         """Hooks on this attention call's projections, if the capture ran it."""
@@ -244,7 +297,10 @@ class StepHooks(ModuleHooks):
         for item in pending:
             self._apply(*item)
 
-    def _apply(self, name: str, module: nn.Module, a, g: Tensor, tied: tuple | None = None) -> None:
+    def _apply(self, name: str, module: nn.Module, a, g: Tensor | None, tied: tuple | None = None) -> None:
+        if isinstance(a, _RNNCall):
+            self._apply_rnn(name, module, a)
+            return
         low = g.dtype if g.dtype in LOW_PRECISION else None
         if isinstance(a, _Projection):  # an attention projection: a Linear layer on [B, T, ·]
             prefix, bias = a.prefix, (module.in_proj_bias if a.prefix == "in_proj_" else module.out_proj.bias) is not None
@@ -274,6 +330,34 @@ class StepHooks(ModuleHooks):
             local_w = {k: w if w is not None else torch.ones_like(module.get_parameter(k)) for k, w in local_w.items()}
             for local, (sq, _) in weighted_norms(self.rules[name], module, a, g, local_w, False, scale).items():
                 self.sq_p.setdefault(full[local], []).append(sq)
+
+    def _apply_rnn(self, name: str, module: nn.Module, call: _RNNCall) -> None:
+        """An RNN call's norms, from its recurrence run again (16-bit tensors in float32) on the kept inputs
+        with the kept output gradients; in the metric ``P`` from its per-example gradients."""
+        low = next((g.dtype for g in call.grads if g is not None and g.dtype in LOW_PRECISION), None)
+        f32 = lambda t: t.float() if t is not None and t.dtype in LOW_PRECISION else t  # noqa: E731
+        args = tuple(tuple(map(f32, t)) if isinstance(t, tuple) else f32(t) for t in call.args)
+        grads = [f32(g) for g in call.grads]
+        B = args[0].shape[self.batch_dims[name]]
+        scale = B / self.loss_scale
+        with preserved_state(module, [module]):  # its forward may run again: not a call of the user's
+            _, norms, _ = per_example_rnn_norms(module, args, grads, B, self.elementwise, scale)
+        full = self.locals[name]
+        for local, (sq, s2) in norms.items():
+            key = full[local]
+            if low is not None:
+                self.low_precision[key] = low
+            self.sq.setdefault(key, []).append(sq)
+            if s2 is not None:
+                self.sum_sq[key] = self.sum_sq[key] + s2 if key in self.sum_sq else s2
+        weights = None if self.elementwise else self.step_weights()
+        if weights is not None:
+            with preserved_state(module, [module]):
+                per_example = rnn_grads(module, args, grads, B)
+            for local, g in per_example.items():
+                w = weights.get(full[local])
+                g2 = g.square().mul_(scale * scale).flatten(1)
+                self.sq_p.setdefault(full[local], []).append(g2.sum(1) if w is None else g2 @ w.flatten())
 
     def _tied_norms(self, tied: tuple, module: nn.Module, a, g: Tensor, sq: Tensor, scale: float) -> Tensor | None:
         """``|g_i|²`` of a tied weight once both of its layers are in (else ``None``): the two

@@ -1,0 +1,98 @@
+"""The Monitor's hooks mode on LSTM, GRU and RNN layers: their calls' inputs and output
+gradients are kept, and after the user's backward pass (torch's fused kernel, untouched)
+the recurrence runs again for their norms (engine/step_hooks.py). Against gradient_stats
+by vmap in float64, with training bitwise unchanged."""
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import gradnoise as gn
+from tests.cases import CASES_BY_NAME, Case, SeqHead, labels, randn
+
+
+class LastState(nn.Module):
+    """A classifier from the LSTM's final hidden and cell states (h_n, c_n), with an initial
+    state computed from the first input (in the graph, per example)."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.body, self.head = nn.LSTM(4, 5, num_layers=2, batch_first=True, dropout=dropout), nn.Linear(10, 3)
+        self.init = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h0 = torch.tanh(self.init(x[:, 0])).view(-1, 2, 5).transpose(0, 1).contiguous()  # [layers, B, H]
+        _, (h, c) = self.body(x, (h0, torch.tanh(h0)))
+        return self.head(torch.cat([h[-1], c[-1]], 1))
+
+
+RNN_MODELS = {
+    "lstm": CASES_BY_NAME["lstm"],
+    "gru": CASES_BY_NAME["gru"],
+    "rnn-stack": Case("rnn-stack", lambda: SeqHead(nn.RNN(4, 5, num_layers=2, bidirectional=True), 10, batch_first=False),
+                      randn(6, 4), labels(3)),  # fmt: skip
+}
+
+
+def _train(model, loss, batches, monitored: bool, k: int = 1):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mon = gn.Monitor(model, loss, strict=True, accumulation_steps=k) if monitored else None
+    recs = []
+    for x, y in batches:
+        opt.zero_grad()
+        for xs, ys in zip(x.chunk(k), y.chunk(k), strict=True):
+            (loss(model(xs), ys) / k).backward()
+        if mon is not None:
+            recs.append((mon.step(x, y), gn.gradient_stats(model, loss, x, y, method="vmap", variance=False)))
+        opt.step()
+    mode = None if mon is None else mon.mode
+    if mon is not None:
+        mon.close()
+    return [p.detach().clone() for p in model.parameters()], recs, mode
+
+
+def _batches(case_inputs, n=3, batch=8):
+    g = torch.Generator().manual_seed(3)
+    return [(case_inputs(g, batch).double(), torch.randint(0, 3, (batch,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn-stack", "last-state"])
+def test_the_monitor_measures_rnns_in_hooks_mode(name, accumulation):
+    """Hooks mode (no second pass over the model): each step's record equals gradient_stats
+    by vmap, through the output and through the final states, with accumulation too; and the
+    training is bitwise that of a run without the monitor."""
+    if name == "last-state":
+        torch.manual_seed(0)
+        model, loss, inputs = LastState().double(), nn.CrossEntropyLoss(), randn(6, 4)
+    else:
+        model, loss, _, _ = RNN_MODELS[name].make(torch.float64)
+        inputs = RNN_MODELS[name].inputs
+    batches = _batches(inputs)
+    plain, _, _ = _train(copy.deepcopy(model), loss, batches, False, accumulation)
+    params, recs, mode = _train(model, loss, batches, True, accumulation)
+    assert mode == "hooks"
+    assert all(torch.equal(a, b) for a, b in zip(plain, params, strict=True))
+    for rec, ref in recs:
+        assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-9)
+        assert rec["grad_norm_sq"] == pytest.approx(ref.grad_norm_sq, rel=1e-8, abs=1e-9 * ref.trace_cov)
+
+
+def test_an_rnn_call_the_hooks_cannot_run_again_is_measured_in_a_separate_pass(caplog):
+    """Dropout between LSTM layers in training draws masks the recurrence run again would
+    not: the Monitor says so and measures in mode='separate' from then on, still right."""
+    torch.manual_seed(0)
+    model, loss = LastState(dropout=0.5).double(), nn.CrossEntropyLoss()
+    (x, y), = _batches(randn(6, 4), n=1)
+    mon = gn.Monitor(model, loss)
+    assert mon.mode == "hooks"
+    torch.manual_seed(1)
+    loss(model(x), y).backward()
+    with caplog.at_level(logging.INFO, logger="gradnoise.monitor"):
+        rec = mon.step(x, y)
+    assert mon.mode == "separate" and "dropout between layers in training" in caplog.text
+    assert rec["trace_cov"] is not None and rec["trace_cov"] > 0
+    mon.close()
