@@ -64,20 +64,28 @@ class _LSTMLayer(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: Tensor | None, d_hn: Tensor | None, d_cn: Tensor | None):
+        if ctx.wanted is None:
+            raise RuntimeError("the engine's LSTM recurrence was differentiated twice; its backward reuses its buffers")
+        wanted, ctx.wanted = ctx.wanted.needed, None
         acts, cs, hs, w_hh, h0, c0 = ctx.saved_tensors
         T, G, B = acts.shape
         H = G // 4
         dtype = acts.dtype
         i, f, g, o = acts.chunk(4, 1)
-        c_prev = torch.cat([c0.to(dtype).T[None], cs[:-1]])
         tc = cs.tanh()
         # What multiplies the carried gradients, for all steps at once: K takes ∂L/∂h_t to
         # ∂L/∂c_t; M holds the input, forget and cell gates' factors of ∂L/∂c_t, N the output
-        # gate's of ∂L/∂h_t.
+        # gate's of ∂L/∂h_t. M and N overwrite the gates (not needed after this), f kept.
         K = o * (1 - tc * tc)
-        M = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 1)  # [T, 3, H, B]
-        N = tc * o * (1 - o)
-        del tc, c_prev
+        N = tc.mul_(o).mul_(1 - o)
+        forget = f.clone()
+        m_i, m_g = g * i * (1 - i), i * (1 - g * g)
+        i.copy_(m_i)
+        g.copy_(m_g)
+        del m_i, m_g
+        f.mul_(1 - forget)[1:].mul_(cs[:-1])
+        f[0].mul_(c0.to(dtype).T)
+        M = acts[:, : 3 * H].view(T, 3, H, B)
         dy = d_out.permute(1, 2, 0) if d_out is not None else acts.new_zeros(T, H, B)
         wt = w_hh.to(dtype).T
         delta = torch.empty_like(acts)
@@ -90,13 +98,13 @@ class _LSTMLayer(torch.autograd.Function):
             Dc = torch.addcmul(carry, Dh, K[t])
             torch.mul(M[t], Dc, out=delta[t, : 3 * H].view(3, H, B))
             torch.mul(Dh, N[t], out=delta[t, 3 * H :])
-            carry = Dc.mul_(f[t])
+            carry = Dc.mul_(forget[t])
         d_gates = delta.permute(2, 0, 1).contiguous()  # [B, T, 4H], the layout of gx
         d_w = d_b = d_h0 = d_c0 = None
-        if ctx.needs_input_grad[1] and ctx.wanted.needed:
+        if ctx.needs_input_grad[1] and wanted:
             prev = torch.cat([h0.to(dtype)[:, None], hs[:-1].permute(2, 0, 1)], 1)
             d_w = (d_gates.flatten(0, 1).T @ prev.flatten(0, 1)).to(w_hh.dtype)
-        if ctx.needs_input_grad[2] and ctx.wanted.needed:
+        if ctx.needs_input_grad[2] and wanted:
             d_b = delta.sum((0, 2)).to(w_hh.dtype)
         if ctx.needs_input_grad[3]:
             d_h0 = (wt @ delta[0]).T.to(h0.dtype)

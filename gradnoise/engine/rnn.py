@@ -186,18 +186,19 @@ def rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
 
 
 def rnn_norms(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int, elementwise: bool,
-              scale: float = 1.0) -> tuple[Norms, dict[str, Tensor]]:  # fmt: skip
+              scale: float = 1.0, sums: bool = True) -> tuple[Norms, dict[str, Tensor]]:  # fmt: skip
     """The layer-rule form of :func:`rnn_grads` without materialising ``B × P`` numbers: per
     parameter ``|g_i|²`` and (with ``elementwise``) ``Σ_i g_i²`` of ``scale · output_grads``
-    (:func:`layer_norms`), and the summed gradient ``Σ_i g_i`` of ``output_grads``."""
-    norms, sums = {}, {}
+    (:func:`layer_norms`), and (with ``sums``, else empty) the summed gradient ``Σ_i g_i`` of
+    ``output_grads``."""
+    norms, summed = {}, {}
     for part, dx, dh in _unrolled(module, args, output_grads):
         norms.update(layer_norms(part, dx, dh, module.bias, elementwise, scale))
-        for kind, inp, d in (("ih", part.input, dx), ("hh", part.prev, dh)):
-            sums[f"weight_{kind}{part.suffix}"] = d.flatten(0, 1).T @ inp.flatten(0, 1)
+        for kind, inp, d in (("ih", part.input, dx), ("hh", part.prev, dh)) if sums else ():
+            summed[f"weight_{kind}{part.suffix}"] = d.flatten(0, 1).T @ inp.flatten(0, 1)
             if module.bias:
-                sums[f"bias_{kind}{part.suffix}"] = d.sum((0, 1))
-    return norms, sums
+                summed[f"bias_{kind}{part.suffix}"] = d.sum((0, 1))
+    return norms, summed
 
 
 def rnn_grads_looped(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int) -> dict[str, Tensor]:
@@ -237,14 +238,15 @@ def _norms_from_grads(grads: dict[str, Tensor], elementwise: bool, scale: float)
 
 
 def per_example_rnn_norms(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int,
-                          elementwise: bool, scale: float = 1.0) -> tuple[str, Norms, dict[str, Tensor]]:  # fmt: skip
+                          elementwise: bool, scale: float = 1.0, sums: bool = True) -> tuple[str, Norms, dict[str, Tensor]]:  # fmt: skip
     """:func:`rnn_norms`, or the same from :func:`rnn_grads_looped` (torch's fused kernel, one
     example at a time), whichever measured faster the first time this configuration and
     shape were seen (long sequences of few examples favour the loop). Returns the path taken
-    (``"rnn-unrolled"`` or ``"rnn-looped"``), the norms and the summed gradients."""
+    (``"rnn-unrolled"`` or ``"rnn-looped"``), the norms and the summed gradients (``sums``:
+    see :func:`rnn_norms`)."""
     key = (type(module), module.num_layers, module.hidden_size, module.input_size, module.bidirectional,
            module.batch_first, tuple(args[0].shape), len(args), args[0].device.type, elementwise)  # fmt: skip
-    unrolled = lambda: rnn_norms(module, args, output_grads, batch, elementwise, scale)  # noqa: E731
+    unrolled = lambda: rnn_norms(module, args, output_grads, batch, elementwise, scale, sums)  # noqa: E731
     looped = lambda: _norms_from_grads(rnn_grads_looped(module, args, output_grads, batch), elementwise, scale)  # noqa: E731
     candidates = {"rnn-unrolled": unrolled, "rnn-looped": looped}
     if key in _FASTER:

@@ -341,7 +341,7 @@ class StepHooks(ModuleHooks):
         B = args[0].shape[self.batch_dims[name]]
         scale = B / self.loss_scale
         with preserved_state(module, [module]):  # its forward may run again: not a call of the user's
-            _, norms, _ = per_example_rnn_norms(module, args, grads, B, self.elementwise, scale)
+            _, norms, _ = per_example_rnn_norms(module, args, grads, B, self.elementwise, scale, sums=False)
         full = self.locals[name]
         for local, (sq, s2) in norms.items():
             key = full[local]
