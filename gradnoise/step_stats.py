@@ -62,7 +62,8 @@ def _check(hooks: StepHooks, accumulation_steps: int) -> None:
     if hooks.unsupported:
         raise HooksCannotMeasure(
             f"RNN calls of {sorted(hooks.unsupported)[:3]} that the hooks cannot run again as torch ran them (a packed "
-            "sequence, or dropout between layers in training): their per-example gradients need mode='separate'"
+            "sequence, dropout between layers in training, an input or output modified in place): their "
+            "per-example gradients need mode='separate'"
         )
     sizes = [t.shape[0] for t in next(iter(hooks.sq.values()), [])]
     if len(set(sizes)) > 1:  # .grad/factor is then not the mean over the examples

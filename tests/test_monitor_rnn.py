@@ -96,3 +96,31 @@ def test_an_rnn_call_the_hooks_cannot_run_again_is_measured_in_a_separate_pass(c
     assert mon.mode == "separate" and "dropout between layers in training" in caplog.text
     assert rec["trace_cov"] is not None and rec["trace_cov"] > 0
     mon.close()
+
+
+class InPlaceOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x):
+        out, _ = self.body(x)
+        return self.head(out.relu_().mean(1))  # the LSTM's output modified in place
+
+
+def test_an_rnn_output_modified_in_place_is_measured_in_a_separate_pass(caplog):
+    """torch's RNN output is a view: modified in place, its gradient reaches no hook. The
+    Monitor says so and measures that step and the next in a separate pass, right."""
+    torch.manual_seed(0)
+    model, loss = InPlaceOutput().double(), nn.CrossEntropyLoss()
+    mon = gn.Monitor(model, loss)
+    assert mon.mode == "hooks"
+    for x, y in _batches(randn(6, 4), n=2):
+        model.zero_grad()
+        loss(model(x), y).backward()
+        with caplog.at_level(logging.INFO, logger="gradnoise.monitor"):
+            rec = mon.step(x, y)
+        ref = gn.gradient_stats(model, loss, x, y, method="vmap")
+        assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-9)
+    assert mon.mode == "separate" and "output modified in place" in caplog.text
+    mon.close()

@@ -30,7 +30,7 @@ def _reference(module, x, h0, d_out, d_h, batch_first):
 
 @pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN])
 @pytest.mark.parametrize("batch_first, layers, bidirectional, with_h0", [
-    (True, 1, False, False), (False, 2, True, True), (True, 2, False, True),
+    (True, 1, False, False), (False, 2, True, True), (True, 2, False, True), (False, 1, True, True),
 ])  # fmt: skip
 def test_unrolled_rnn_equals_a_loop_of_autograd(kind, batch_first, layers, bidirectional, with_h0):
     torch.manual_seed(0)
@@ -50,6 +50,10 @@ def test_unrolled_rnn_equals_a_loop_of_autograd(kind, batch_first, layers, bidir
         got = fn(module, args, [d_out, *d_h], B)
         for n in ref:
             torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12)
+    # given torch's output (the training monitor keeps it), a one-layer LSTM's gates come from it
+    given = rnn_grads(module, args, [d_out, *d_h], B, output=module(*args)[0])
+    for n in ref:
+        torch.testing.assert_close(given[n], ref[n], rtol=1e-10, atol=1e-12)
     for elementwise in (False, True):  # the norms without materialising, scaled by 3
         norms, sums = rnn_norms(module, args, [d_out, *d_h], B, elementwise, 3.0)
         assert norms.keys() == sums.keys() == ref.keys()

@@ -31,32 +31,59 @@ class WeightGrads:
         self.needed = True
 
 
+def _given_hidden(gx: Tensor, w: Tensor, b_hh: Tensor | None, h0: Tensor, c0: Tensor, hidden: Tensor):
+    """The forward pass when the hidden states are known (``hidden [B, T, H]``, from torch's
+    kernel): every gate from them at once, in one batched product, and only the cell state
+    step by step (one operation a step). Returns the activated gates, cell and hidden
+    states, hidden-major."""
+    B, T, G = gx.shape
+    H = G // 4
+    hs = hidden.permute(1, 2, 0).contiguous()  # [T, H, B]
+    acts = torch.matmul(w, torch.cat([h0[None], hs[:-1]]))  # [T, 4H, B]
+    acts += gx.permute(1, 2, 0)
+    if b_hh is not None:
+        acts += b_hh.to(acts.dtype)[:, None]
+    acts[:, : 2 * H].sigmoid_()
+    acts[:, 2 * H : 3 * H].tanh_()
+    acts[:, 3 * H :].sigmoid_()
+    i, f, g, _ = acts.chunk(4, 1)
+    cs = i * g
+    c = c0
+    for t in range(T):
+        c = cs[t].addcmul_(f[t], c)
+    return acts, cs, hs
+
+
 class _LSTMLayer(torch.autograd.Function):
     # The state is kept hidden-major, [H, B], and the gates [T, 4H, B]: each step's product
     # is W_hh h_t-1 and every gate a contiguous block (an activation on a strided slice
     # takes a slow path on CPU).
 
     @staticmethod
-    def forward(ctx, gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, c0: Tensor, wanted: WeightGrads):
+    def forward(ctx, gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, c0: Tensor, wanted: WeightGrads,
+                hidden: Tensor | None):  # fmt: skip
         B, T, G = gx.shape
         H = G // 4
         dtype = torch.promote_types(gx.dtype, w_hh.dtype)  # under autocast: gx 16-bit, the state float32
         w = w_hh.to(dtype)
-        acts = torch.empty(T, G, B, dtype=dtype, device=gx.device)
-        if b_hh is None:
-            acts.copy_(gx.permute(1, 2, 0))
-        else:
-            torch.add(gx.permute(1, 2, 0), b_hh.to(dtype)[:, None], out=acts)
-        cs, hs = acts.new_empty(T, H, B), acts.new_empty(T, H, B)
         h, c = h0.to(dtype).T, c0.to(dtype).T
-        for t in range(T):
-            a = acts[t].addmm_(w, h)
-            a[: 2 * H].sigmoid_()
-            a[2 * H : 3 * H].tanh_()
-            a[3 * H :].sigmoid_()
-            i, f, g, o = a.chunk(4)
-            c = torch.mul(f, c, out=cs[t]).addcmul_(i, g)
-            h = torch.mul(o, c.tanh(), out=hs[t])
+        if hidden is not None:
+            acts, cs, hs = _given_hidden(gx, w, b_hh, h, c, hidden.to(dtype))
+        else:
+            acts = torch.empty(T, G, B, dtype=dtype, device=gx.device)
+            if b_hh is None:
+                acts.copy_(gx.permute(1, 2, 0))
+            else:
+                torch.add(gx.permute(1, 2, 0), b_hh.to(dtype)[:, None], out=acts)
+            cs, hs = acts.new_empty(T, H, B), acts.new_empty(T, H, B)
+            for t in range(T):
+                a = acts[t].addmm_(w, h)
+                a[: 2 * H].sigmoid_()
+                a[2 * H : 3 * H].tanh_()
+                a[3 * H :].sigmoid_()
+                i, f, g, o = a.chunk(4)
+                c = torch.mul(f, c, out=cs[t]).addcmul_(i, g)
+                h = torch.mul(o, c.tanh(), out=hs[t])
         ctx.save_for_backward(acts, cs, hs, w_hh, h0, c0)
         ctx.gx_dtype, ctx.wanted = gx.dtype, wanted
         return hs.permute(2, 0, 1).contiguous(), hs[-1].T.contiguous(), cs[-1].T.contiguous()
@@ -86,7 +113,7 @@ class _LSTMLayer(torch.autograd.Function):
         f.mul_(1 - forget)[1:].mul_(cs[:-1])
         f[0].mul_(c0.to(dtype).T)
         M = acts[:, : 3 * H].view(T, 3, H, B)
-        dy = d_out.permute(1, 2, 0) if d_out is not None else acts.new_zeros(T, H, B)
+        dy = d_out.permute(1, 2, 0).contiguous() if d_out is not None else acts.new_zeros(T, H, B)
         wt = w_hh.to(dtype).T
         delta = torch.empty_like(acts)
         carry = d_cn.to(dtype).T if d_cn is not None else acts.new_zeros(H, B)
@@ -110,14 +137,16 @@ class _LSTMLayer(torch.autograd.Function):
             d_h0 = (wt @ delta[0]).T.to(h0.dtype)
         if ctx.needs_input_grad[4]:
             d_c0 = carry.T.to(c0.dtype)
-        return d_gates.to(ctx.gx_dtype), d_w, d_b, d_h0, d_c0, None
+        return d_gates.to(ctx.gx_dtype), d_w, d_b, d_h0, d_c0, None, None
 
 
 def lstm_layer(gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, c0: Tensor,
-               weight_grads: WeightGrads | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+               weight_grads: WeightGrads | None = None, hidden: Tensor | None = None):  # fmt: skip
     """One direction of one LSTM layer over a batch-first sequence, from the input part of its
     gates ``gx = x W_ihᵀ + b_ih`` (``[B, T, 4H]``) and the initial state ``h0, c0 [B, H]``:
     the output ``[B, T, H]`` and the final ``h_n, c_n``, torch's formulas
     (``nn.LSTM``'s documentation). Differentiable once; ``w_hh`` and ``b_hh`` get no gradient
-    while ``weight_grads.needed`` is off when the backward pass runs."""
-    return _LSTMLayer.apply(gx, w_hh, b_hh, h0, c0, weight_grads or WeightGrads())
+    while ``weight_grads.needed`` is off when the backward pass runs. Given ``hidden``, the
+    output ``[B, T, H]`` as torch's kernel computed it, the gates are computed from it at
+    once instead of step by step (equal up to rounding)."""
+    return _LSTMLayer.apply(gx, w_hh, b_hh, h0, c0, weight_grads or WeightGrads(), hidden)

@@ -67,12 +67,14 @@ class Unrolled(NamedTuple):
 
 
 def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, layers: int, bidirectional: bool,
-           weight_grads: WeightGrads | None = None):  # fmt: skip
+           weight_grads: WeightGrads | None = None, output: Tensor | None = None):  # fmt: skip
     """torch's recurrence (``torch._VF.<kind>`` on a batch-first input ``x [B, T, in]``, initial
     state ``hx`` as torch takes it, ``weights`` flat in torch's order), one step at a time
     with the gate pre-activations kept. Returns the output ``[B, T, D·H]``, the final states
     as torch returns them (``(h_n, c_n)`` for an LSTM) and the :class:`Unrolled` parts.
-    ``weight_grads``: see :func:`~gradnoise.engine.lstm_recurrence.lstm_layer`."""
+    ``weight_grads``: see :func:`~gradnoise.engine.lstm_recurrence.lstm_layer`; ``output``:
+    the call's output as torch computed it (batch-first), from which a one-layer LSTM's gates
+    are computed at once."""
     D, per = 2 if bidirectional else 1, 4 if has_biases else 2
     h0, c0 = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
     layer_in, finals, parts = x, [], []
@@ -87,7 +89,10 @@ def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, la
                 gx.requires_grad_(True)
             suffix = f"_l{layer}" + ("_reverse" if d else "")
             if kind == "lstm":  # one autograd node for the whole recurrence
-                y, h_n, c_n = lstm_layer(gx.flip(1) if d else gx, w_hh, b_hh, h0[k], c0[k], weight_grads)
+                H = w_hh.shape[1]
+                known = output[..., d * H : (d + 1) * H] if output is not None and layers == 1 else None
+                known = known.flip(1) if known is not None and d else known
+                y, h_n, c_n = lstm_layer(gx.flip(1) if d else gx, w_hh, b_hh, h0[k], c0[k], weight_grads, known)
                 prev = torch.cat([h0[k][:, None], y[:, :-1]], 1)
                 outs.append(y.flip(1) if d else y)
                 finals.append((h_n, c_n))
@@ -135,10 +140,10 @@ def layer_moments(part: Unrolled, dx: Tensor, dh: Tensor, biases: bool, elementw
     return norms, means
 
 
-def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None]) -> list[tuple]:
+def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None], output: Tensor | None = None) -> list[tuple]:
     """The call unrolled with the shared weights (detached): per layer and direction, its
     :class:`Unrolled` part and the gradients ``δ`` and ``δ^h`` (``[B, T, G]``) of its gates'
-    input and recurrent parts. Output gradients as in :func:`rnn_grads`."""
+    input and recurrent parts. Output gradients and ``output`` as in :func:`rnn_grads`."""
     x = args[0].detach()
     if not module.batch_first:
         x = x.transpose(0, 1)
@@ -151,7 +156,8 @@ def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None])
         hx = h0.detach() if h0 is not None else zeros
     weights = [w.detach() for w in module._flat_weights]
     with torch.enable_grad():
-        out, finals, parts = unroll(kind_of(module), x, hx, weights, module.bias, L, module.bidirectional)
+        known = None if output is None else output.detach() if module.batch_first else output.detach().transpose(0, 1)
+        out, finals, parts = unroll(kind_of(module), x, hx, weights, module.bias, L, module.bidirectional, output=known)
         out = out if module.batch_first else out.transpose(0, 1)
         total = (out * output_grads[0]).sum() if output_grads and output_grads[0] is not None else out.sum() * 0
         for state, g in zip(finals if isinstance(finals, tuple) else (finals,), output_grads[1:], strict=False):
@@ -172,12 +178,14 @@ def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None])
     return found
 
 
-def rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int) -> dict[str, Tensor]:
+def rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int,
+              output: Tensor | None = None) -> dict[str, Tensor]:  # fmt: skip
     """Per-example gradients ``[B, *shape]`` of every parameter of ``module`` for the call
     ``module(*args)``, given the gradients of its outputs (``output``, then ``h_n`` and for an
-    LSTM ``c_n``; ``None`` where none arrived), each of example ``i``'s own loss."""
+    LSTM ``c_n``; ``None`` where none arrived), each of example ``i``'s own loss. ``output``:
+    the call's output, if kept (a one-layer LSTM's gates are then computed from it at once)."""
     grads = {}
-    for part, dx, dh in _unrolled(module, args, output_grads):
+    for part, dx, dh in _unrolled(module, args, output_grads, output):
         sfx = part.suffix
         grads[f"weight_ih{sfx}"] = torch.einsum("btg,bti->bgi", dx, part.input)
         grads[f"weight_hh{sfx}"] = torch.einsum("btg,bth->bgh", dh, part.prev)
@@ -186,13 +194,13 @@ def rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
 
 
 def rnn_norms(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int, elementwise: bool,
-              scale: float = 1.0, sums: bool = True) -> tuple[Norms, dict[str, Tensor]]:  # fmt: skip
+              scale: float = 1.0, sums: bool = True, output: Tensor | None = None) -> tuple[Norms, dict[str, Tensor]]:  # fmt: skip
     """The layer-rule form of :func:`rnn_grads` without materialising ``B × P`` numbers: per
     parameter ``|g_i|²`` and (with ``elementwise``) ``Σ_i g_i²`` of ``scale · output_grads``
     (:func:`layer_norms`), and (with ``sums``, else empty) the summed gradient ``Σ_i g_i`` of
-    ``output_grads``."""
+    ``output_grads``; ``output`` as in :func:`rnn_grads`."""
     norms, summed = {}, {}
-    for part, dx, dh in _unrolled(module, args, output_grads):
+    for part, dx, dh in _unrolled(module, args, output_grads, output):
         norms.update(layer_norms(part, dx, dh, module.bias, elementwise, scale))
         for kind, inp, d in (("ih", part.input, dx), ("hh", part.prev, dh)) if sums else ():
             summed[f"weight_{kind}{part.suffix}"] = d.flatten(0, 1).T @ inp.flatten(0, 1)
@@ -238,15 +246,16 @@ def _norms_from_grads(grads: dict[str, Tensor], elementwise: bool, scale: float)
 
 
 def per_example_rnn_norms(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int,
-                          elementwise: bool, scale: float = 1.0, sums: bool = True) -> tuple[str, Norms, dict[str, Tensor]]:  # fmt: skip
+                          elementwise: bool, scale: float = 1.0, sums: bool = True,
+                          output: Tensor | None = None) -> tuple[str, Norms, dict[str, Tensor]]:  # fmt: skip
     """:func:`rnn_norms`, or the same from :func:`rnn_grads_looped` (torch's fused kernel, one
     example at a time), whichever measured faster the first time this configuration and
     shape were seen (long sequences of few examples favour the loop). Returns the path taken
-    (``"rnn-unrolled"`` or ``"rnn-looped"``), the norms and the summed gradients (``sums``:
-    see :func:`rnn_norms`)."""
+    (``"rnn-unrolled"`` or ``"rnn-looped"``), the norms and the summed gradients (``sums``,
+    ``output``: see :func:`rnn_norms`)."""
     key = (type(module), module.num_layers, module.hidden_size, module.input_size, module.bidirectional,
            module.batch_first, tuple(args[0].shape), len(args), args[0].device.type, elementwise)  # fmt: skip
-    unrolled = lambda: rnn_norms(module, args, output_grads, batch, elementwise, scale, sums)  # noqa: E731
+    unrolled = lambda: rnn_norms(module, args, output_grads, batch, elementwise, scale, sums, output)  # noqa: E731
     looped = lambda: _norms_from_grads(rnn_grads_looped(module, args, output_grads, batch), elementwise, scale)  # noqa: E731
     candidates = {"rnn-unrolled": unrolled, "rnn-looped": looped}
     if key in _FASTER:

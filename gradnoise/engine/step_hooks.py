@@ -4,6 +4,7 @@ per micro-batch, without an extra forward or backward."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -54,6 +55,8 @@ class _RNNCall(NamedTuple):
 
     args: tuple
     grads: list[Tensor | None]
+    output: Tensor  # as torch's kernel computed it
+    versions: list[int]  # of the input and the output, when kept
 
 
 def _rnn_supported(module: nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -86,7 +89,8 @@ class StepHooks(ModuleHooks):
     the backward pass the recurrence is run again from them (one forward and backward of
     that layer alone, :func:`~gradnoise.engine.rnn.per_example_rnn_norms`). A call that
     cannot be run again as torch ran it (a packed sequence, dropout between layers in
-    training) is named in :attr:`unsupported`.
+    training, an input modified in place since, an output modified in place, whose gradient
+    then reaches no hook) is named in :attr:`unsupported`.
 
     A weight tied between an ``nn.Embedding`` and an ``nn.Linear`` head (``pairs``) gets the
     two layers' norms and their cross term (:mod:`gradnoise.rules.tied`); without
@@ -147,6 +151,7 @@ class StepHooks(ModuleHooks):
         self.pending: list[tuple] = []  # (name, module, input, output gradient, tied parts), for flush()
         self.off_batch: set[str] = set()  # layers of this step's forward passes not on the batch
         self.unsupported: set[str] = set()  # RNN calls that cannot be run again as torch ran them
+        self.rnn_calls: list[tuple[str, _RNNCall]] = []  # this step's, to find those no gradient reached
         # parameter → the 16-bit dtype of its layer's output gradient (autocast): its .grad
         # carries that rounding (layers autocast runs in float32, LayerNorm, do not)
         self.low_precision: dict[str, torch.dtype] = {}
@@ -243,24 +248,25 @@ class StepHooks(ModuleHooks):
         return hook
 
     def _rnn_call(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        """Keeps an RNN call's inputs and, once they all arrive, its outputs' gradients."""
+        """Keeps an RNN call's inputs and, as they arrive, its outputs' gradients (complete
+        once the backward pass is over, when :meth:`flush` reads them)."""
         if not _rnn_supported(module, args, kwargs):
             self.unsupported.add(name)
             return
         outs = flatten(output)
-        wanted = [t for t in outs if isinstance(t, Tensor) and t.requires_grad]
-        if not wanted:
-            return
         kept = tuple(tuple(h.detach() for h in t) if isinstance(t, tuple) else t.detach() for t in args)
+        call = _RNNCall(kept, [None] * len(outs), outs[0].detach(), [kept[0]._version, outs[0]._version])
+        self.rnn_calls.append((name, call))
 
-        def on_grads(grads) -> None:
-            self.calls[name] = self.calls.get(name, 0) + 1
-            found = iter(grads)
-            by_position = [next(found) if isinstance(t, Tensor) and t.requires_grad else None for t in outs]
-            self.pending.append((name, module, _RNNCall(kept, [None if g is None else g.detach() for g in by_position]),
-                                 None, None))  # fmt: skip
+        def on_grad(j: int, g: Tensor) -> None:
+            if not any(t is not None for t in call.grads):  # the call's first gradient: counted once
+                self.calls[name] = self.calls.get(name, 0) + 1
+                self.pending.append((name, module, call, None, None))
+            call.grads[j] = g.detach()
 
-        torch.autograd.graph.register_multi_grad_hook(wanted, on_grads)
+        for j, t in enumerate(outs):
+            if isinstance(t, Tensor) and t.requires_grad:
+                t.register_hook(functools.partial(on_grad, j))
 
     def _captured(self, name: str, module: nn.MultiheadAttention) -> bool:
         """Hooks on this attention call's projections, if the capture ran it."""
@@ -293,6 +299,10 @@ class StepHooks(ModuleHooks):
 
     def flush(self) -> None:
         """Apply the rules of the layers kept for after the backward pass (in call order)."""
+        if self.calls:  # a backward pass ran: an RNN call none of whose outputs' hooks ran had its
+            # output modified in place as a view (the hooks then never run): not measurable here
+            self.unsupported.update(n for n, c in self.rnn_calls if all(g is None for g in c.grads))
+        self.rnn_calls = []
         pending, self.pending = self.pending, []
         for item in pending:
             self._apply(*item)
@@ -334,6 +344,10 @@ class StepHooks(ModuleHooks):
     def _apply_rnn(self, name: str, module: nn.Module, call: _RNNCall) -> None:
         """An RNN call's norms, from its recurrence run again (16-bit tensors in float32) on the kept inputs
         with the kept output gradients; in the metric ``P`` from its per-example gradients."""
+        if call.args[0]._version != call.versions[0]:  # the input modified in place since the call
+            self.unsupported.add(name)
+            return
+        output = call.output if call.output._version == call.versions[1] else None  # else not as torch computed it
         low = next((g.dtype for g in call.grads if g is not None and g.dtype in LOW_PRECISION), None)
         f32 = lambda t: t.float() if t is not None and t.dtype in LOW_PRECISION else t  # noqa: E731
         args = tuple(tuple(map(f32, t)) if isinstance(t, tuple) else f32(t) for t in call.args)
@@ -341,7 +355,7 @@ class StepHooks(ModuleHooks):
         B = args[0].shape[self.batch_dims[name]]
         scale = B / self.loss_scale
         with preserved_state(module, [module]):  # its forward may run again: not a call of the user's
-            _, norms, _ = per_example_rnn_norms(module, args, grads, B, self.elementwise, scale, sums=False)
+            _, norms, _ = per_example_rnn_norms(module, args, grads, B, self.elementwise, scale, False, f32(output))
         full = self.locals[name]
         for local, (sq, s2) in norms.items():
             key = full[local]
@@ -353,7 +367,7 @@ class StepHooks(ModuleHooks):
         weights = None if self.elementwise else self.step_weights()
         if weights is not None:
             with preserved_state(module, [module]):
-                per_example = rnn_grads(module, args, grads, B)
+                per_example = rnn_grads(module, args, grads, B, f32(output))
             for local, g in per_example.items():
                 w = weights.get(full[local])
                 g2 = g.square().mul_(scale * scale).flatten(1)
