@@ -126,7 +126,7 @@ class _LSTMLayer(torch.autograd.Function):
             torch.mul(M[t], Dc, out=delta[t, : 3 * H].view(3, H, B))
             torch.mul(Dh, N[t], out=delta[t, 3 * H :])
             carry = Dc.mul_(forget[t])
-        d_gates = delta.permute(2, 0, 1).contiguous()  # [B, T, 4H], the layout of gx
+        d_gates = acts.view(B, T, G).copy_(delta.permute(2, 0, 1))  # [B, T, 4H] as gx, in the gates' memory
         d_w = d_b = d_h0 = d_c0 = None
         if ctx.needs_input_grad[1] and wanted:
             prev = torch.cat([h0.to(dtype)[:, None], hs[:-1].permute(2, 0, 1)], 1)
