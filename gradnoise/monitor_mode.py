@@ -90,7 +90,7 @@ def choose_mode(model: nn.Module, mode: str, *, batchnorm: str, accumulation_ste
     uncovered = [
         n for n, os in owners.items()
         if not (tied_ok and tied_pair(os, modules))
-        and (len(os) != 1 or not (rule_for(modules[os[0][0]]) or (unrollable(modules[os[0][0]]) and not sharded)))
+        and (len(os) != 1 or not (rule_for(modules[os[0][0]]) is not None or (unrollable(modules[os[0][0]]) and not sharded)))
     ]  # fmt: skip
     if mode == "hooks" and uncovered:
         raise ValueError(

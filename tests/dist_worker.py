@@ -17,14 +17,28 @@ import gradnoise as gn
 STEPS, LOCAL, WORLD = 3, 8, 2
 
 
-def model_factory():
+class LSTMHead(nn.Module):
+    """An LSTM over a sequence of 6-vectors, then a Linear head on its mean over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.LSTM(6, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x)[0].mean(1))
+
+
+def model_factory(model="mlp"):
     torch.manual_seed(0)
+    if model == "lstm":
+        return LSTMHead().double()
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 3)).double()
 
 
-def data(step):
+def data(step, model="mlp"):
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(WORLD * LOCAL, 6, dtype=torch.float64, generator=g), torch.randint(0, 3, (WORLD * LOCAL,), generator=g)
+    shape = (WORLD * LOCAL, 5, 6) if model == "lstm" else (WORLD * LOCAL, 6)
+    return torch.randn(*shape, dtype=torch.float64, generator=g), torch.randint(0, 3, (WORLD * LOCAL,), generator=g)
 
 
 def wrap(model, kind):
@@ -39,14 +53,14 @@ def wrap(model, kind):
     return model
 
 
-def train(kind, rank, monitor_kwargs=None, accumulation=1):
-    model = wrap(model_factory(), kind)
+def train(kind, rank, monitor_kwargs=None, accumulation=1, model_name="mlp"):
+    model = wrap(model_factory(model_name), kind)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     mon = None if monitor_kwargs is None else gn.Monitor(model, nn.CrossEntropyLoss(), accumulation_steps=accumulation,
                                                           strict=True, **monitor_kwargs)  # fmt: skip
     records = []
     for step in range(STEPS):
-        x, y = data(step)
+        x, y = data(step, model_name)
         xl, yl = x[rank * LOCAL : (rank + 1) * LOCAL], y[rank * LOCAL : (rank + 1) * LOCAL]
         opt.zero_grad()
         parts = list(zip(xl.chunk(accumulation), yl.chunk(accumulation), strict=True))
@@ -72,11 +86,13 @@ def main():
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     result = {}
-    if mode in ("ddp", "fsdp", "ddp-accumulate"):
+    if mode in ("ddp", "fsdp", "ddp-accumulate", "ddp-lstm"):
         kind = mode.split("-")[0]
         accumulation = 2 if mode.endswith("accumulate") else 1
-        _, plain = train(kind, rank, accumulation=accumulation)
-        records, monitored = train(kind, rank, {"run_dir": os.path.join(out, "run")}, accumulation=accumulation)
+        model_name = "lstm" if mode.endswith("lstm") else "mlp"
+        _, plain = train(kind, rank, accumulation=accumulation, model_name=model_name)
+        records, monitored = train(kind, rank, {"run_dir": os.path.join(out, "run")}, accumulation=accumulation,
+                                   model_name=model_name)  # fmt: skip
         result = {"records": records, "bitwise": plain == monitored}
     elif mode == "rank-fails":  # rank 1 passes half its batch to step(): its measurement fails
         model = wrap(model_factory(), "ddp")

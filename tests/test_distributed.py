@@ -31,13 +31,13 @@ def run_ranks(mode, tmp_path, timeout=180):
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(w.WORLD)]
 
 
-def single_process_reference(accumulation=1):
+def single_process_reference(accumulation=1, model_name="mlp"):
     """The same training on one process with the global batch; the statistics of each step."""
-    model = w.model_factory()
+    model = w.model_factory(model_name)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     out = []
     for step in range(w.STEPS):
-        x, y = w.data(step)
+        x, y = w.data(step, model_name)
         out.append(gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="vmap", variance=False))
         if accumulation > 1:  # each rank's micro-batches: k·world of them, in order
             k = accumulation * w.WORLD
@@ -48,10 +48,12 @@ def single_process_reference(accumulation=1):
     return out
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-accumulate"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-accumulate", "ddp-lstm"])
 def test_global_batch_statistics_under_ddp_and_fsdp(mode, tmp_path):
+    """The global batch's statistics on every rank, equal to one process's (an MLP, and an
+    LSTM measured in the hooks by running its recurrence again), with training unchanged."""
     ranks = run_ranks(mode, tmp_path)
-    ref = single_process_reference(accumulation=2 if mode.endswith("accumulate") else 1)
+    ref = single_process_reference(2 if mode.endswith("accumulate") else 1, "lstm" if mode.endswith("lstm") else "mlp")
     for r in ranks:
         assert r["bitwise"]  # training with the Monitor is bitwise identical to without it
     assert ranks[0]["records"] == ranks[1]["records"]  # every rank gets the same record
