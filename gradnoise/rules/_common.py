@@ -3,7 +3,7 @@ per-example squared norms."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +57,26 @@ def scaled_(sq: Tensor, total: Tensor | None, s2: float) -> tuple[Tensor, Tensor
         if total is not None:
             total.mul_(s2)
     return sq, total
+
+
+def product_moments(products: Iterable[Tensor], elementwise: bool, s2: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """From per-example gradients of ``d`` materialised in chunks (``[b, ...]`` each, the
+    moments paths): ``|g_i|²`` and (with ``elementwise``) ``Σ_i g_i²``, both of ``scale · d``
+    (``s2 = scale²``), and the mean gradient ``Σ_i g_i`` of ``d``. Squares the chunks in place."""
+    rows: list[Tensor] = []
+    mean = total = None
+    for g in products:
+        part = g.sum(0)
+        mean = part if mean is None else mean.add_(part)
+        if elementwise:
+            g2 = g.square_()
+            rows.append(g2.flatten(1).sum(1))
+            part = g2.sum(0)
+            total = part if total is None else total.add_(part)
+        else:
+            rows.append(sq_norms(g))
+    sq, total = scaled_(joined(rows), total, s2)
+    return sq, total, mean
 
 
 def sq_norms(g: Tensor) -> Tensor:

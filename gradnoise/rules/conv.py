@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradnoise.rules._common import batch_chunks, bias_norms, joined, scaled_, sq_norms
+from gradnoise.rules._common import batch_chunks, bias_norms, joined, product_moments, scaled_
 from gradnoise.rules.registry import Grads, Norms, Rule, register
 
 __all__ = ["conv_moments", "conv_prefers_moments"]
@@ -232,23 +232,15 @@ def conv_moments(
     """
     geo = _geometry(module, a.shape, d.shape)
     G, Og, T, I = geo.G, geo.Og, geo.T, geo.I
-    rows: list[Tensor] = []
-    mean = total = None
-    for ac, dc in batch_chunks(a, d, G * (I * T + I * Og)):
-        b = ac.shape[0]
-        g = torch.bmm(dc.reshape(b * G, Og, T), _patch_columns(module, ac, geo).transpose(1, 2))
-        g = g.view(b, G, Og, I)
-        part = g.sum(0)
-        mean = part if mean is None else mean.add_(part)
-        if elementwise:
-            g2 = g.square_()
-            rows.append(g2.view(b, -1).sum(1))
-            part = g2.sum(0)
-            total = part if total is None else total.add_(part)
-        else:
-            rows.append(sq_norms(g))
+
+    def products():
+        for ac, dc in batch_chunks(a, d, G * (I * T + I * Og)):
+            b = ac.shape[0]
+            g = torch.bmm(dc.reshape(b * G, Og, T), _patch_columns(module, ac, geo).transpose(1, 2))
+            yield g.view(b, G, Og, I)
+
     s2 = scale * scale
-    sq, total = scaled_(joined(rows), total, s2)
+    sq, total, mean = product_moments(products(), elementwise, s2)
     weight_shape = module.weight.shape
     out: Norms = {"weight": (sq, None if total is None else total.view(weight_shape))}
     means: Grads = {"weight": mean.view(weight_shape)}

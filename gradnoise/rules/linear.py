@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gradnoise.rules._common import batch_chunks, bias_norms, joined, scaled_, sq_norms
+from gradnoise.rules._common import batch_chunks, bias_norms, joined, product_moments, sq_norms
 from gradnoise.rules.registry import Grads, Norms, Rule, always, register
 
 __all__ = ["dense_grads", "dense_moments", "dense_norms", "linear_gram_norms", "prefers_gram"]
@@ -92,20 +92,9 @@ def dense_moments(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: fl
     product per chunk of examples): ``ḡ = Σ_i g_i`` for ``d`` the gradient of the mean loss.
     It costs the multiplications of the weight gradient, which the backward pass then skips
     (the "book-keeping" of Bu et al. 2023). Norms are of ``scale · d``; the mean is of ``d``."""
-    rows: list[Tensor] = []
-    mean = total = None
-    for ac, dc in batch_chunks(a, d, d.shape[-1] * a.shape[-1]):
-        g = torch.bmm(dc.flatten(1, -2).transpose(1, 2), ac.flatten(1, -2))
-        part = g.sum(0)
-        mean = part if mean is None else mean.add_(part)
-        if elementwise:
-            g2 = g.square_()
-            rows.append(g2.flatten(1).sum(1))
-            part = g2.sum(0)
-            total = part if total is None else total.add_(part)
-        else:
-            rows.append(sq_norms(g))
-    sq, total = scaled_(joined(rows), total, scale * scale)
+    chunks = batch_chunks(a, d, d.shape[-1] * a.shape[-1])
+    products = (torch.bmm(dc.flatten(1, -2).transpose(1, 2), ac.flatten(1, -2)) for ac, dc in chunks)
+    sq, total, mean = product_moments(products, elementwise, scale * scale)
     out: Norms = {"weight": (sq, total)}
     means: Grads = {"weight": mean}
     if bias:
