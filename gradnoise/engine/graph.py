@@ -35,7 +35,8 @@ def hook_edges(calls: list[ModuleCall], wanted_leaves: list[Tensor], differentia
             if isinstance(x, Tensor) and x.requires_grad:
                 if targets is None:
                     targets = {get_gradient_edge(t).node for t in wanted_leaves} | {e.node for e in edges}
-                if reaches(get_gradient_edge(x).node, targets) or get_gradient_edge(x).node in targets:
+                node = get_gradient_edge(x).node
+                if node in targets or reaches(node, targets):
                     continue
             edges.extend(c.gates[0])
             if targets is not None:

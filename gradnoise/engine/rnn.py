@@ -22,7 +22,7 @@ from gradnoise.engine.lstm_recurrence import WeightGrads, lstm_layer
 from gradnoise.rules import dense_moments, dense_norms
 from gradnoise.rules.registry import Norms
 
-__all__ = ["Unrolled", "kind_of", "layer_moments", "layer_norms", "per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms",
+__all__ = ["Unrolled", "kind_of", "layer_moments", "layer_norms", "norms_of_grads", "per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms",
            "unroll", "unrollable"]
 
 
@@ -237,7 +237,8 @@ def rnn_grads_looped(module: nn.Module, args: tuple, output_grads: list[Tensor |
 _FASTER: dict[tuple, str] = {}  # by configuration and shapes: the faster of the two, measured
 
 
-def _norms_from_grads(grads: dict[str, Tensor], elementwise: bool, scale: float) -> tuple[Norms, dict[str, Tensor]]:
+def norms_of_grads(grads: dict[str, Tensor], elementwise: bool, scale: float) -> tuple[Norms, dict[str, Tensor]]:
+    """Per-example gradients ``[B, *shape]`` by name → the norms of ``scale · g_i`` and ``Σ_i g_i``."""
     norms = {}
     for n, g in grads.items():
         g2 = g.square().mul_(scale * scale)
@@ -256,7 +257,7 @@ def per_example_rnn_norms(module: nn.Module, args: tuple, output_grads: list[Ten
     key = (type(module), module.num_layers, module.hidden_size, module.input_size, module.bidirectional,
            module.batch_first, tuple(args[0].shape), len(args), args[0].device.type, elementwise)  # fmt: skip
     unrolled = lambda: rnn_norms(module, args, output_grads, batch, elementwise, scale, sums, output)  # noqa: E731
-    looped = lambda: _norms_from_grads(rnn_grads_looped(module, args, output_grads, batch), elementwise, scale)  # noqa: E731
+    looped = lambda: norms_of_grads(rnn_grads_looped(module, args, output_grads, batch), elementwise, scale)  # noqa: E731
     candidates = {"rnn-unrolled": unrolled, "rnn-looped": looped}
     if key in _FASTER:
         return _FASTER[key], *candidates[_FASTER[key]]()

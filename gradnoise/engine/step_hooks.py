@@ -26,18 +26,18 @@ from gradnoise.engine.hooks import (
     widen,
 )
 from gradnoise.engine.plan import plan_for
-from gradnoise.engine.rnn import per_example_rnn_norms, rnn_grads
+from gradnoise.engine.rnn import norms_of_grads, per_example_rnn_norms, rnn_grads
 from gradnoise.rules import dense_norms, rule_for, weighted_norms
 from gradnoise.rules.tied import TiedParts, tied_pair
 
 __all__ = ["DEFER_ELEMENTS", "StepHooks"]
 
+DEFER_ELEMENTS = 1 << 20  # a layer's input + output gradient up to this size: rule applied after backward
+
 
 def _owns_children(module: nn.Module) -> bool:
     rule = rule_for(module)
     return rule is not None and rule.owns_children
-
-DEFER_ELEMENTS = 1 << 20  # a layer's input + output gradient up to this size: rule applied after backward
 
 
 class _Projection(NamedTuple):
@@ -325,15 +325,11 @@ class StepHooks(ModuleHooks):
         full = self.locals[name]
         for local, (sq, s2) in norms.items():
             key = full[local]
-            if low is not None:
-                self.low_precision[key] = low
             if key in self.pairs:
                 sq = self._tied_norms(tied, module, a, g, sq, scale)
                 if sq is None:  # the other layer of the pair is still to come
                     continue
-            self.sq.setdefault(key, []).append(sq)
-            if s2 is not None:
-                self.sum_sq[key] = self.sum_sq[key] + s2 if key in self.sum_sq else s2
+            self._record(key, sq, s2, low)
         weights = None if self.elementwise else self.step_weights()  # else from Σ_i g_i² (no product)
         if weights is not None:
             local_w = {local: weights.get(key) for local, key in full.items()}
@@ -354,24 +350,30 @@ class StepHooks(ModuleHooks):
         grads = [f32(g) for g in call.grads]
         B = args[0].shape[self.batch_dims[name]]
         scale = B / self.loss_scale
+        weights = None if self.elementwise else self.step_weights()
         with preserved_state(module, [module]):  # its forward may run again: not a call of the user's
-            _, norms, _ = per_example_rnn_norms(module, args, grads, B, self.elementwise, scale, False, f32(output))
+            if weights is None:
+                _, norms, _ = per_example_rnn_norms(module, args, grads, B, self.elementwise, scale, sums=False,
+                                                    output=f32(output))  # fmt: skip
+            else:  # the metric needs the per-example gradients: the norms come from them too
+                per_example = rnn_grads(module, args, grads, B, f32(output))
+                norms, _ = norms_of_grads(per_example, False, scale)
         full = self.locals[name]
         for local, (sq, s2) in norms.items():
-            key = full[local]
-            if low is not None:
-                self.low_precision[key] = low
-            self.sq.setdefault(key, []).append(sq)
-            if s2 is not None:
-                self.sum_sq[key] = self.sum_sq[key] + s2 if key in self.sum_sq else s2
-        weights = None if self.elementwise else self.step_weights()
+            self._record(full[local], sq, s2, low)
         if weights is not None:
-            with preserved_state(module, [module]):
-                per_example = rnn_grads(module, args, grads, B, f32(output))
             for local, g in per_example.items():
                 w = weights.get(full[local])
                 g2 = g.square().mul_(scale * scale).flatten(1)
                 self.sq_p.setdefault(full[local], []).append(g2.sum(1) if w is None else g2 @ w.flatten())
+
+    def _record(self, key: str, sq: Tensor, s2: Tensor | None, low: torch.dtype | None) -> None:
+        """One parameter's ``|g_i|²`` (and ``Σ_i g_i²``) of this micro-batch."""
+        if low is not None:
+            self.low_precision[key] = low
+        self.sq.setdefault(key, []).append(sq)
+        if s2 is not None:
+            self.sum_sq[key] = self.sum_sq[key] + s2 if key in self.sum_sq else s2
 
     def _tied_norms(self, tied: tuple, module: nn.Module, a, g: Tensor, sq: Tensor, scale: float) -> Tensor | None:
         """``|g_i|²`` of a tied weight once both of its layers are in (else ``None``): the two
