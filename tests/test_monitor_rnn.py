@@ -124,3 +124,31 @@ def test_an_rnn_output_modified_in_place_is_measured_in_a_separate_pass(caplog):
         assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-9)
     assert mon.mode == "separate" and "output modified in place" in caplog.text
     mon.close()
+
+
+class Packed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 3)
+
+    def forward(self, x):
+        lengths = torch.full((x.shape[0],), x.shape[1])
+        _, h = self.body(nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True))
+        return self.head(h[-1])
+
+
+def test_a_packed_sequence_is_refused_with_what_to_do(caplog):
+    """A packed sequence: the hooks do not run it again, and neither the engine nor vmap can
+    (torch.func does not run packed RNNs). gradient_stats says so; the Monitor leaves its
+    hooks for the separate pass, which raises the same message (strict)."""
+    torch.manual_seed(0)
+    model, loss = Packed().double(), nn.CrossEntropyLoss()
+    (x, y), = _batches(randn(6, 4), n=1)
+    with pytest.raises(ValueError, match="packed sequence: per-example gradients through packed sequences are not"):
+        gn.gradient_stats(model, loss, x, y)
+    mon = gn.Monitor(model, loss, strict=True)
+    loss(model(x), y).backward()
+    with caplog.at_level(logging.INFO, logger="gradnoise.monitor"), pytest.raises(ValueError, match="pass the padded"):
+        mon.step(x, y)
+    assert mon.mode == "separate" and "a packed sequence" in caplog.text
+    mon.close()

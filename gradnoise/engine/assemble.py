@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from gradnoise._factored import FactoredGrads
 from gradnoise._functional import LossFn
@@ -152,6 +153,12 @@ def _collect_units(p: Pass, parts: _Parts) -> None:
             parts.whole_model.extend(names)
             continue
         module = p.modules[unit]
+        if isinstance(module, nn.RNNBase) and any(isinstance(c.args[0], PackedSequence) for c in calls[unit] if c.args):
+            raise ValueError(
+                f"{type(module).__name__} {unit!r} runs on a packed sequence: per-example gradients through "
+                "packed sequences are not supported (neither the engine nor torch.func.vmap runs them); pass the "
+                "padded batch to the RNN, or measure without this layer"
+            )
         if len(calls[unit]) == 1 and rnn_call(module, calls[unit][0]) and p.sqrt_weights is None and _rnn(p, parts, unit, names):
             continue
         local_leaves = local_tensors(module, p.params, p.state, p.model)

@@ -85,8 +85,10 @@ def module_grads(
 
 
 def rnn_call(module: nn.Module, call: ModuleCall) -> bool:
-    """A call of an RNN that :mod:`gradnoise.engine.rnn` unrolls: its input on the batch."""
-    return unrollable(module) and not call.kwargs and call.unbatched is not None and 0 not in call.unbatched
+    """A call of an RNN that :mod:`gradnoise.engine.rnn` unrolls: its input a tensor (not a
+    packed sequence) on the batch."""
+    return (unrollable(module) and not call.kwargs and bool(call.args) and isinstance(call.args[0], Tensor)
+            and call.unbatched is not None and 0 not in call.unbatched)  # fmt: skip
 
 
 def local_tensors(module: nn.Module, leaves, state, model: nn.Module) -> dict[str, Tensor]:
