@@ -8,8 +8,9 @@ user's, whose numbers must stay bitwise as they are — :class:`RNNCapture` (a
 ``TorchFunctionMode``) runs the call unrolled instead (:func:`~gradnoise.engine.rnn.unroll`,
 torch's formulas and weights), and records each layer's gate parts: hooks on them give the
 gates' gradients in the engine's one backward pass, and the norms follow as a Linear
-layer's on a sequence. Packed sequences and dropout between layers in training run torch's
-own kernel (and the recompute path), as do projected LSTMs (``proj_size``).
+layer's on a sequence. Dropout between layers in training runs torch's own kernel (and the
+recompute path), as do projected LSTMs (``proj_size``, measured by module vmap) and packed
+sequences (which the engine refuses).
 """
 
 from __future__ import annotations
