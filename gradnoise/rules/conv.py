@@ -9,6 +9,7 @@ chunks no larger than the layer's input or output gradient, or the Gram form is 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import NamedTuple
 
@@ -161,7 +162,13 @@ def _input_gram(a: Tensor, geo: _ConvGeometry) -> Tensor:
     x = a.reshape(b * geo.G, C // geo.G, -1)
     S = torch.bmm(x.transpose(1, 2), x)  # [b·G, N, N]
     size, strides = geo.gram_view
-    ga = S.as_strided((S.shape[0], *size), (S.stride(0), *strides)).sum(tuple(range(1, 1 + len(geo.out))))
+    views = S.as_strided((S.shape[0], *size), (S.stride(0), *strides))
+    # one add per kernel offset: each view's last dimension runs along S's rows (a reduction
+    # over the leading strided dimensions is several times slower)
+    offsets = itertools.product(*map(range, size[: len(geo.out)]))
+    ga = views[(slice(None), *next(offsets))].clone()
+    for k in offsets:
+        ga.add_(views[(slice(None), *k)])
     return ga.view(-1, geo.T, geo.T)
 
 
