@@ -157,6 +157,45 @@ def test_failing_layer_rule_never_breaks_training(defer, monkeypatch):
         mon.close()
 
 
+def test_hooks_let_go_of_activations_during_the_backward_pass(monkeypatch):
+    """The graph keeps its hooks until the loss is freed; a hook that held its layer's input
+    would keep every activation alive through the backward pass (the step's peak memory).
+    Rules applied during the backward pass let go of their inputs as they run."""
+    import gc
+    import warnings
+
+    from gradnoise.engine import step_hooks
+
+    monkeypatch.setattr(step_hooks, "DEFER_ELEMENTS", 0)
+    model = nn.Sequential(nn.Linear(6, 17), nn.Tanh(), nn.Linear(17, 19), nn.Tanh(), nn.Linear(19, 3))
+    mon = gn.Monitor(model, nn.CrossEntropyLoss())
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+
+    def activations() -> int:  # tensor objects of the hidden layers' shapes still alive
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return sum(isinstance(o, torch.Tensor) and o.shape in ((8, 17), (8, 19)) for o in gc.get_objects())
+
+    loss = nn.CrossEntropyLoss()(model(x), y)
+    assert activations() > 0
+    loss.backward()  # the loss (and with it the graph and its hooks) still alive
+    assert activations() == 0, "a hook kept a layer's input alive after the backward pass"
+    assert mon.step(x, y, loss=loss) is not None and mon.errors == 0
+    mon.close()
+
+
+def test_a_second_backward_through_a_retained_graph_is_refused():
+    model = mlp()
+    mon = gn.Monitor(model, nn.CrossEntropyLoss(), strict=True)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    loss = nn.CrossEntropyLoss()(model(x), y)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="second backward pass through the same graph"):
+        mon.step(x, y)
+    mon.close()
+
+
 def test_schedules_and_sharpness(tmp_path):
     data = torch.randn(32, 6), torch.randint(0, 3, (32,))
     _, mon = train(mlp, {"every": 2, "sharpness_every": gn.log_spaced(2.0), "sharpness_data": data}, steps=9, tmp=tmp_path)

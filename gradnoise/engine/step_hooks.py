@@ -279,7 +279,16 @@ class StepHooks(ModuleHooks):
         return True
 
     def _backward_hook(self, name: str, module: nn.Module, a, tied: tuple | None):
+        # The graph keeps its hooks until the loss is freed, after the backward pass: a hook
+        # that held its layer's input would keep every activation alive to the end of it
+        # (the step's peak memory). It lets go of the input when it runs.
+        held = [a]
+
         def hook(g: Tensor) -> None:
+            if not held:  # a second backward through a retained graph: its input is gone
+                self.failed = f"{name}: a second backward pass through the same graph is not measured"
+                return
+            a = held.pop()
             # Counted when the gradient arrives: a forward without backward (evaluation) is
             # ignored; an attention call once (at its output projection, which comes first).
             if not isinstance(a, _Projection) or a.prefix == "out_proj.":
