@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["WeightGrads", "lstm_layer"]
+__all__ = ["WeightGrads", "lstm_gate_gradients", "lstm_layer"]
 
 
 class WeightGrads:
@@ -31,27 +31,84 @@ class WeightGrads:
         self.needed = True
 
 
-def _given_hidden(gx: Tensor, w: Tensor, b_hh: Tensor | None, h0: Tensor, c0: Tensor, hidden: Tensor):
-    """The forward pass when the hidden states are known (``hidden [B, T, H]``, from torch's
-    kernel): every gate from them at once, in one batched product, and only the cell state
-    step by step (one operation a step). Returns the activated gates, cell and hidden
-    states, hidden-major."""
-    B, T, G = gx.shape
-    H = G // 4
-    hs = hidden.permute(1, 2, 0).contiguous()  # [T, H, B]
-    acts = torch.matmul(w, torch.cat([h0[None], hs[:-1]]))  # [T, 4H, B]
-    acts += gx.permute(1, 2, 0)
-    if b_hh is not None:
-        acts += b_hh.to(acts.dtype)[:, None]
+def _activate(acts: Tensor, c0: Tensor) -> Tensor:
+    """The gates' pre-activations ``[T, 4H, B]`` activated in place, and the cell states
+    ``[T, H, B]`` from them step by step (one operation a step): the forward pass when the
+    hidden states are known, so that every pre-activation comes from one batched product."""
+    H = acts.shape[1] // 4
     acts[:, : 2 * H].sigmoid_()
     acts[:, 2 * H : 3 * H].tanh_()
     acts[:, 3 * H :].sigmoid_()
     i, f, g, _ = acts.chunk(4, 1)
     cs = i * g
     c = c0
-    for t in range(T):
+    for t in range(cs.shape[0]):
         c = cs[t].addcmul_(f[t], c)
-    return acts, cs, hs
+    return cs
+
+
+def _bptt(acts: Tensor, cs: Tensor, w_hh: Tensor, c0: Tensor, d_out: Tensor | None,
+          d_hn: Tensor | None, d_cn: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Back-propagation through time from the activated gates ``acts [T, 4H, B]`` and the
+    cell and hidden states ``[T, H, B]`` (hidden-major, ``c0 [H, B]``) given the gradients of
+    the output ``[B, T, H]`` and the final states ``[B, H]`` (``None``: zero). Returns the
+    gradient of the gate pre-activations ``[B, T, 4H]``, written over ``acts``, and that of
+    ``c0`` (``[H, B]``)."""
+    T, G, B = acts.shape
+    H = G // 4
+    dtype = acts.dtype
+    i, f, g, o = acts.chunk(4, 1)
+    tc = cs.tanh()
+    # What multiplies the carried gradients, for all steps at once: K takes ∂L/∂h_t to
+    # ∂L/∂c_t; M holds the input, forget and cell gates' factors of ∂L/∂c_t, N the output
+    # gate's of ∂L/∂h_t. M and N overwrite the gates (not needed after this), f kept.
+    K = o * (1 - tc * tc)
+    N = tc.mul_(o).mul_(1 - o)
+    forget = f.clone()
+    m_i, m_g = g * i * (1 - i), i * (1 - g * g)
+    i.copy_(m_i)
+    g.copy_(m_g)
+    del m_i, m_g
+    f.mul_(1 - forget)[1:].mul_(cs[:-1])
+    f[0].mul_(c0)
+    M = acts[:, : 3 * H].view(T, 3, H, B)
+    dy = d_out.to(dtype).permute(1, 2, 0).contiguous() if d_out is not None else acts.new_zeros(T, H, B)
+    wt = w_hh.to(dtype).T
+    delta = torch.empty_like(acts)
+    carry = d_cn.to(dtype).T if d_cn is not None else acts.new_zeros(H, B)
+    for t in range(T - 1, -1, -1):
+        if t < T - 1:
+            Dh = torch.addmm(dy[t], wt, delta[t + 1])
+        else:
+            Dh = dy[t] if d_hn is None else dy[t] + d_hn.to(dtype).T
+        Dc = torch.addcmul(carry, Dh, K[t])
+        torch.mul(M[t], Dc, out=delta[t, : 3 * H].view(3, H, B))
+        torch.mul(Dh, N[t], out=delta[t, 3 * H :])
+        carry = Dc.mul_(forget[t])
+    return acts.view(B, T, G).copy_(delta.permute(2, 0, 1)), carry  # [B, T, 4H] as gx, in the gates' memory
+
+
+def lstm_gate_gradients(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, w_hh: Tensor, b_hh: Tensor | None,
+                        h0: Tensor, c0: Tensor, hidden: Tensor, d_out: Tensor | None, d_hn: Tensor | None,
+                        d_cn: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The gradient of one LSTM layer's gate pre-activations ``[B, T, 4H]`` (its weights'
+    per-example gradients are its products with the inputs) and the layer's previous hidden
+    states ``[B, T, H]``, given its input ``x [B, T, in]``, initial state ``h0, c0 [B, H]``,
+    output ``hidden [B, T, H]`` as torch's kernel computed it, and the gradients of the
+    output and the final states (``None``: zero). No autograd graph: every pre-activation
+    from one product of the stacked weights ``[W_hh W_ih]`` with the stacked previous hidden
+    states and inputs, then back-propagation through time (:func:`_bptt`)."""
+    dtype = torch.promote_types(x.dtype, w_hh.dtype)
+    hs = hidden.to(dtype).permute(1, 2, 0)  # [T, H, B]
+    h0, c0 = h0.to(dtype).T, c0.to(dtype).T
+    prev = torch.cat([h0[None], hs[:-1]])  # [T, H, B]
+    acts = torch.matmul(torch.cat([w_hh, w_ih], 1).to(dtype), torch.cat([prev, x.to(dtype).permute(1, 2, 0)], 1))
+    for b in (b_ih, b_hh):
+        if b is not None:
+            acts += b.to(dtype)[:, None]
+    cs = _activate(acts, c0)
+    d_gates, _ = _bptt(acts, cs, w_hh, c0, d_out, d_hn, d_cn)
+    return d_gates, prev.permute(2, 0, 1)
 
 
 class _LSTMLayer(torch.autograd.Function):
@@ -68,7 +125,12 @@ class _LSTMLayer(torch.autograd.Function):
         w = w_hh.to(dtype)
         h, c = h0.to(dtype).T, c0.to(dtype).T
         if hidden is not None:
-            acts, cs, hs = _given_hidden(gx, w, b_hh, h, c, hidden.to(dtype))
+            hs = hidden.to(dtype).permute(1, 2, 0).contiguous()  # [T, H, B]
+            acts = torch.matmul(w, torch.cat([h[None], hs[:-1]]))
+            acts += gx.permute(1, 2, 0)
+            if b_hh is not None:
+                acts += b_hh.to(dtype)[:, None]
+            cs = _activate(acts, c)
         else:
             acts = torch.empty(T, G, B, dtype=dtype, device=gx.device)
             if b_hh is None:
@@ -95,46 +157,16 @@ class _LSTMLayer(torch.autograd.Function):
             raise RuntimeError("the engine's LSTM recurrence was differentiated twice; its backward reuses its buffers")
         wanted, ctx.wanted = ctx.wanted.needed, None
         acts, cs, hs, w_hh, h0, c0 = ctx.saved_tensors
-        T, G, B = acts.shape
-        H = G // 4
         dtype = acts.dtype
-        i, f, g, o = acts.chunk(4, 1)
-        tc = cs.tanh()
-        # What multiplies the carried gradients, for all steps at once: K takes ∂L/∂h_t to
-        # ∂L/∂c_t; M holds the input, forget and cell gates' factors of ∂L/∂c_t, N the output
-        # gate's of ∂L/∂h_t. M and N overwrite the gates (not needed after this), f kept.
-        K = o * (1 - tc * tc)
-        N = tc.mul_(o).mul_(1 - o)
-        forget = f.clone()
-        m_i, m_g = g * i * (1 - i), i * (1 - g * g)
-        i.copy_(m_i)
-        g.copy_(m_g)
-        del m_i, m_g
-        f.mul_(1 - forget)[1:].mul_(cs[:-1])
-        f[0].mul_(c0.to(dtype).T)
-        M = acts[:, : 3 * H].view(T, 3, H, B)
-        dy = d_out.permute(1, 2, 0).contiguous() if d_out is not None else acts.new_zeros(T, H, B)
-        wt = w_hh.to(dtype).T
-        delta = torch.empty_like(acts)
-        carry = d_cn.to(dtype).T if d_cn is not None else acts.new_zeros(H, B)
-        for t in range(T - 1, -1, -1):
-            if t < T - 1:
-                Dh = torch.addmm(dy[t], wt, delta[t + 1])
-            else:
-                Dh = dy[t] if d_hn is None else dy[t] + d_hn.to(dtype).T
-            Dc = torch.addcmul(carry, Dh, K[t])
-            torch.mul(M[t], Dc, out=delta[t, : 3 * H].view(3, H, B))
-            torch.mul(Dh, N[t], out=delta[t, 3 * H :])
-            carry = Dc.mul_(forget[t])
-        d_gates = acts.view(B, T, G).copy_(delta.permute(2, 0, 1))  # [B, T, 4H] as gx, in the gates' memory
+        d_gates, carry = _bptt(acts, cs, w_hh, c0.to(dtype).T, d_out, d_hn, d_cn)
         d_w = d_b = d_h0 = d_c0 = None
         if ctx.needs_input_grad[1] and wanted:
             prev = torch.cat([h0.to(dtype)[:, None], hs[:-1].permute(2, 0, 1)], 1)
             d_w = (d_gates.flatten(0, 1).T @ prev.flatten(0, 1)).to(w_hh.dtype)
         if ctx.needs_input_grad[2] and wanted:
-            d_b = delta.sum((0, 2)).to(w_hh.dtype)
+            d_b = d_gates.sum((0, 1)).to(w_hh.dtype)
         if ctx.needs_input_grad[3]:
-            d_h0 = (wt @ delta[0]).T.to(h0.dtype)
+            d_h0 = (d_gates[:, 0] @ w_hh.to(dtype)).to(h0.dtype)
         if ctx.needs_input_grad[4]:
             d_c0 = carry.T.to(c0.dtype)
         return d_gates.to(ctx.gx_dtype), d_w, d_b, d_h0, d_c0, None, None

@@ -307,14 +307,15 @@ class StepHooks(ModuleHooks):
         return hook
 
     def flush(self) -> None:
-        """Apply the rules of the layers kept for after the backward pass (in call order)."""
+        """Apply the rules of the layers kept for after the backward pass (in the order their
+        gradients arrived)."""
         if self.calls:  # a backward pass ran: an RNN call none of whose outputs' hooks ran had its
             # output modified in place as a view (the hooks then never run): not measurable here
             self.unsupported.update(n for n, c in self.rnn_calls if all(g is None for g in c.grads))
         self.rnn_calls = []
-        pending, self.pending = self.pending, []
-        for item in pending:
-            self._apply(*item)
+        pending, self.pending = self.pending[::-1], []
+        while pending:  # each layer's input and output gradient freed once its rule has run
+            self._apply(*pending.pop())
 
     def _apply(self, name: str, module: nn.Module, a, g: Tensor | None, tied: tuple | None = None) -> None:
         if isinstance(a, _RNNCall):
