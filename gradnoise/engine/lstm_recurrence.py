@@ -52,8 +52,8 @@ def _bptt(acts: Tensor, cs: Tensor, w_hh: Tensor, c0: Tensor, d_out: Tensor | No
     """Back-propagation through time from the activated gates ``acts [T, 4H, B]`` and the
     cell and hidden states ``[T, H, B]`` (hidden-major, ``c0 [H, B]``) given the gradients of
     the output ``[B, T, H]`` and the final states ``[B, H]`` (``None``: zero). Returns the
-    gradient of the gate pre-activations ``[B, T, 4H]``, written over ``acts``, and that of
-    ``c0`` (``[H, B]``)."""
+    gradient of the gate pre-activations ``[B, T, 4H]`` and that of ``c0`` (``[H, B]``);
+    ``acts`` is overwritten."""
     T, G, B = acts.shape
     H = G // 4
     dtype = acts.dtype
@@ -74,7 +74,7 @@ def _bptt(acts: Tensor, cs: Tensor, w_hh: Tensor, c0: Tensor, d_out: Tensor | No
     M = acts[:, : 3 * H].view(T, 3, H, B)
     dy = d_out.to(dtype).permute(1, 2, 0).contiguous() if d_out is not None else acts.new_zeros(T, H, B)
     wt = w_hh.to(dtype).T
-    delta = torch.empty_like(acts)
+    delta = acts  # step t's gate gradients written over its factors, which only step t reads
     carry = d_cn.to(dtype).T if d_cn is not None else acts.new_zeros(H, B)
     for t in range(T - 1, -1, -1):
         if t < T - 1:
@@ -82,10 +82,11 @@ def _bptt(acts: Tensor, cs: Tensor, w_hh: Tensor, c0: Tensor, d_out: Tensor | No
         else:
             Dh = dy[t] if d_hn is None else dy[t] + d_hn.to(dtype).T
         Dc = torch.addcmul(carry, Dh, K[t])
-        torch.mul(M[t], Dc, out=delta[t, : 3 * H].view(3, H, B))
+        M[t].mul_(Dc)
         torch.mul(Dh, N[t], out=delta[t, 3 * H :])
         carry = Dc.mul_(forget[t])
-    return acts.view(B, T, G).copy_(delta.permute(2, 0, 1)), carry  # [B, T, 4H] as gx, in the gates' memory
+    del K, N, forget, dy, M, i, f, g, o
+    return delta.permute(2, 0, 1).contiguous(), carry  # [B, T, 4H] as gx
 
 
 def lstm_gate_gradients(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, w_hh: Tensor, b_hh: Tensor | None,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gradnoise.engine.lstm_recurrence import WeightGrads, lstm_layer
+from gradnoise.engine.lstm_recurrence import WeightGrads, lstm_gate_gradients, lstm_layer
 from gradnoise.rules import dense_moments, dense_norms
 from gradnoise.rules.registry import Norms
 
@@ -155,6 +155,12 @@ def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
     else:
         hx = h0.detach() if h0 is not None else zeros
     weights = [w.detach() for w in module._flat_weights]
+    if isinstance(module, nn.LSTM) and L == 1 and output is not None:
+        known, grads = output.detach(), list(output_grads)
+        if not module.batch_first:
+            known = known.transpose(0, 1)
+            grads[0] = None if not grads or grads[0] is None else grads[0].transpose(0, 1)
+        return _lstm_from_output(x, hx, weights, module.bias, D, known, grads)
     with torch.enable_grad():
         known = None if output is None else output.detach() if module.batch_first else output.detach().transpose(0, 1)
         out, finals, parts = unroll(kind_of(module), x, hx, weights, module.bias, L, module.bidirectional, output=known)
@@ -175,6 +181,30 @@ def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
         else:  # an LSTM's recurrent part enters its gates as the input part does
             dh = dx
         found.append((part, dx, dh))
+    return found
+
+
+def _lstm_from_output(x: Tensor, hx: tuple, weights: list[Tensor], biases: bool, D: int, output: Tensor,
+                      output_grads: list[Tensor | None]) -> list[tuple]:  # fmt: skip
+    """:func:`_unrolled` of a one-layer LSTM whose output torch's kernel computed
+    (batch-first, as its output's gradient): its gates from that output at once and their gradients by
+    back-propagation through time, without an autograd graph
+    (:func:`~gradnoise.engine.lstm_recurrence.lstm_gate_gradients`)."""
+    H, per = output.shape[-1] // D, 4 if biases else 2
+    d_out = output_grads[0] if output_grads else None
+    d_states = [*output_grads[1:3], None, None]
+    found = []
+    for d in range(D):
+        w_ih, w_hh, *b = weights[d * per : (d + 1) * per]
+        b_ih, b_hh = b or (None, None)
+        part = slice(d * H, (d + 1) * H)
+        flip = (lambda t: t.flip(1)) if d else (lambda t: t)  # noqa: E731
+        d_hn, d_cn = (None if g is None else g[d] for g in d_states[:2])
+        d_gates, prev = lstm_gate_gradients(flip(x), w_ih, b_ih, w_hh, b_hh, hx[0][d], hx[1][d], flip(output[..., part]),
+                                            None if d_out is None else flip(d_out[..., part]), d_hn, d_cn)  # fmt: skip
+        d_gates = flip(d_gates)
+        suffix = "_l0" + ("_reverse" if d else "")
+        found.append((Unrolled(suffix, x, d_gates, flip(prev), []), d_gates, d_gates))
     return found
 
 
