@@ -75,8 +75,7 @@ class StepHooks(ModuleHooks):
     than the same operation run right after it (cold caches), and small layers' tensors
     cost little to keep. Layers larger than :data:`DEFER_ELEMENTS` are done during the
     backward pass, so that their output gradients are not kept: a kept output gradient
-    lives through the rest of the backward pass, whose peak it raises (by a sixth of the
-    step's on a small LSTM language model at a bound of 2²⁰ elements).
+    lives through the rest of the backward pass and raises its peak.
 
     Which layers run on the batch is traced from the model's inputs before the first measured
     forward pass of each input signature, as the engine does
