@@ -10,6 +10,7 @@ import gradnoise as gn
 from gradnoise._factored import FactoredGrads
 from gradnoise.engine import NotMeanLossError
 from tests.cases import CASES_BY_NAME
+from tests.reference import loop_stats
 
 # Expected path of every parameter of some cases: the engine must say what it did.
 EXPECTED_METHODS = {
@@ -167,22 +168,25 @@ def test_custom_mean_loss_uses_fast():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_no_gram_path_through_an_inplace_op_on_the_output(bias):
-    """ReLU(inplace=True) after a Gram-size layer: exact statistics either way (without a
-    bias the layer's output cannot carry the gradient to it once modified in place)."""
+def test_gram_path_through_an_inplace_op_on_the_output(bias):
+    """ReLU(inplace=True) after a Gram-size layer: the gradient edge kept at the forward pass
+    gives the layer's own output gradient (not the ReLU's), so the Gram path stays exact."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32, bias=bias), nn.ReLU(inplace=True), nn.Linear(32, 3)).double()
     x, y = torch.randn(8, 32, dtype=torch.float64), torch.randint(0, 3, (8,))
     a = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="fast", variance=False)
     b = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="vmap")
-    assert not (isinstance(a.mean, FactoredGrads) and a.mean.is_factored("0.weight"))
+    assert isinstance(a.mean, FactoredGrads) and a.mean.is_factored("0.weight")
     assert a.trace_cov == pytest.approx(b.trace_cov, rel=1e-10)
     assert abs(a.grad_norm_sq - b.grad_norm_sq) <= 1e-10 * max(abs(b.grad_norm_sq), b.trace_cov / 8)
     for k in b.mean:
         torch.testing.assert_close(a.mean[k], b.mean[k], rtol=1e-10, atol=1e-14)
 
 
-def test_loss_fn_modifying_outputs_in_place_is_refused_on_the_gram_path():
+def test_loss_fn_modifying_outputs_in_place_is_exact_on_the_gram_path():
+    """A loss that modifies the model's output in place: the last layer's hook and gradient
+    edge see the gradient of its output before the modification, as its parameters do."""
+    torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 32), nn.Tanh(), nn.Linear(32, 32)).double()
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 32, (8,))
 
@@ -190,8 +194,12 @@ def test_loss_fn_modifying_outputs_in_place_is_refused_on_the_gram_path():
         def forward(self, out, target):
             return super().forward(out.mul_(2), target)
 
-    with pytest.raises(RuntimeError, match="loss_fn modified the model's outputs in place"):
-        gn.gradient_stats(model, InplaceLoss(), x, y, method="fast", variance=False)
+    fast = gn.gradient_stats(model, InplaceLoss(), x, y, method="fast", variance=False)
+    assert isinstance(fast.mean, FactoredGrads) and fast.mean.is_factored("2.weight")
+    ref = loop_stats(model, InplaceLoss(), x, y)
+    for name, (trace, g2) in ref.items():
+        assert fast.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
+        assert fast.per_param[name].grad_norm_sq == pytest.approx(g2, rel=1e-9, abs=1e-12), name
 
 
 def test_plan_follows_changes_to_the_model_and_does_not_keep_it_alive():

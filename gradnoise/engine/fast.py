@@ -46,7 +46,6 @@ from gradnoise.engine.hooks import Recorder, kept_outputs
 from gradnoise.engine.plan import (
     Plan,
     Route,
-    gram_ready,
     plan_for,
     route_for,
     traced_calls,
@@ -203,11 +202,6 @@ def _backward(loss: Tensor, leaves: dict[str, Tensor], plan: Plan, recorder: Rec
     gram, owned, owners = route.gram, route.owned, plan.owners
     wanted = [n for n in leaves if n not in gram and n not in owned]
     skip_calls = sorted((recorder.calls[m][0] for m in {*gram.values(), *owned.values()}), key=lambda c: c.seq)
-    if not all(gram_ready(c) for c in skip_calls if c.gates is None):
-        raise RuntimeError(
-            "loss_fn modified the model's outputs in place, which per-example gradients "
-            "need intact: compute the loss out of place, or use method='vmap'"
-        )
     wanted_leaves = [leaves[n] for n in wanted]
     edges = hook_edges(skip_calls, wanted_leaves, {m for n in wanted for m, _ in owners[n]})
     grads = torch.autograd.grad(loss, wanted_leaves + edges, allow_unused=True)

@@ -43,7 +43,7 @@ def hook_edges(calls: list[ModuleCall], wanted_leaves: list[Tensor], differentia
                 targets.update(e.node for e in c.gates[0])
             continue
         c.last = not any(isinstance(t, Tensor) and t.requires_grad for t in c.args)
-        edge = get_gradient_edge(output)
+        edge = output  # the edge kept at the forward pass
         if not c.last:
             if targets is None:
                 targets = {get_gradient_edge(t).node for t in wanted_leaves} | {e.node for e in edges}

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from gradnoise.engine.attention_capture import AttentionCapture
 from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
@@ -32,15 +32,17 @@ __all__ = ["LOW_PRECISION", "ModuleCall", "ModuleHooks", "Recorder", "batch_dim"
 class ModuleCall:
     """One recorded module call (a plain class with slots: one is made per layer per call)."""
 
-    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "output_version", "last", "seq",
-                 "unbatched", "projections", "gates")  # fmt: skip
+    __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "last", "seq", "unbatched",
+                 "projections", "gates")  # fmt: skip
 
     def __init__(self, module: str, args: tuple, kwargs: dict, shapes: list, versions: list) -> None:
         self.module, self.args, self.kwargs, self.versions = module, args, kwargs, versions
         self.shapes: list[torch.Size | None] = shapes  # of the flat tensor outputs (not kept)
         self.grads: list[Tensor | None] = [None] * len(shapes)  # kept only for vmap units
-        self.output: Tensor | None = None  # kept until the Gram or moments path is decided
-        self.output_version = 0
+        # The output's gradient edge, kept until the Gram or moments path is decided: the
+        # gradient there is the layer's even if the output is later modified in place (which
+        # requesting the tensor would not give), and it holds no activation.
+        self.output: GradientEdge | None = None
         self.last = False  # the backward pass goes no further than this call's output
         self.seq = 0  # position in the forward pass
         # Argument positions and keywords that do not depend on the batch (BatchTrace);
@@ -196,7 +198,7 @@ class Recorder(ModuleHooks):
                     output.register_hook(functools.partial(on_grad, call, 0))
                     if keep and (always is True or variance or not (args and getattr(args[0], "requires_grad", False))
                                  or (always and always(module, args[0].shape, output.shape))):
-                        call.output, call.output_version, call.seq = output, output._version, next(seq)
+                        call.output, call.seq = get_gradient_edge(output), next(seq)
             else:
                 outs = flatten(output)
                 call = ModuleCall(name, args, kwargs, [None if t is None else t.shape for t in outs], versions)

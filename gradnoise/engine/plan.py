@@ -247,11 +247,9 @@ def decide(owners, modules, calls, B: int):
 
 
 def gram_ready(call: ModuleCall) -> bool:
-    """A Linear call whose output may carry the gradient to the Gram path: kept, differentiable,
-    and not modified in place since (an in-place op after the layer, e.g. ``ReLU(inplace=True)``,
-    would make requesting it stop the gradient short of the layer)."""
-    out = call.output
-    return out is not None and out.requires_grad and out._version == call.output_version
+    """A call whose output's gradient edge was kept (its output is differentiable), so that the
+    gradient can reach its hook when its parameters are not differentiated."""
+    return call.output is not None
 
 
 def gram_modules(owners, modules, calls, paths: dict[str, str], B: int) -> dict[str, str]:
