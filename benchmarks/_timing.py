@@ -2,7 +2,7 @@
 
 Timing: each repetition runs the floor (plain forward + backward of the same model and
 batch) and then the measured call, so drifts in clock speed affect both alike; the ratio is
-median(call) / median(floor). Memory: the peak resident set size during one call above the
+median(call) / median(floor), or the median of the per-pair ratios (:func:`pair_ratio`). Memory: the peak resident set size during one call above the
 resident size before it (Linux ``/proc/self/clear_refs`` resets the peak), or on CUDA the
 allocator's peak above the allocated memory before the call. Memory is measured in a
 separate process (:func:`track_rss`: on glibc, blocks above 64 KiB are mmap-ed and the heap
@@ -56,6 +56,16 @@ def interleaved_medians(
     *, budget_s: float = 2.0, min_reps: int = 5, max_reps: int = 60, warmup: int = 2,
 ) -> tuple[float, float, int]:  # fmt: skip
     """Median seconds of ``floor`` and ``call``, alternated, within about ``budget_s``."""
+    f, c = interleaved_times(floor, call, device, budget_s=budget_s, min_reps=min_reps, max_reps=max_reps,
+                             warmup=warmup)  # fmt: skip
+    return statistics.median(f), statistics.median(c), len(f)
+
+
+def interleaved_times(
+    floor: Callable[[], object], call: Callable[[], object], device: torch.device,
+    *, budget_s: float = 2.0, min_reps: int = 5, max_reps: int = 60, warmup: int = 2,
+) -> tuple[list[float], list[float]]:  # fmt: skip
+    """Seconds of ``floor`` and ``call`` in pairs, alternated, within about ``budget_s``."""
     for _ in range(warmup):
         floor()
         call()
@@ -65,7 +75,14 @@ def interleaved_medians(
     for _ in range(reps):
         f.append(timed(floor, device))
         c.append(timed(call, device))
-    return statistics.median(f), statistics.median(c), reps
+    return f, c
+
+
+def pair_ratio(f: list[float], c: list[float]) -> float:
+    """The median over pairs of ``call / floor``: each pair ran back to back, so a drift in
+    the machine's speed during the run cancels in it, where the ratio of the two medians
+    would take the floor's and the call's medians from different moments."""
+    return statistics.median(ci / fi for fi, ci in zip(f, c, strict=True))
 
 
 def _status(field: str) -> int:

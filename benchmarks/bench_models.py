@@ -14,9 +14,9 @@ BackPACK (BatchL2Grad) and Opacus where they run (models with an ``nn.CrossEntro
 on one label per example: not the language models, whose loss is per token); their floor
 is a plain forward + backward of the same model and batch. One more row per model: an
 AdamW training step with ``gn.Monitor(every=1)`` (the mode it chose in the label), whose
-floor is the same step on an identical model without it. Each: median time and its ratio to
-the floor (interleaved in the same process), and the peak-memory ratio measured in a fresh
-child process. ``--device cuda`` runs it all on the GPU (memory: the allocator's peak);
+floor is the same step on an identical model without it. Each: the median times of the call
+and the floor, run in turn in the same process, the median over those pairs of their ratio,
+and the peak-memory ratio measured in a fresh child process. ``--device cuda`` runs it all on the GPU (memory: the allocator's peak);
 ``--size gpu`` takes sizes that occupy a GPU instead of the CPU sizes above (nanoGPT d 768,
 12 heads, T 256, B 32; the ResNet at B 256; the LSTM at d 512, B 64), so that the ratios
 are not those of kernel-launch latency.
@@ -28,6 +28,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 import gradnoise as gn
-from benchmarks._timing import interleaved_medians, peak_bytes, track_rss
+from benchmarks._timing import interleaved_times, pair_ratio, peak_bytes, track_rss
 from benchmarks.bench_engine import anchors
 from gradnoise.tasks import CausalBlock, TokenLoss
 
@@ -204,13 +205,14 @@ def main(argv=None) -> None:
             mem = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {}
         for label, (floor, c) in calls(name, model, loss_fn, x, y, args.anchors, args.autocast).items():
             try:
-                f, t, _ = interleaved_medians(floor, c, device, budget_s=args.budget, min_reps=3)
+                fs, cs = interleaved_times(floor, c, device, budget_s=args.budget, min_reps=3)
+                f, t = statistics.median(fs), statistics.median(cs)
             except Exception as exc:  # noqa: BLE001  (an anchor that does not support the model)
                 print(f"| {name} | {label} | | fails: {type(exc).__name__} | | |", flush=True)
                 continue
             m = mem.get(label)
             ratio = f"{m[1] / m[0]:.2f}" if isinstance(m, list) and m[0] else (m or "")
-            print(f"| {name} | {label} | {1e3 * f:.1f} | {1e3 * t:.1f} | {t / f:.2f} | {ratio} |", flush=True)
+            print(f"| {name} | {label} | {1e3 * f:.1f} | {1e3 * t:.1f} | {pair_ratio(fs, cs):.2f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":
