@@ -254,6 +254,8 @@ def is_known_mean_loss(loss_fn: LossFn, targets: Batch) -> bool:
     Class-weighted and ``ignore_index`` reductions average with weights that depend on the
     whole batch, so they are not a plain mean of per-example losses.
     """
+    if getattr(type(loss_fn), "mean_of_examples", False) is True:  # gradnoise.tasks.TokenLoss
+        return not has_ignored_targets(as_tuple(targets)[0], loss_fn.ignore_index)
     if not isinstance(loss_fn, _MEAN_DECOMPOSABLE_LOSSES):
         return False
     if getattr(loss_fn, "reduction", "mean") != "mean":

@@ -244,11 +244,24 @@ def tiny_transformer(**kwargs) -> TinyTransformer:
 class TokenLoss(nn.Module):
     """Mean cross-entropy over every position of ``[B, T, V]`` logits (a model output with
     ``.logits`` too) against ``[B, T]`` targets: each example's loss is the mean over its
-    positions, and the batch's the mean over examples, as the fast engine needs."""
+    positions, and the batch's the mean over examples, as the fast engine needs.
+
+    The engine knows this loss to be a mean of per-example losses (as it knows
+    ``nn.CrossEntropyLoss``), so it does not check that on every call by evaluating the loss
+    once more per example — unless targets equal ``ignore_index``: positions left out make
+    the batch mean one over a different number of positions per example, not a mean of
+    per-example losses."""
+
+    mean_of_examples = True  # read by gradnoise._functional.is_known_mean_loss
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
 
     def forward(self, logits, targets: Tensor) -> Tensor:
         logits = getattr(logits, "logits", logits)
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           ignore_index=self.ignore_index)  # fmt: skip
 
 
 class CausalBlock(nn.Module):

@@ -265,11 +265,39 @@ def test_ignored_targets_are_not_a_plain_mean(ignore):
         gn.gradient_stats(model, loss, x, y, method="fast")
 
 
+def test_token_loss_is_a_known_mean_and_not_checked_on_each_call(monkeypatch):
+    """gradnoise.tasks.TokenLoss (cross-entropy over every position) is a mean of per-example
+    losses: the engine takes it as known, as nn.CrossEntropyLoss, without evaluating it again
+    per example; with a target equal to its ignore_index it is not, and is checked."""
+    from gradnoise._functional import is_known_mean_loss
+    from gradnoise.engine import fast
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Linear(4, 7)).double()
+    x, y = torch.randint(0, 7, (6, 5)), torch.randint(0, 7, (6, 5))
+    loss = gn.tasks.TokenLoss()
+    assert is_known_mean_loss(loss, y)
+    padded = y.clone()
+    padded[0, :3] = -100  # example 0 keeps 2 positions, the others 5: not a mean of per-example means
+    assert not is_known_mean_loss(loss, padded)
+
+    def no_check(*args):
+        raise AssertionError("a known mean loss was checked per example")
+
+    with monkeypatch.context() as m:
+        m.setattr(fast, "check_mean_loss", no_check)
+        stats = gn.gradient_stats(model, loss, x, y, method="fast")
+    for name, (trace, g2) in loop_stats(model, loss, x, y).items():
+        assert stats.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
+        assert stats.per_param[name].grad_norm_sq == pytest.approx(g2, rel=1e-9, abs=1e-12), name
+    with pytest.raises(NotMeanLossError):
+        gn.gradient_stats(model, loss, x, padded, method="fast")
+
+
 @pytest.mark.parametrize("name", ["conv1d", "conv1d-single-channel", "conv1d-gram", "conv2d", "conv2d-gram"])
 def test_conv_norms_path_equals_vmap(name, monkeypatch):
-    """Convolutions whose output cannot carry the gradient to the moments path (an in-place
-    operation after them) take the norms path with the backward's weight gradient: forced
-    here, with and without Σ_i g_i²."""
+    """Convolutions on the norms path, with the backward's weight gradient (a layer called
+    more than once, or not on the moments path): forced here, with and without Σ_i g_i²."""
     from gradnoise.engine import plan
 
     monkeypatch.setattr(plan, "moments_ready", lambda *args: False)
@@ -282,7 +310,7 @@ def test_conv_norms_path_equals_vmap(name, monkeypatch):
         torch.testing.assert_close(nv.mean[k], ref.mean[k], rtol=1e-10, atol=1e-12 * float(ref.mean[k].abs().max()))
 
 
-def test_conv_followed_by_inplace_relu_takes_the_norms_path():
+def test_conv_followed_by_inplace_relu_is_exact():
     model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 5, 3)).double()
     x, y = torch.randn(6, 2, 7, dtype=torch.float64), torch.randint(0, 3, (6,))
     loss = nn.CrossEntropyLoss()
