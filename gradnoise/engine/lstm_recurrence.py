@@ -73,7 +73,7 @@ def _bptt(acts: Tensor, cs: Tensor, w_hh: Tensor, c0: Tensor, d_out: Tensor | No
     f[0].mul_(c0)
     M = acts[:, : 3 * H].view(T, 3, H, B)
     dy = d_out.to(dtype).permute(1, 2, 0).contiguous() if d_out is not None else acts.new_zeros(T, H, B)
-    wt = w_hh.to(dtype).T
+    wt = w_hh.to(dtype).T.contiguous()  # each step's product runs faster on a row-major Wᵀ than on a view
     delta = acts  # step t's gate gradients written over its factors, which only step t reads
     carry = d_cn.to(dtype).T if d_cn is not None else acts.new_zeros(H, B)
     for t in range(T - 1, -1, -1):
