@@ -183,6 +183,27 @@ def test_sequence_linear_norms_in_chunks(out_features, elementwise, chunked, mon
         assert norms["weight"][1] is None
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_norms_of_maps_sharing_an_output_gradient(chunked, monkeypatch):
+    """An LSTM's input and recurrent weights act on the same gates: their norms from one
+    ``D Dᵀ`` (the Gram form, for the wide input) or the products (the narrow one), and one
+    bias norm, equal the materialised per-example gradients (float64)."""
+    from gradnoise.rules import _common, linear
+
+    if chunked:
+        monkeypatch.setattr(_common, "budget", lambda a, d: 1)
+    torch.manual_seed(0)
+    d = torch.randn(7, 3, 64, dtype=torch.float64)
+    wide, narrow = torch.randn(7, 3, 16, dtype=torch.float64), torch.randn(7, 3, 2, dtype=torch.float64)
+    found = linear.shared_output_norms([wide, narrow, wide.flip(1)], d, True, scale=3.0)
+    for a, norms in zip([wide, narrow, wide.flip(1)], found, strict=True):
+        g = torch.einsum("bto,bti->boi", d, a)
+        torch.testing.assert_close(norms["weight"][0], 9 * g.flatten(1).square().sum(1), rtol=1e-12, atol=0)
+        torch.testing.assert_close(norms["bias"][0], 9 * d.sum(1).square().sum(1), rtol=1e-12, atol=0)
+        assert norms["weight"][1] is None and norms["bias"][1] is None
+    assert found[0]["bias"][0] is not found[1]["bias"][0]  # callers scale them in place
+
+
 @pytest.mark.parametrize("elementwise", [False, True])
 @pytest.mark.parametrize("name, module, make", LAYERS, ids=[c[0] for c in LAYERS])
 def test_weighted_norms_equal_a_loop_of_autograd(name, module, make, elementwise):

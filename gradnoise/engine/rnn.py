@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gradnoise.engine.lstm_recurrence import WeightGrads, lstm_gate_gradients, lstm_layer
-from gradnoise.rules import dense_moments, dense_norms
+from gradnoise.rules import dense_moments, dense_norms, shared_output_norms
 from gradnoise.rules.registry import Norms
 
 __all__ = ["Unrolled", "kind_of", "layer_moments", "layer_norms", "norms_of_grads", "per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms",
@@ -119,8 +119,13 @@ def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, la
 
 def layer_norms(part: Unrolled, dx: Tensor, dh: Tensor, biases: bool, elementwise: bool, scale: float) -> Norms:
     """The norms of one layer and direction's parameters (by full name) from the gradients
-    of its gates' input and recurrent parts: each weight a Linear layer's on a sequence."""
+    of its gates' input and recurrent parts: each weight a Linear layer's on a sequence (an
+    LSTM's two parts share one gradient, ``dh is dx``, whose products are formed once)."""
     out = {}
+    if dh is dx and not elementwise:
+        for kind, norms in zip(("ih", "hh"), shared_output_norms([part.input, part.prev], dx, biases, scale), strict=True):
+            out.update({f"{k}_{kind}{part.suffix}": v for k, v in norms.items()})
+        return out
     for kind, a, d in (("ih", part.input, dx), ("hh", part.prev, dh)):
         for k, v in dense_norms(a, d, biases, elementwise, scale).items():
             out[f"{k}_{kind}{part.suffix}"] = v

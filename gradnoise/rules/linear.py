@@ -12,10 +12,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gradnoise.rules._common import batch_chunks, bias_norms, joined, product_moments, sq_norms
+from gradnoise.rules import _common
+from gradnoise.rules._common import (
+    batch_chunks,
+    bias_norms,
+    joined,
+    product_moments,
+    sq_norms,
+)
 from gradnoise.rules.registry import Grads, Norms, Rule, always, register
 
-__all__ = ["dense_grads", "dense_moments", "dense_norms", "linear_gram_norms", "prefers_gram"]
+__all__ = ["dense_grads", "dense_moments", "dense_norms", "linear_gram_norms", "prefers_gram", "shared_output_norms"]
 
 
 def _grouped_grads(a: Tensor, d: Tensor) -> Tensor:
@@ -83,6 +90,36 @@ def dense_norms(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: floa
     out["weight"] = (sq.mul_(s2), None if total is None else total[0].mul_(s2))
     if bias:
         out["bias"] = bias_norms(d3.sum(2)[:, 0], elementwise, s2)
+    return out
+
+
+def shared_output_norms(inputs: list[Tensor], d: Tensor, bias: bool, scale: float = 1.0) -> list[Norms]:
+    """:func:`dense_norms` (without ``Σ_i g_i²``) of several Linear maps on ``[B, T, ·]``
+    inputs whose outputs share one gradient ``d [B, T, O]`` (an LSTM's input and recurrent
+    weights both act on its gates): ``D Dᵀ`` formed once for all those whose Gram form is
+    the cheaper, and the bias norms (``|Σ_t δ_t|²``, equal for all) once."""
+    B, T, O = d.shape
+    s2 = scale * scale
+    gram = [T * (a.shape[-1] + O) < a.shape[-1] * O for a in inputs]
+    out = [{} if g else dense_norms(a, d, False, False, scale) for a, g in zip(inputs, gram, strict=True)]
+    on_gram = [a for a, g in zip(inputs, gram, strict=True) if g]
+    if on_gram:
+        per_example = T * (T + O + sum(a.shape[-1] for a in on_gram))
+        step = max(1, max(_common.budget(a, d) for a in on_gram) // per_example)
+        rows: list[list[Tensor]] = [[] for _ in on_gram]
+        for lo in range(0, B, step):
+            gd = torch.bmm(d[lo : lo + step], d[lo : lo + step].transpose(1, 2))
+            for r, a in zip(rows, on_gram, strict=True):
+                ga = torch.bmm(a[lo : lo + step], a[lo : lo + step].transpose(1, 2))
+                r.append(ga.mul_(gd).flatten(1).sum(1))
+        found = iter(rows)
+        for norms, g in zip(out, gram, strict=True):
+            if g:
+                norms["weight"] = (joined(next(found)).mul_(s2), None)
+    if bias:
+        sq = bias_norms(d.sum(1), False, s2)[0]
+        for j, norms in enumerate(out):  # a tensor each: callers may scale them in place
+            norms["bias"] = (sq if j == 0 else sq.clone(), None)
     return out
 
 
