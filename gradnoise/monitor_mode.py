@@ -107,9 +107,11 @@ def choose_mode(model: nn.Module, mode: str, *, batchnorm: str, accumulation_ste
         mode = "separate" if uncovered or compiled else "hooks"
     if group is not None:
         if uncovered or mode == "separate":
+            rnn = sharded and any(len(os) == 1 and unrollable(modules[os[0][0]]) for n, os in owners.items() if n in uncovered)
             raise ValueError(
                 "under DDP/FSDP the Monitor measures the global batch in hooks mode, which needs every "
-                f"trainable parameter in a supported layer{f'; not covered: {uncovered[:5]}' if uncovered else ''}. "
+                f"trainable parameter in a supported layer{f'; not covered: {uncovered[:5]}' if uncovered else ''}"
+                f"{' (an nn.LSTM/GRU/RNN is measured by running its recurrence again from its whole weights, which FSDP shards: train it under DDP to measure it)' if rnn else ''}. "
                 "mode='separate' would measure only this rank's local batch"
             )
         mode = "hooks"

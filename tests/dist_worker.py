@@ -104,7 +104,13 @@ def main():
             mon.step(xl if rank == 0 else xl[:4], yl if rank == 0 else yl[:4])
         except Exception as exc:  # noqa: BLE001
             result = {"error": type(exc).__name__, "message": str(exc)}
-    elif mode == "refusals":  # mode='separate' under DDP; ranks with batches of different sizes
+    elif mode == "refusals":  # mode='separate' under DDP; an RNN under FSDP; ranks with batches of different sizes
+        from torch.distributed.fsdp import fully_shard
+
+        try:  # its recurrence, run again from the kept call, needs the whole weights
+            gn.Monitor(fully_shard(model_factory("lstm")), nn.CrossEntropyLoss())
+        except ValueError as exc:
+            result["fsdp-rnn"] = str(exc)
         model = wrap(model_factory(), "ddp")
         try:
             gn.Monitor(model, nn.CrossEntropyLoss(), mode="separate")

@@ -101,9 +101,11 @@ def test_the_readme_torchrun_script_runs(kind, tmp_path):
 
 
 def test_what_cannot_be_the_global_batch_is_refused(tmp_path):
-    """mode='separate' would measure one rank's batch; ranks with batches of different sizes
-    make the averaged gradient something other than the global mean: both refused, the
-    second on every rank."""
+    """mode='separate' would measure one rank's batch; an LSTM sharded by FSDP2 cannot have
+    its recurrence run again from one rank's shard of its weights; ranks with batches of
+    different sizes make the averaged gradient something other than the global mean: all
+    refused, the last on every rank."""
     for r in run_ranks("refusals", tmp_path):
+        assert "not covered: ['body.weight_ih_l0'" in r["fsdp-rnn"] and "which FSDP shards" in r["fsdp-rnn"]
         assert "mode='separate' would measure only this rank's local batch" in r["separate"]
         assert "batches differ in size" in r["unequal"]
