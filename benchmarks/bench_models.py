@@ -121,11 +121,33 @@ def calls(name, model, loss_fn, x, y, with_anchors: bool, autocast: bool = False
         "gradient_stats (auto, variance)": lambda: gn.gradient_stats(model, loss_fn, x, y),
         "gradient_stats (vmap, no variance)": lambda: gn.gradient_stats(model, loss_fn, x, y, method="vmap", variance=False),
     }
+    if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        out["convolutions' weight gradients alone (the least the monitor adds)"] = conv_weight_grads(model, x)
     if with_anchors and isinstance(loss_fn, nn.CrossEntropyLoss):
         found = anchors(model, loss_fn, x, y)
         out.update({k: v for k, v in found.items() if "Variance" not in k})
     rows = {label: (floor, c) for label, c in out.items()}
     return {**rows, **monitor_rows(model, loss_fn, x, y, autocast)}
+
+
+def conv_weight_grads(model, x):
+    """Every convolution's weight gradient alone, on its inputs and output-gradient shapes in
+    this batch: what per-example products cost at least, and so what a monitor (which cannot
+    skip the step's own weight gradients) adds at least on a convolutional network."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, a, o: calls.append((m, a[0].detach(), torch.ones_like(o))))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]  # fmt: skip
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+
+    def weight_grads():
+        for m, a, d in calls:
+            torch.ops.aten.convolution_backward(d, a, m.weight, None, m.stride, m.padding, m.dilation, False, (0, 0),
+                                                m.groups, (False, False, True))  # fmt: skip
+
+    return weight_grads
 
 
 def monitor_rows(model, loss_fn, x, y, autocast: bool = False) -> dict:
