@@ -50,7 +50,7 @@ def _activate(acts: Tensor, c0: Tensor) -> Tensor:
 def _bptt(acts: Tensor, cs: Tensor, w_hh: Tensor, c0: Tensor, d_out: Tensor | None,
           d_hn: Tensor | None, d_cn: Tensor | None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Back-propagation through time from the activated gates ``acts [T, 4H, B]`` and the
-    cell and hidden states ``[T, H, B]`` (hidden-major, ``c0 [H, B]``) given the gradients of
+    cell states ``cs [T, H, B]`` (hidden-major, ``c0 [H, B]``) given the gradients of
     the output ``[B, T, H]`` and the final states ``[B, H]`` (``None``: zero). Returns the
     gradient of the gate pre-activations ``[B, T, 4H]`` and that of ``c0`` (``[H, B]``);
     ``acts`` is overwritten."""
@@ -121,35 +121,26 @@ class _LSTMLayer(torch.autograd.Function):
     # takes a slow path on CPU).
 
     @staticmethod
-    def forward(ctx, gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, c0: Tensor, wanted: WeightGrads,
-                hidden: Tensor | None):  # fmt: skip
+    def forward(ctx, gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, c0: Tensor, wanted: WeightGrads):
         B, T, G = gx.shape
         H = G // 4
         dtype = torch.promote_types(gx.dtype, w_hh.dtype)  # under autocast: gx 16-bit, the state float32
         w = w_hh.to(dtype)
         h, c = h0.to(dtype).T, c0.to(dtype).T
-        if hidden is not None:
-            hs = hidden.to(dtype).permute(1, 2, 0).contiguous()  # [T, H, B]
-            acts = torch.matmul(w, torch.cat([h[None], hs[:-1]]))
-            acts += gx.permute(1, 2, 0)
-            if b_hh is not None:
-                acts += b_hh.to(dtype)[:, None]
-            cs = _activate(acts, c)
+        acts = torch.empty(T, G, B, dtype=dtype, device=gx.device)
+        if b_hh is None:
+            acts.copy_(gx.permute(1, 2, 0))
         else:
-            acts = torch.empty(T, G, B, dtype=dtype, device=gx.device)
-            if b_hh is None:
-                acts.copy_(gx.permute(1, 2, 0))
-            else:
-                torch.add(gx.permute(1, 2, 0), b_hh.to(dtype)[:, None], out=acts)
-            cs, hs = acts.new_empty(T, H, B), acts.new_empty(T, H, B)
-            for t in range(T):
-                a = acts[t].addmm_(w, h)
-                a[: 2 * H].sigmoid_()
-                a[2 * H : 3 * H].tanh_()
-                a[3 * H :].sigmoid_()
-                i, f, g, o = a.chunk(4)
-                c = torch.mul(f, c, out=cs[t]).addcmul_(i, g)
-                h = torch.mul(o, c.tanh(), out=hs[t])
+            torch.add(gx.permute(1, 2, 0), b_hh.to(dtype)[:, None], out=acts)
+        cs, hs = acts.new_empty(T, H, B), acts.new_empty(T, H, B)
+        for t in range(T):
+            a = acts[t].addmm_(w, h)
+            a[: 2 * H].sigmoid_()
+            a[2 * H : 3 * H].tanh_()
+            a[3 * H :].sigmoid_()
+            i, f, g, o = a.chunk(4)
+            c = torch.mul(f, c, out=cs[t]).addcmul_(i, g)
+            h = torch.mul(o, c.tanh(), out=hs[t])
         ctx.save_for_backward(acts, cs, hs, w_hh, h0, c0)
         ctx.gx_dtype, ctx.wanted = gx.dtype, wanted
         return hs.permute(2, 0, 1).contiguous(), hs[-1].T.contiguous(), cs[-1].T.contiguous()
@@ -173,16 +164,14 @@ class _LSTMLayer(torch.autograd.Function):
             d_h0 = (d_gates[:, 0] @ w_hh.to(dtype)).to(h0.dtype)
         if ctx.needs_input_grad[4]:
             d_c0 = carry.T.to(c0.dtype)
-        return d_gates.to(ctx.gx_dtype), d_w, d_b, d_h0, d_c0, None, None
+        return d_gates.to(ctx.gx_dtype), d_w, d_b, d_h0, d_c0, None
 
 
 def lstm_layer(gx: Tensor, w_hh: Tensor, b_hh: Tensor | None, h0: Tensor, c0: Tensor,
-               weight_grads: WeightGrads | None = None, hidden: Tensor | None = None):  # fmt: skip
+               weight_grads: WeightGrads | None = None):  # fmt: skip
     """One direction of one LSTM layer over a batch-first sequence, from the input part of its
     gates ``gx = x W_ihᵀ + b_ih`` (``[B, T, 4H]``) and the initial state ``h0, c0 [B, H]``:
     the output ``[B, T, H]`` and the final ``h_n, c_n``, torch's formulas
     (``nn.LSTM``'s documentation). Differentiable once; ``w_hh`` and ``b_hh`` get no gradient
-    while ``weight_grads.needed`` is off when the backward pass runs. Given ``hidden``, the
-    output ``[B, T, H]`` as torch's kernel computed it, the gates are computed from it at
-    once instead of step by step (equal up to rounding)."""
-    return _LSTMLayer.apply(gx, w_hh, b_hh, h0, c0, weight_grads or WeightGrads(), hidden)
+    while ``weight_grads.needed`` is off when the backward pass runs."""
+    return _LSTMLayer.apply(gx, w_hh, b_hh, h0, c0, weight_grads or WeightGrads())

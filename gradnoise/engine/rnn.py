@@ -67,14 +67,12 @@ class Unrolled(NamedTuple):
 
 
 def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, layers: int, bidirectional: bool,
-           weight_grads: WeightGrads | None = None, output: Tensor | None = None):  # fmt: skip
+           weight_grads: WeightGrads | None = None):  # fmt: skip
     """torch's recurrence (``torch._VF.<kind>`` on a batch-first input ``x [B, T, in]``, initial
     state ``hx`` as torch takes it, ``weights`` flat in torch's order), one step at a time
     with the gate pre-activations kept. Returns the output ``[B, T, D·H]``, the final states
     as torch returns them (``(h_n, c_n)`` for an LSTM) and the :class:`Unrolled` parts.
-    ``weight_grads``: see :func:`~gradnoise.engine.lstm_recurrence.lstm_layer`; ``output``:
-    the call's output as torch computed it (batch-first), from which a one-layer LSTM's gates
-    are computed at once."""
+    ``weight_grads``: see :func:`~gradnoise.engine.lstm_recurrence.lstm_layer`."""
     D, per = 2 if bidirectional else 1, 4 if has_biases else 2
     h0, c0 = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
     layer_in, finals, parts = x, [], []
@@ -89,10 +87,7 @@ def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, la
                 gx.requires_grad_(True)
             suffix = f"_l{layer}" + ("_reverse" if d else "")
             if kind == "lstm":  # one autograd node for the whole recurrence
-                H = w_hh.shape[1]
-                known = output[..., d * H : (d + 1) * H] if output is not None and layers == 1 else None
-                known = known.flip(1) if known is not None and d else known
-                y, h_n, c_n = lstm_layer(gx.flip(1) if d else gx, w_hh, b_hh, h0[k], c0[k], weight_grads, known)
+                y, h_n, c_n = lstm_layer(gx.flip(1) if d else gx, w_hh, b_hh, h0[k], c0[k], weight_grads)
                 prev = torch.cat([h0[k][:, None], y[:, :-1]], 1)
                 outs.append(y.flip(1) if d else y)
                 finals.append((h_n, c_n))
@@ -167,8 +162,7 @@ def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
             grads[0] = None if not grads or grads[0] is None else grads[0].transpose(0, 1)
         return _lstm_from_output(x, hx, weights, module.bias, D, known, grads)
     with torch.enable_grad():
-        known = None if output is None else output.detach() if module.batch_first else output.detach().transpose(0, 1)
-        out, finals, parts = unroll(kind_of(module), x, hx, weights, module.bias, L, module.bidirectional, output=known)
+        out, finals, parts = unroll(kind_of(module), x, hx, weights, module.bias, L, module.bidirectional)
         out = out if module.batch_first else out.transpose(0, 1)
         total = (out * output_grads[0]).sum() if output_grads and output_grads[0] is not None else out.sum() * 0
         for state, g in zip(finals if isinstance(finals, tuple) else (finals,), output_grads[1:], strict=False):
