@@ -127,28 +127,86 @@ def test_an_rnn_output_modified_in_place_is_measured_in_a_separate_pass(caplog):
 
 
 class Packed(nn.Module):
-    def __init__(self):
+    """An RNN on a packed batch of sequences of their own lengths (zero rows are padding, so
+    that an example alone has the length it has in the batch), unsorted, with or without an
+    initial state; a head on the padded outputs' sum and on the last layer's final state."""
+
+    def __init__(self, kind="LSTM", bidirectional=False, batch_first=True, h0=False):
         super().__init__()
-        self.body, self.head = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 3)
+        self.batch_first, D = batch_first, 2 if bidirectional else 1
+        self.body = getattr(nn, kind)(4, 5, num_layers=2, batch_first=batch_first, bidirectional=bidirectional)
+        self.head, self.last = nn.Linear(5 * D, 3), nn.Linear(5, 3)
+        self.init = nn.Linear(4, 2 * D * 5) if h0 else None
 
     def forward(self, x):
-        lengths = torch.full((x.shape[0],), x.shape[1])
-        _, h = self.body(nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True))
-        return self.head(h[-1])
+        lengths = (x.abs().sum(-1) != 0).sum(1)
+        seq = nn.utils.rnn.pack_padded_sequence(x if self.batch_first else x.transpose(0, 1), lengths,
+                                                batch_first=self.batch_first, enforce_sorted=False)  # fmt: skip
+        state = None
+        if self.init is not None:  # per example, from its first input
+            h0 = torch.tanh(self.init(x[:, 0])).view(x.shape[0], -1, 5).transpose(0, 1).contiguous()
+            state = (h0, torch.tanh(h0)) if isinstance(self.body, nn.LSTM) else h0
+        out, h = self.body(seq, state)
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        h_n = h[0] if isinstance(h, tuple) else h
+        return self.head(padded.sum(1)) + self.last(h_n[-1])
 
 
-def test_a_packed_sequence_is_refused_with_what_to_do(caplog):
-    """A packed sequence: the hooks do not run it again, and neither the engine nor vmap can
-    (torch.func does not run packed RNNs). gradient_stats says so; the Monitor leaves its
-    hooks for the separate pass, which raises the same message (strict)."""
+def _padded(g, batch=8, T=6):
+    x = torch.randn(batch, T, 4, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (batch,), generator=g)
+    x[torch.arange(T)[None, :] >= lengths[:, None]] = 0
+    return x, torch.randint(0, 3, (batch,), generator=g)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("bidirectional, batch_first, h0", [(False, True, False), (True, False, False), (True, True, True)])
+def test_packed_sequences_are_measured_one_sequence_at_a_time(kind, bidirectional, batch_first, h0):
+    """An RNN on a packed batch (two layers, sequences of their own lengths, unsorted): each
+    example runs alone through torch's kernel for its own length, as packing runs it; the
+    noise statistics equal a float64 loop of autograd.grad, and the variance vmap's."""
+    from tests.reference import loop_stats
+
     torch.manual_seed(0)
-    model, loss = Packed().double(), nn.CrossEntropyLoss()
-    (x, y), = _batches(randn(6, 4), n=1)
-    with pytest.raises(ValueError, match="packed sequence: per-example gradients through packed sequences are not"):
-        gn.gradient_stats(model, loss, x, y)
-    mon = gn.Monitor(model, loss, strict=True)
-    loss(model(x), y).backward()
-    with caplog.at_level(logging.INFO, logger="gradnoise.monitor"), pytest.raises(ValueError, match="pass the padded"):
-        mon.step(x, y)
-    assert mon.mode == "separate" and "a packed sequence" in caplog.text
-    mon.close()
+    model, loss = Packed(kind, bidirectional, batch_first, h0).double(), nn.CrossEntropyLoss()
+    x, y = _padded(torch.Generator().manual_seed(5))
+    stats = gn.gradient_stats(model, loss, x, y)
+    assert stats.per_param["body.weight_hh_l1"].method == "rnn-looped"
+    for name, (trace, g2) in loop_stats(model, loss, x, y).items():
+        assert stats.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
+        assert stats.per_param[name].grad_norm_sq == pytest.approx(g2, rel=1e-9, abs=1e-12), name
+
+
+def test_the_monitor_measures_packed_sequences_in_its_separate_pass(caplog):
+    """The hooks do not run a packed call again: the Monitor leaves them for the separate
+    pass, whose records equal gradient_stats, and training is unchanged."""
+    torch.manual_seed(0)
+    model, loss = Packed("GRU").double(), nn.CrossEntropyLoss()
+    plain = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(6)
+    batches = [_padded(g) for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="gradnoise.monitor"):
+        trained, recs, mode = _train(model, loss, batches, monitored=True)
+    assert mode == "separate" and "a packed sequence" in caplog.text
+    for rec, ref in recs:
+        assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-9)
+    untouched, _, _ = _train(plain, loss, batches, monitored=False)
+    assert all(torch.equal(a, b) for a, b in zip(trained, untouched, strict=True))
+
+
+def test_a_packed_sequence_the_loop_cannot_take_goes_to_vmap():
+    """The same RNN run twice on packed sequences in one forward pass: the loop takes one
+    call at a time, so the whole model goes to vmap, exact against the float64 loop."""
+    from tests.reference import loop_stats
+
+    class Twice(Packed):
+        def forward(self, x):
+            return super().forward(x) + super().forward(0.5 * x)
+
+    torch.manual_seed(0)
+    model, loss = Twice("GRU").double(), nn.CrossEntropyLoss()
+    x, y = _padded(torch.Generator().manual_seed(7))
+    stats = gn.gradient_stats(model, loss, x, y)
+    assert stats.per_param["body.weight_hh_l1"].method == "vmap"
+    for name, (trace, _) in loop_stats(model, loss, x, y).items():
+        assert stats.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name

@@ -17,7 +17,7 @@ from gradnoise._moments import Moments, centred_m2_, centred_sums, moments_from_
 from gradnoise.engine.hooks import Recorder
 from gradnoise.engine.module_vmap import close_to, local_tensors, module_grads, rnn_call
 from gradnoise.engine.plan import Plan, Route
-from gradnoise.engine.rnn import per_example_rnn_norms
+from gradnoise.engine.rnn import per_example_rnn_norms, unrollable
 from gradnoise.per_sample import vmap_grads_and_losses
 
 __all__ = ["Pass", "assemble", "cancelled", "check_finite"]
@@ -154,11 +154,10 @@ def _collect_units(p: Pass, parts: _Parts) -> None:
             continue
         module = p.modules[unit]
         if isinstance(module, nn.RNNBase) and any(isinstance(c.args[0], PackedSequence) for c in calls[unit] if c.args):
-            raise ValueError(
-                f"{type(module).__name__} {unit!r} runs on a packed sequence: per-example gradients through "
-                "packed sequences are not supported (neither the engine nor torch.func.vmap runs them); pass the "
-                "padded batch to the RNN, or measure without this layer"
-            )
+            # one sequence at a time through torch's kernel (for its own length); else the whole model by vmap
+            if not (len(calls[unit]) == 1 and unrollable(module) and p.sqrt_weights is None and _rnn(p, parts, unit, names)):
+                parts.whole_model.extend(names)
+            continue
         if len(calls[unit]) == 1 and rnn_call(module, calls[unit][0]) and p.sqrt_weights is None and _rnn(p, parts, unit, names):
             continue
         local_leaves = local_tensors(module, p.params, p.state, p.model)

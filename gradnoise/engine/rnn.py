@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from gradnoise.engine.lstm_recurrence import WeightGrads, lstm_gate_gradients, lstm_layer
 from gradnoise.rules import dense_moments, dense_norms, shared_output_norms
@@ -238,25 +239,46 @@ def rnn_norms(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
     return norms, summed
 
 
+def _examples(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int):
+    """Each example's own call of ``module`` (its sequence alone, as a batch of one, and its
+    initial state) and the gradients of that call's outputs, from a batched call's arguments
+    and output gradients. A packed sequence is unpacked: each example runs for its own
+    length, as packing runs it (its output gradient is the packed output's, unpacked)."""
+    x, h0 = args[0], args[1] if len(args) > 1 else None
+    states = 2 if isinstance(module, nn.LSTM) else 1
+    d_out = output_grads[0] if output_grads else None
+    # the flat outputs: (output, h_n[, c_n]), or a packed output's four fields, then the states
+    d_states = list(output_grads[-states:] if isinstance(x, PackedSequence) else [*output_grads[1:], None, None][:states])
+    if isinstance(x, PackedSequence):
+        if d_out is not None:
+            d_out, _ = pad_packed_sequence(x._replace(data=d_out), batch_first=True)
+        x, lengths = pad_packed_sequence(x, batch_first=True)
+        lengths = lengths.tolist()
+        step = lambda t, i: t[i : i + 1, : lengths[i]] if module.batch_first else t[i, : lengths[i]].unsqueeze(1)  # noqa: E731
+    else:
+        dim = 0 if module.batch_first else 1
+        step = lambda t, i: t.narrow(dim, i, 1)  # noqa: E731
+    one = lambda h, i: None if h is None else h.detach().narrow(1, i, 1)  # noqa: E731
+    for i in range(batch):
+        state = None if h0 is None else tuple(one(h, i) for h in h0) if isinstance(h0, tuple) else one(h0, i)
+        call = (step(x.detach(), i),) if state is None else (step(x.detach(), i), state)
+        yield call, [None if d_out is None else step(d_out, i), *(one(g, i) for g in d_states)]
+
+
 def rnn_grads_looped(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int) -> dict[str, Tensor]:
     """:func:`rnn_grads` by a loop over examples through torch's fused kernel (one sequence
     at a time): fewer, larger operations than the unrolled recurrence when sequences are
-    long and the batch is small."""
-    dim = 0 if module.batch_first else 1
+    long and the batch is small, and the path for packed sequences (:func:`_examples`)."""
     params = dict(module.named_parameters())
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     rows: dict[str, list[Tensor]] = {n: [] for n in params}
-    h0 = args[1] if len(args) > 1 else None
     with torch.enable_grad():
-        for i in range(batch):
-            xi = args[0].detach().narrow(dim, i, 1)
-            call = (xi,) if h0 is None else (xi, tuple(h.detach().narrow(1, i, 1) for h in h0) if isinstance(h0, tuple)
-                                             else h0.detach().narrow(1, i, 1))  # fmt: skip
+        for call, grads in _examples(module, args, output_grads, batch):
             out, h_n = torch.func.functional_call(module, leaves, call)
-            total = (out * output_grads[0].narrow(dim, i, 1)).sum() if output_grads[0] is not None else out.sum() * 0
-            for h, g in zip(h_n if isinstance(h_n, tuple) else (h_n,), output_grads[1:], strict=False):
+            total = (out * grads[0]).sum() if grads[0] is not None else out.sum() * 0
+            for h, g in zip(h_n if isinstance(h_n, tuple) else (h_n,), grads[1:], strict=True):
                 if g is not None:
-                    total = total + (h * g.narrow(1, i, 1)).sum()
+                    total = total + (h * g).sum()
             for (n, leaf), g in zip(leaves.items(), torch.autograd.grad(total, list(leaves.values()), allow_unused=True),
                                     strict=True):  # fmt: skip
                 rows[n].append(torch.zeros_like(leaf) if g is None else g)
@@ -283,10 +305,12 @@ def per_example_rnn_norms(module: nn.Module, args: tuple, output_grads: list[Ten
     shape were seen (long sequences of few examples favour the loop). Returns the path taken
     (``"rnn-unrolled"`` or ``"rnn-looped"``), the norms and the summed gradients (``sums``,
     ``output``: see :func:`rnn_norms`)."""
+    looped = lambda: norms_of_grads(rnn_grads_looped(module, args, output_grads, batch), elementwise, scale)  # noqa: E731
+    if isinstance(args[0], PackedSequence):  # each example for its own length: the loop only
+        return "rnn-looped", *looped()
     key = (type(module), module.num_layers, module.hidden_size, module.input_size, module.bidirectional,
            module.batch_first, tuple(args[0].shape), len(args), args[0].device.type, elementwise)  # fmt: skip
     unrolled = lambda: rnn_norms(module, args, output_grads, batch, elementwise, scale, sums, output)  # noqa: E731
-    looped = lambda: norms_of_grads(rnn_grads_looped(module, args, output_grads, batch), elementwise, scale)  # noqa: E731
     candidates = {"rnn-unrolled": unrolled, "rnn-looped": looped}
     if key in _FASTER:
         return _FASTER[key], *candidates[_FASTER[key]]()
