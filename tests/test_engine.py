@@ -265,6 +265,43 @@ def test_ignored_targets_are_not_a_plain_mean(ignore):
         gn.gradient_stats(model, loss, x, y, method="fast")
 
 
+class _Flipped(nn.Module):
+    """One Linear layer applied to the batch and to the batch reversed: row i of its second
+    call is example B-1-i, so its rows are not each one example's."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(x) + self.head(x.flip(0)).flip(0)
+
+
+def test_examples_mixed_in_the_forward_pass_are_detected_not_measured_wrong(caplog):
+    """A model whose layers see the batch permuted: the per-row rule would give each example
+    another's gradient (the sum still right, so no check would notice). The trace changes
+    one example and sees other rows change: method='fast' refuses, auto takes vmap (each
+    example alone, equal to the float64 loop), and the Monitor leaves its hooks."""
+    import logging
+
+    torch.manual_seed(0)
+    model, loss = _Flipped().double(), nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with pytest.raises(NotMeanLossError, match="interact in the forward pass.*'head'"):
+        gn.gradient_stats(model, loss, x, y, method="fast")
+    auto = gn.gradient_stats(model, loss, x, y)
+    assert {s.method for s in auto.per_param.values()} == {"vmap"}
+    for name, (trace, _) in loop_stats(model, loss, x, y).items():
+        assert auto.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
+    mon = gn.Monitor(model, loss, strict=True)
+    assert mon.mode == "hooks"
+    loss(model(x), y).backward()
+    with caplog.at_level(logging.INFO, logger="gradnoise.monitor"):
+        rec = mon.step(x, y)
+    assert mon.mode == "separate" and rec["trace_cov"] == pytest.approx(auto.trace_cov, rel=1e-10)
+    mon.close()
+
+
 def test_token_loss_is_a_known_mean_and_not_checked_on_each_call(monkeypatch):
     """gradnoise.tasks.TokenLoss (cross-entropy over every position) is a mean of per-example
     losses: the engine takes it as known, as nn.CrossEntropyLoss, without evaluating it again

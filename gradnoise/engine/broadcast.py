@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from gradnoise._functional import rng_rewinder
 from gradnoise.engine.batch_trace import BatchTrace
@@ -70,22 +70,23 @@ def same_outputs(a: Any, b: Any) -> bool:
     return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
 
 
-def trace_signature(plan: Plan, signature: tuple, recorded: dict[str, nn.Module], xs: tuple, batch: int,
-                    forward: Callable[[], Any]) -> None:  # fmt: skip
-    """Trace which calls of a forward pass of inputs ``xs`` run on the batch
+def trace_signature(plan: Plan, signature: tuple, recorded: dict[str, nn.Module], xs: Any, batch: int,
+                    forward: Callable[[Any], Any]) -> None:  # fmt: skip
+    """Trace which calls of a forward pass (``forward(xs)``) run on the batch
     (:class:`~gradnoise.engine.batch_trace.BatchTrace`, without gradients), try expanding the
     layers applied off the batch (:func:`candidates`), and record on the plan, for this
-    input signature, the calls' flags and the layers whose expansion left the outputs
-    unchanged (``plan.broadcast``). Torch's RNG is the same before each forward pass and
-    after the last, so that dropout draws the same masks as the caller's forward pass."""
+    input signature, the calls' flags, the layers whose expansion left the outputs
+    unchanged (``plan.broadcast``) and the layers whose inputs mix examples
+    (``plan.coupled``, :func:`coupled_layers`). Torch's RNG is the same before each forward
+    pass and after the last, so that dropout draws the same masks as the caller's."""
     rewind = rng_rewinder()
 
-    def traced(expand: frozenset[str]) -> tuple[Any, Recorder]:
+    def traced(expand: frozenset[str], inputs: Any = xs) -> tuple[Any, Recorder]:
         rewind()
         recorder = Recorder(recorded, batch, False, {})
-        recorder.expand, recorder.trace = expand, BatchTrace(xs)
+        recorder.expand, recorder.trace = expand, BatchTrace(inputs)
         with torch.no_grad(), recorder.installed(), recorder.trace:
-            out = forward()
+            out = forward(inputs)
         return out, recorder
 
     plain, recorder = traced(frozenset())
@@ -102,6 +103,58 @@ def trace_signature(plan: Plan, signature: tuple, recorded: dict[str, nn.Module]
             continue
         if same_outputs(plain, widened):
             expand, recorder = expand | extra, trial
+    coupled: frozenset[str] = frozenset()
+    # BatchNorm in train mode couples examples by design, and the engines refuse it with their
+    # own message; a trace in that mode would be kept for the same inputs in eval mode
+    changed = None if any(plan.modules()[n].training for n in plan.batchnorms) else _other_example(xs, batch)
+    if changed is not None:
+        try:
+            _, moved = traced(expand, changed)
+            coupled = coupled_layers(recorder.calls, moved.calls, plan.modules(), batch)
+        except Exception:  # the forward pass cannot take the changed example: not checked
+            pass
     rewind()
     traced_calls(plan, signature, recorder.calls, True)
     plan.broadcast[signature] = expand
+    plan.coupled[signature] = coupled
+
+
+def _other_example(xs: Any, batch: int) -> Any | None:
+    """The inputs with example 0 replaced by another example (the first that differs from
+    it), or ``None`` if every example is the same."""
+    leaves, spec = tree_flatten(xs)
+    batched = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() and t.shape[0] == batch]
+    for k in range(1, batch):
+        if any(not torch.equal(leaves[i][0], leaves[i][k]) for i in batched):
+            out = list(leaves)
+            for i in batched:
+                out[i] = leaves[i].clone()
+                out[i][0] = leaves[i][k]
+            return tree_unflatten(out, spec)
+    return None
+
+
+def coupled_layers(calls: dict[str, list[ModuleCall]], moved: dict[str, list[ModuleCall]], modules: dict[str, nn.Module],
+                   batch: int) -> frozenset[str]:  # fmt: skip
+    """The layers (with a rule, or RNNs) whose input, on the batch, changed in a row other than the first when only
+    example 0 of the model's inputs changed (``moved``: the calls of that forward pass): their
+    rows are not each one example's (the batch permuted, or examples mixed), so no rule
+    applies to them. Equal within a relative ``1e-4``: nondeterministic kernels reorder sums."""
+    found = set()
+    for name, cs in calls.items():
+        if rule_for(modules[name]) is None and not isinstance(modules[name], nn.RNNBase):
+            continue  # a container (a unit for vmap): its batch_first, if any, may mean anything
+        bd = batch_dim(modules[name])
+        for c, m in zip(cs, moved.get(name, ()), strict=False):
+            a, b = (c.args[0] if c.args else None), (m.args[0] if m.args else None)
+            if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dim() > bd
+                    and a.shape[bd] == batch):  # fmt: skip
+                continue
+            rest_a, rest_b = a.movedim(bd, 0)[1:], b.movedim(bd, 0)[1:]
+            if not a.is_floating_point():  # token ids: exactly
+                differ = not torch.equal(rest_a, rest_b)
+            else:
+                differ = bool((rest_a - rest_b).abs().max() > 1e-4 * rest_a.abs().max())
+            if differ:
+                found.add(name)
+    return frozenset(found)

@@ -155,17 +155,24 @@ def fast_moments(
         params = {n: p.detach().requires_grad_(True) for n, p in named.items()}
 
     signature = input_signature(xs)
-    run = lambda: model(*xs) if direct else functional_call(model, {**params, **state}, xs)  # noqa: E731
+    run = lambda inputs: model(*inputs) if direct else functional_call(model, {**params, **state}, inputs)  # noqa: E731
     with preserved_state(model, modules.values()), torch.enable_grad():
         if signature not in plan.unbatched:
             trace_signature(plan, signature, recorded, xs, B, run)
+        if plan.coupled.get(signature):
+            raise NotMeanLossError(
+                f"the examples of the batch interact in the forward pass: with only example 0 changed, the inputs "
+                f"of {sorted(plan.coupled[signature])[:3]} changed for other examples too (the batch permuted or "
+                "mixed), so the batch loss is not the mean of each example's own loss; method='vmap' gives the "
+                "gradients of each example alone"
+            )
         with recorder.installed():
             recorder.expand = plan.broadcast[signature]
             # the engine's own forward runs attention and RNN calls with their insides in view
             recorder.capture = AttentionCapture() if plan.attention and weights is None else None
             recorder.rnn_capture = RNNCapture() if plan.rnn and weights is None else None
             with recorder.capture or contextlib.nullcontext(), recorder.rnn_capture or contextlib.nullcontext():
-                outputs = run()
+                outputs = run(xs)
             recorder.capture = recorder.rnn_capture = None
             recorder.active = False
             traced_calls(plan, signature, recorder.calls, False)

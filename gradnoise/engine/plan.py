@@ -81,7 +81,7 @@ class Plan:
     """
 
     __slots__ = ("_refs", "_registries", "_ids", "_params", "_flags", "named", "owners", "recorded",
-                 "batchnorms", "attention", "rnn", "direct", "routes", "unbatched", "broadcast")  # fmt: skip
+                 "batchnorms", "attention", "rnn", "direct", "routes", "unbatched", "broadcast", "coupled")  # fmt: skip
 
     def __init__(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
@@ -113,6 +113,7 @@ class Plan:
         self.routes: dict = {}  # by call signature (route_for)
         self.unbatched: dict = {}  # by input signature: module → per call, what is off the batch
         self.broadcast: dict = {}  # by input signature: layers expanded over the batch (engine.broadcast)
+        self.coupled: dict = {}  # by input signature: layers whose input mixes examples (engine.broadcast)
 
     def _current_ids(self) -> list[int]:  # ids: == on tensors would compare values
         return [id(v) for d in self._registries for v in d.values()]
@@ -149,6 +150,7 @@ def traced_calls(plan: Plan, sig: tuple, calls: dict[str, list[ModuleCall]], tra
         if len(plan.unbatched) >= MAX_ROUTES:
             plan.unbatched.clear()
             plan.broadcast.clear()
+            plan.coupled.clear()
         plan.unbatched[sig] = {m: [c.unbatched for c in cs] for m, cs in calls.items()}
         return
     known = plan.unbatched[sig]
@@ -159,6 +161,7 @@ def traced_calls(plan: Plan, sig: tuple, calls: dict[str, list[ModuleCall]], tra
         if len(cs) > len(flags):
             del plan.unbatched[sig]
             plan.broadcast.pop(sig, None)
+            plan.coupled.pop(sig, None)
             break
 
 

@@ -209,14 +209,14 @@ class StepHooks(ModuleHooks):
             self._tracing = True
             try:
                 trace_signature(plan, signature, recorded, (args, kwargs), self._batch,
-                                lambda: self.root(*args, **kwargs))  # fmt: skip
+                                lambda inputs: self.root(*inputs[0], **inputs[1]))  # fmt: skip
             finally:
                 self._tracing = False
         flags, self._expand = plan.unbatched[signature], plan.broadcast[signature]
         self._tied = {key: (TiedParts(self.modules[emb].padding_idx), []) for key, (emb, _) in self.pairs.items()}
         self.off_batch |= {
             m for m in self.modules if m not in self._expand and any(f is None or 0 in f for f in flags.get(m, ()))
-        }  # fmt: skip
+        } | (plan.coupled.get(signature, frozenset()) & set(self.modules))  # fmt: skip
         if self._attention and self._capture is None and self._capture_checked(signature, args, kwargs):
             self._capture = AttentionCapture()
             self._capture.__enter__()
