@@ -32,11 +32,17 @@ def budget(a: Tensor, d: Tensor) -> int:
     return max(a.numel(), d.numel(), MIN_CHUNK_ELEMENTS)
 
 
+def chunk_size(inputs: list[Tensor], d: Tensor, per_example: int) -> int:
+    """Examples per chunk whose temporaries hold at most the :func:`budget` of the largest of
+    ``inputs`` with ``d`` (several inputs sharing one output gradient)."""
+    return max(1, max(budget(a, d) for a in inputs) // max(1, per_example))
+
+
 def batch_chunks(a: Tensor, d: Tensor, per_example: int):
     """``(a, d)`` in chunks of examples whose temporaries hold at most :func:`budget`
     elements (the tensors themselves when one chunk holds the batch)."""
     B = a.shape[0]
-    step = max(1, budget(a, d) // max(1, per_example))
+    step = chunk_size([a], d, per_example)
     if step >= B:
         yield a, d
         return

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from gradnoise.rules import _common
 from gradnoise.rules._common import (
     batch_chunks,
     bias_norms,
+    chunk_size,
     joined,
     product_moments,
     sq_norms,
@@ -105,7 +105,7 @@ def shared_output_norms(inputs: list[Tensor], d: Tensor, bias: bool, scale: floa
     on_gram = [a for a, g in zip(inputs, gram, strict=True) if g]
     if on_gram:
         per_example = T * (T + O + sum(a.shape[-1] for a in on_gram))
-        step = max(1, max(_common.budget(a, d) for a in on_gram) // per_example)
+        step = chunk_size(on_gram, d, per_example)
         rows: list[list[Tensor]] = [[] for _ in on_gram]
         for lo in range(0, B, step):
             gd = torch.bmm(d[lo : lo + step], d[lo : lo + step].transpose(1, 2))
