@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from gradnoise.engine.lstm_recurrence import WeightGrads, lstm_gate_gradients, lstm_layer
 from gradnoise.rules import dense_moments, dense_norms, shared_output_norms
+from gradnoise.rules._common import grads_norms
 from gradnoise.rules.registry import Norms
 
 __all__ = ["Unrolled", "kind_of", "layer_moments", "layer_norms", "norms_of_grads", "per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms",
@@ -259,9 +260,10 @@ def _examples(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
         dim = 0 if module.batch_first else 1
         step = lambda t, i: t.narrow(dim, i, 1)  # noqa: E731
     one = lambda h, i: None if h is None else h.detach().narrow(1, i, 1)  # noqa: E731
+    x = x.detach()
     for i in range(batch):
         state = None if h0 is None else tuple(one(h, i) for h in h0) if isinstance(h0, tuple) else one(h0, i)
-        call = (step(x.detach(), i),) if state is None else (step(x.detach(), i), state)
+        call = (step(x, i),) if state is None else (step(x, i), state)
         yield call, [None if d_out is None else step(d_out, i), *(one(g, i) for g in d_states)]
 
 
@@ -290,11 +292,7 @@ _FASTER: dict[tuple, str] = {}  # by configuration and shapes: the faster of the
 
 def norms_of_grads(grads: dict[str, Tensor], elementwise: bool, scale: float) -> tuple[Norms, dict[str, Tensor]]:
     """Per-example gradients ``[B, *shape]`` by name → the norms of ``scale · g_i`` and ``Σ_i g_i``."""
-    norms = {}
-    for n, g in grads.items():
-        g2 = g.square().mul_(scale * scale)
-        norms[n] = (g2.flatten(1).sum(1), g2.sum(0) if elementwise else None)
-    return norms, {n: g.sum(0) for n, g in grads.items()}
+    return grads_norms(grads, elementwise, scale), {n: g.sum(0) for n, g in grads.items()}
 
 
 def per_example_rnn_norms(module: nn.Module, args: tuple, output_grads: list[Tensor | None], batch: int,

@@ -13,15 +13,21 @@ from gradnoise.rules.registry import Grads, Norms, Rule
 MIN_CHUNK_ELEMENTS = 2**17  # smallest budget for a chunk of per-example temporaries
 
 
+def grads_norms(grads: Grads, elementwise: bool, scale: float = 1.0) -> Norms:
+    """Materialised per-example gradients ``[B, *shape]`` by name → ``|g_i|²`` (and
+    ``Σ_i g_i²``) of ``scale · g_i``."""
+    out = {}
+    for name, g in grads.items():
+        g2 = g.square().mul_(scale * scale)
+        out[name] = (g2.flatten(1).sum(1), g2.sum(0) if elementwise else None)
+    return out
+
+
 def norms_from_grads(grads_fn: Callable[[nn.Module, Tensor, Tensor], Grads]):
     """Norms of a rule whose per-example gradients are small enough to materialise."""
 
     def norms(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0) -> Norms:
-        out = {}
-        for name, g in grads_fn(module, a, d).items():
-            g2 = g.square().mul_(scale * scale)
-            out[name] = (g2.flatten(1).sum(1), g2.sum(0) if elementwise else None)
-        return out
+        return grads_norms(grads_fn(module, a, d), elementwise, scale)
 
     return norms
 
