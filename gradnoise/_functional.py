@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 LossFn = Callable[[Any, Any], Tensor]
 Batch = Tensor | tuple[Tensor, ...]
@@ -295,6 +296,12 @@ def preserved_state(model: nn.Module, modules: Iterable[nn.Module] | None = None
         for m, mode in modes:
             if m.training is not mode:  # nn.Module.__setattr__ costs µs per module
                 m.training = mode
+
+
+def input_signature(inputs: Any) -> tuple:
+    """What a trace depends on: the shapes and dtypes of the inputs' tensors (the types of
+    anything else), in order."""
+    return tuple((t.shape, t.dtype) if isinstance(t, Tensor) else type(t) for t in tree_flatten(inputs)[0])
 
 
 def rng_rewinder() -> Callable[[], None]:

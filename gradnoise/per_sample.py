@@ -2,8 +2,9 @@
 
 The gradient of example ``i`` is the gradient of ``loss_fn(model(x_i), y_i)`` evaluated on a
 batch of one. Under ``vmap`` each example gets its own dropout mask
-(``randomness="different"``); BatchNorm in train mode is refused because it couples
-examples. The caller's model, ``.grad`` and RNG state are left as they were.
+(``randomness="different"``); BatchNorm in train mode, and any forward pass that mixes
+examples (:mod:`gradnoise._coupling`), is refused: each example's gradient alone would not
+describe the model's step. The caller's model, ``.grad`` and RNG state are left as they were.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from gradnoise._coupling import check_examples_independent
 from gradnoise._functional import (
     Batch,
     LossFn,
@@ -78,7 +80,8 @@ def per_sample_grads(
 
     Raises:
         ValueError: empty or mismatched batch, non-scalar or non-mean loss, BatchNorm in
-            train mode, no trainable parameters, device mismatch.
+            train mode or another forward pass that mixes examples, no trainable
+            parameters, device mismatch.
         FloatingPointError: NaN or inf in the loss or the gradients.
 
     Example:
@@ -99,7 +102,10 @@ def per_sample_grads(
 
 
 def check_first_example(model, loss_fn, params, state, xs, ys) -> None:
-    """Evaluate example 0 plainly so that a bad loss gets a clear error before vmap runs."""
+    """Evaluate example 0 plainly so that a bad loss gets a clear error before vmap runs, and
+    refuse a model whose forward pass mixes examples (:mod:`gradnoise._coupling`)."""
+    run = lambda inputs: functional_call(model, {**params, **state}, inputs)  # noqa: E731
+    check_examples_independent(model, run, xs, xs[0].shape[0])
     with torch.no_grad():
         out = functional_call(model, {**params, **state}, tuple(t[:1] for t in xs))
         y1 = ys[0][:1] if len(ys) == 1 else tuple(t[:1] for t in ys)

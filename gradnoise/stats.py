@@ -303,7 +303,8 @@ def gradient_stats(
 
     Raises:
         ValueError: batch of fewer than 2 examples, mismatched batch, non-scalar or
-            non-mean loss, BatchNorm in train mode, no trainable parameters, unknown method.
+            non-mean loss, BatchNorm in train mode or another forward pass that mixes
+            examples, no trainable parameters, unknown method.
         FloatingPointError: NaN or inf in the loss or gradients.
 
     Example:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gradnoise._coupling import mixed_error
 from gradnoise._moments import (
     HostSums,
     Moments,
@@ -51,6 +52,8 @@ class StepStats:
 def _check(hooks: StepHooks, accumulation_steps: int) -> None:
     """What the hooks' norms need of the step: no failed hook, every layer on the batch and
     called once per micro-batch, micro-batches of equal size (rules applied here)."""
+    if hooks.mixed:
+        raise mixed_error()
     if hooks.failed:
         raise RuntimeError(f"a layer hook failed during backward: {hooks.failed}")
     hooks.flush()
@@ -142,6 +145,7 @@ def step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[str, in
     Raises:
         RuntimeError: a hook failed, a module ran more often than once per micro-batch, a
             parameter has no gradient, or the hooks saw another number of examples than ``B``.
+        ValueError: the model's forward pass mixes examples (:mod:`gradnoise._coupling`).
     """
     _check(hooks, accumulation_steps)
     mean, m2, rows = {}, ({} if hooks.elementwise else None), []

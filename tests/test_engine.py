@@ -1,5 +1,6 @@
 """The fast engine (hooks, one backward) against materialised per-example gradients."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -265,41 +266,145 @@ def test_ignored_targets_are_not_a_plain_mean(ignore):
         gn.gradient_stats(model, loss, x, y, method="fast")
 
 
-class _Flipped(nn.Module):
-    """One Linear layer applied to the batch and to the batch reversed: row i of its second
-    call is example B-1-i, so its rows are not each one example's."""
+class _Scaled(nn.Module):
+    """Raw parameters without a rule: a unit for vmap."""
 
     def __init__(self):
         super().__init__()
-        self.head = nn.Linear(4, 3)
+        self.w, self.v = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):
+        return torch.tanh(x * self.w) @ self.v
+
+
+class _Flipped(nn.Module):
+    """One layer applied to the batch and to the batch reversed: row i of its second call is
+    example B-1-i, so its rows are not each one example's."""
+
+    def __init__(self, head=None):
+        super().__init__()
+        self.head = head or nn.Linear(4, 3)
 
     def forward(self, x):
         return self.head(x) + self.head(x.flip(0)).flip(0)
 
 
-def test_examples_mixed_in_the_forward_pass_are_detected_not_measured_wrong(caplog):
-    """A model whose layers see the batch permuted: the per-row rule would give each example
-    another's gradient (the sum still right, so no check would notice). The trace changes
+@pytest.mark.parametrize("head", [None, _Scaled], ids=["rule", "unit"])
+def test_a_batch_permuted_inside_the_model_is_detected_not_measured_wrong(head, caplog):
+    """A model whose layers see the batch permuted: the per-row rule, or a unit's vmap summed
+    over its calls, would give each example another's gradient (the sum still right, so no
+    check would notice; the unit's tr Σ was 0.41 for 1.44). The trace changes
     one example and sees other rows change: method='fast' refuses, auto takes vmap (each
-    example alone, equal to the float64 loop), and the Monitor leaves its hooks."""
+    example alone, equal to the float64 loop), and the Monitor measures in its separate pass."""
     import logging
 
     torch.manual_seed(0)
-    model, loss = _Flipped().double(), nn.CrossEntropyLoss()
+    model, loss = _Flipped(head and head()).double(), nn.CrossEntropyLoss()
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
-    with pytest.raises(NotMeanLossError, match="interact in the forward pass.*'head'"):
+    with pytest.raises(NotMeanLossError, match="permuted inside the model.*'head'"):
         gn.gradient_stats(model, loss, x, y, method="fast")
     auto = gn.gradient_stats(model, loss, x, y)
     assert {s.method for s in auto.per_param.values()} == {"vmap"}
     for name, (trace, _) in loop_stats(model, loss, x, y).items():
         assert auto.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
     mon = gn.Monitor(model, loss, strict=True)
-    assert mon.mode == "hooks"
+    assert mon.mode == ("hooks" if head is None else "separate")  # hooks measure rule layers only
     loss(model(x), y).backward()
     with caplog.at_level(logging.INFO, logger="gradnoise.monitor"):
         rec = mon.step(x, y)
     assert mon.mode == "separate" and rec["trace_cov"] == pytest.approx(auto.trace_cov, rel=1e-10)
     mon.close()
+
+
+class _Centred(nn.Module):
+    """Outputs centred over the batch: every example's output depends on every example."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+    def forward(self, x):
+        out = self.body(x)
+        return out - out.mean(0, keepdim=True)
+
+
+class _InBatchAttention(nn.Module):
+    """Each example attends to the others (in-batch attention, as in-batch negatives)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.head(h + torch.softmax(h @ h.T, 1) @ h)
+
+
+@pytest.mark.parametrize("make", [_Centred, _InBatchAttention])
+def test_a_forward_pass_that_mixes_examples_is_refused_by_every_path(make, caplog):
+    """Mixing examples makes each example's output depend on the others: the per-layer rules
+    gave a mixture of examples' gradients (tr Σ 1.53 for 0.58 on the centred model) and vmap
+    each example alone through a model that no longer mixes (zero for the centred one), both
+    without an error. Every path refuses it; the Monitor logs why and records nothing, and
+    training is untouched."""
+    import logging
+
+    torch.manual_seed(0)
+    model, loss = make().double(), nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    for method in ("auto", "fast", "vmap"):
+        with pytest.raises(ValueError, match="mixes the examples of the batch"):
+            gn.gradient_stats(model, loss, x, y, method=method)
+    with pytest.raises(ValueError, match="mixes the examples"):
+        gn.per_sample_grads(model, loss, x, y)
+    twin = copy.deepcopy(model)
+    mon = gn.Monitor(model, loss)
+    for m in (model, twin):
+        loss(m(x), y).backward()
+    with caplog.at_level(logging.WARNING, logger="gradnoise.monitor"):
+        assert mon.step(x, y) is None
+    assert mon.errors == 1 and "mixes the examples" in caplog.text
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
+    mon.close()
+
+
+class _OwnGenerator(nn.Module):
+    """A mask shared by the batch, drawn from a generator of the model's own (which no
+    rewinding of torch's global RNG repeats)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.g = nn.Linear(4, 6), nn.Linear(6, 3), torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h * (torch.rand(h.shape[1:], generator=self.g, dtype=h.dtype) > 0.5))
+
+
+def test_a_forward_pass_that_does_not_repeat_is_not_taken_for_mixing():
+    """Changing example 0 moves every example's output here because the mask is drawn
+    again, not because examples mix: the same inputs run again move them too, so the
+    checks cannot tell, and the model keeps the fast path."""
+    torch.manual_seed(0)
+    model, loss = _OwnGenerator().double(), nn.CrossEntropyLoss()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    for method in ("auto", "fast"):
+        stats = gn.gradient_stats(model, loss, x, y, method=method)
+        assert {s.method for s in stats.per_param.values()} == {"fast"}
+    assert set(gn.per_sample_grads(model, loss, x, y)) == {"a.weight", "a.bias", "b.weight", "b.bias"}
+
+
+def test_outputs_with_the_batch_second_are_not_taken_for_mixed():
+    """A sequence-first output ``[T, B, C]`` with ``T == B``: changing example 0 changes
+    column 0 of every row, which is one example's, not a mixture."""
+    from gradnoise._coupling import mixes_examples
+
+    out = torch.randn(6, 6, 3)
+    moved = out.clone()
+    moved[:, 0] += 1.0
+    assert not mixes_examples(out, moved, 6)
+    moved[1:, 1:] += 1.0  # and now other examples' entries too
+    assert mixes_examples(out, moved, 6)
 
 
 def test_token_loss_is_a_known_mean_and_not_checked_on_each_call(monkeypatch):

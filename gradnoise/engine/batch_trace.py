@@ -24,13 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["BatchTrace", "input_signature", "unbatched_entries"]
-
-
-def input_signature(inputs: Any) -> tuple:
-    """What a trace depends on: the shapes and dtypes of the inputs' tensors (the types of
-    anything else), in order."""
-    return tuple((t.shape, t.dtype) if isinstance(t, Tensor) else type(t) for t in tree_flatten(inputs)[0])
+__all__ = ["BatchTrace", "unbatched_entries"]
 
 
 class BatchTrace(TorchFunctionMode):

@@ -29,12 +29,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
+from gradnoise._coupling import differs, mixes_examples, other_example
 from gradnoise._functional import rng_rewinder
 from gradnoise.engine.batch_trace import BatchTrace
 from gradnoise.engine.hooks import ModuleCall, Recorder, batch_dim
-from gradnoise.engine.plan import Plan, traced_calls
+from gradnoise.engine.plan import Plan, on_batch, traced_calls
 from gradnoise.rules import rule_for
 
 __all__ = ["candidates", "same_outputs", "trace_signature"]
@@ -104,57 +105,51 @@ def trace_signature(plan: Plan, signature: tuple, recorded: dict[str, nn.Module]
         if same_outputs(plain, widened):
             expand, recorder = expand | extra, trial
     coupled: frozenset[str] = frozenset()
+    mixed = False
     # BatchNorm in train mode couples examples by design, and the engines refuse it with their
     # own message; a trace in that mode would be kept for the same inputs in eval mode
-    changed = None if any(plan.modules()[n].training for n in plan.batchnorms) else _other_example(xs, batch)
+    changed = None if any(plan.modules()[n].training for n in plan.batchnorms) else other_example(xs, batch)
     if changed is not None:
         try:
-            _, moved = traced(expand, changed)
+            out, moved = traced(expand, changed)
             coupled = coupled_layers(recorder.calls, moved.calls, plan.modules(), batch)
+            mixed = mixes_examples(plain, out, batch)
+            if coupled or mixed:  # or a forward pass that does not repeat (a generator of its own)?
+                again, repeated = traced(expand)
+                if mixes_examples(plain, again, batch) or coupled_layers(recorder.calls, repeated.calls,
+                                                                          plan.modules(), batch):  # fmt: skip
+                    coupled, mixed = frozenset(), False
         except Exception:  # the forward pass cannot take the changed example: not checked
             pass
     rewind()
     traced_calls(plan, signature, recorder.calls, True)
     plan.broadcast[signature] = expand
     plan.coupled[signature] = coupled
-
-
-def _other_example(xs: Any, batch: int) -> Any | None:
-    """The inputs with example 0 replaced by another example (the first that differs from
-    it), or ``None`` if every example is the same."""
-    leaves, spec = tree_flatten(xs)
-    batched = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() and t.shape[0] == batch]
-    for k in range(1, batch):
-        if any(not torch.equal(leaves[i][0], leaves[i][k]) for i in batched):
-            out = list(leaves)
-            for i in batched:
-                out[i] = leaves[i].clone()
-                out[i][0] = leaves[i][k]
-            return tree_unflatten(out, spec)
-    return None
+    plan.mixed[signature] = mixed
 
 
 def coupled_layers(calls: dict[str, list[ModuleCall]], moved: dict[str, list[ModuleCall]], modules: dict[str, nn.Module],
                    batch: int) -> frozenset[str]:  # fmt: skip
-    """The layers (with a rule, or RNNs) whose input, on the batch, changed in a row other than the first when only
-    example 0 of the model's inputs changed (``moved``: the calls of that forward pass): their
-    rows are not each one example's (the batch permuted, or examples mixed), so no rule
-    applies to them. Equal within a relative ``1e-4``: nondeterministic kernels reorder sums."""
+    """The layers (with a rule, RNNs, or containers measured as a unit) whose input, on the
+    batch, changed in a row other than the first when only example 0 of the model's inputs
+    changed (``moved``: the calls of that forward pass): their rows are not each one
+    example's (the batch permuted, or examples mixed), so neither a rule nor a unit's
+    ``vmap`` applies to them (:func:`~gradnoise._coupling.differs`)."""
     found = set()
     for name, cs in calls.items():
-        if rule_for(modules[name]) is None and not isinstance(modules[name], nn.RNNBase):
-            continue  # a container (a unit for vmap): its batch_first, if any, may mean anything
+        # a container (a unit for vmap) is split along the dimension vmap takes (module_vmap),
+        # where its input was traced to the batch; the model itself is never such a unit
+        container = rule_for(modules[name]) is None and not isinstance(modules[name], nn.RNNBase)
+        if container and not name:
+            continue
         bd = batch_dim(modules[name])
         for c, m in zip(cs, moved.get(name, ()), strict=False):
+            if container and not on_batch(c):
+                continue
             a, b = (c.args[0] if c.args else None), (m.args[0] if m.args else None)
             if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and a.dim() > bd
                     and a.shape[bd] == batch):  # fmt: skip
                 continue
-            rest_a, rest_b = a.movedim(bd, 0)[1:], b.movedim(bd, 0)[1:]
-            if not a.is_floating_point():  # token ids: exactly
-                differ = not torch.equal(rest_a, rest_b)
-            else:
-                differ = bool((rest_a - rest_b).abs().max() > 1e-4 * rest_a.abs().max())
-            if differ:
+            if differs(a.movedim(bd, 0)[1:], b.movedim(bd, 0)[1:]):
                 found.add(name)
     return frozenset(found)

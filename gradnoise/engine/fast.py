@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from gradnoise._coupling import mixed_error
 from gradnoise._functional import (
     Batch,
     LossFn,
@@ -33,13 +34,13 @@ from gradnoise._functional import (
     check_no_train_batchnorm,
     check_target_shape,
     frozen_state,
+    input_signature,
     is_known_mean_loss,
     preserved_state,
 )
 from gradnoise._moments import Moments
 from gradnoise.engine.assemble import Pass, assemble
 from gradnoise.engine.attention_capture import AttentionCapture
-from gradnoise.engine.batch_trace import input_signature
 from gradnoise.engine.broadcast import trace_signature
 from gradnoise.engine.graph import hook_edges
 from gradnoise.engine.hooks import Recorder, kept_outputs
@@ -159,12 +160,13 @@ def fast_moments(
     with preserved_state(model, modules.values()), torch.enable_grad():
         if signature not in plan.unbatched:
             trace_signature(plan, signature, recorded, xs, B, run)
+        if plan.mixed.get(signature):
+            raise mixed_error()
         if plan.coupled.get(signature):
             raise NotMeanLossError(
-                f"the examples of the batch interact in the forward pass: with only example 0 changed, the inputs "
-                f"of {sorted(plan.coupled[signature])[:3]} changed for other examples too (the batch permuted or "
-                "mixed), so the batch loss is not the mean of each example's own loss; method='vmap' gives the "
-                "gradients of each example alone"
+                f"the examples of the batch are permuted inside the model: with only example 0 changed, the inputs "
+                f"of {sorted(plan.coupled[signature])[:3]} changed for other examples too, so their rows are not "
+                "each one example's and the layers' rules do not apply; method='vmap' gives each example's gradient"
             )
         with recorder.installed():
             recorder.expand = plan.broadcast[signature]

@@ -81,7 +81,7 @@ class Plan:
     """
 
     __slots__ = ("_refs", "_registries", "_ids", "_params", "_flags", "named", "owners", "recorded",
-                 "batchnorms", "attention", "rnn", "direct", "routes", "unbatched", "broadcast", "coupled")  # fmt: skip
+                 "batchnorms", "attention", "rnn", "direct", "routes", "unbatched", "broadcast", "coupled", "mixed")  # fmt: skip
 
     def __init__(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
@@ -114,6 +114,7 @@ class Plan:
         self.unbatched: dict = {}  # by input signature: module → per call, what is off the batch
         self.broadcast: dict = {}  # by input signature: layers expanded over the batch (engine.broadcast)
         self.coupled: dict = {}  # by input signature: layers whose input mixes examples (engine.broadcast)
+        self.mixed: dict = {}  # by input signature: whether the outputs mix examples (gradnoise._coupling)
 
     def _current_ids(self) -> list[int]:  # ids: == on tensors would compare values
         return [id(v) for d in self._registries for v in d.values()]
@@ -151,6 +152,7 @@ def traced_calls(plan: Plan, sig: tuple, calls: dict[str, list[ModuleCall]], tra
             plan.unbatched.clear()
             plan.broadcast.clear()
             plan.coupled.clear()
+            plan.mixed.clear()
         plan.unbatched[sig] = {m: [c.unbatched for c in cs] for m, cs in calls.items()}
         return
     known = plan.unbatched[sig]
@@ -162,6 +164,7 @@ def traced_calls(plan: Plan, sig: tuple, calls: dict[str, list[ModuleCall]], tra
             del plan.unbatched[sig]
             plan.broadcast.pop(sig, None)
             plan.coupled.pop(sig, None)
+            plan.mixed.pop(sig, None)
             break
 
 

@@ -12,9 +12,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from gradnoise._functional import is_measuring, preserved_state, rng_rewinder
+from gradnoise._functional import input_signature, is_measuring, preserved_state, rng_rewinder
 from gradnoise.engine.attention_capture import AttentionCapture
-from gradnoise.engine.batch_trace import input_signature
 from gradnoise.engine.broadcast import same_outputs, trace_signature
 from gradnoise.engine.hooks import (
     LOW_PRECISION,
@@ -151,6 +150,7 @@ class StepHooks(ModuleHooks):
         self.failed: str | None = None
         self.pending: list[tuple] = []  # (name, module, input, output gradient, tied parts), for flush()
         self.off_batch: set[str] = set()  # layers of this step's forward passes not on the batch
+        self.mixed = False  # whether a forward pass of this step mixes examples (gradnoise._coupling)
         self.unsupported: set[str] = set()  # RNN calls that cannot be run again as torch ran them
         self.rnn_calls: list[tuple[str, _RNNCall]] = []  # this step's, to find those no gradient reached
         # parameter → the 16-bit dtype of its layer's output gradient (autocast): its .grad
@@ -217,6 +217,9 @@ class StepHooks(ModuleHooks):
         self.off_batch |= {
             m for m in self.modules if m not in self._expand and any(f is None or 0 in f for f in flags.get(m, ()))
         } | (plan.coupled.get(signature, frozenset()) & set(self.modules))  # fmt: skip
+        if plan.mixed.get(signature):  # nothing to measure: the step is refused (step_stats)
+            self.mixed = True
+            self.off_batch |= set(self.modules)
         if self._attention and self._capture is None and self._capture_checked(signature, args, kwargs):
             self._capture = AttentionCapture()
             self._capture.__enter__()
