@@ -25,7 +25,7 @@ def _layers():
     cases = [
         ("linear-2d", nn.Linear(6, 5), lambda: torch.randn(7, 6)),
         ("linear-seq", nn.Linear(6, 5), lambda: torch.randn(7, 4, 6)),
-        ("linear-seq-gram", nn.Linear(40, 30), lambda: torch.randn(7, 3, 40)),
+        ("linear-seq-gram", nn.Linear(40, 30), lambda: torch.randn(7, 3, 40)),  # moments: Gram norms, mean by one product
         ("conv1d", nn.Conv1d(3, 4, 3, stride=2, padding=1), lambda: torch.randn(7, 3, 11)),
         ("conv1d-one-channel", nn.Conv1d(1, 4, 5, padding=2), lambda: torch.randn(7, 1, 13)),
         ("conv2d-groups", nn.Conv2d(4, 6, 3, groups=2, padding=1), lambda: torch.randn(7, 4, 5, 5)),
@@ -104,6 +104,8 @@ def test_rule_equals_a_loop_of_autograd(name, module, make, elementwise):
         m_norms, means = rule.moments(module, a, d, elementwise, scale)
         for k, g in ref.items():
             torch.testing.assert_close(m_norms[k][0], norms[k][0], rtol=1e-10, atol=0)
+            if elementwise:
+                torch.testing.assert_close(m_norms[k][1], norms[k][1], rtol=1e-10, atol=1e-12 * float(norms[k][0].max()))
             torch.testing.assert_close(means[k], g.sum(0), rtol=1e-10, atol=1e-12)
 
 

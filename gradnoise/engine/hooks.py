@@ -22,7 +22,6 @@ from gradnoise.engine.lstm_recurrence import WeightGrads
 from gradnoise.engine.rnn import layer_moments, layer_norms
 from gradnoise.engine.rnn_capture import RNNCapture
 from gradnoise.rules import dense_norms, linear_gram_norms, prefers_gram, rule_for, weighted_norms
-from gradnoise.rules.conv import conv_prefers_moments
 from gradnoise.rules.tied import TiedParts
 
 __all__ = ["LOW_PRECISION", "ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "in_float32", "kept_outputs",
@@ -350,16 +349,16 @@ def kept_outputs(modules: dict[str, nn.Module], batch: int, gram: bool) -> dict[
     whose rule has moments where skipping their parameters' gradients saves work: with
     ``Σ_i g_i²`` (per-example gradients are formed anyway), when their input needs no
     gradient (the backward pass then skips the layer), or where the norms would form the
-    per-example products anyway (a predicate of the call's shapes in place of ``False``:
-    :func:`~gradnoise.rules.conv_prefers_moments`). Otherwise the Gram forms of the norms
-    and the backward's own weight gradient are cheaper.
+    per-example products anyway, or never cost more (the rule's ``moments_pay``: ``True``,
+    or a predicate of the call's shapes in place of ``False``)). Otherwise the Gram forms of
+    the norms and the backward's own weight gradient are cheaper.
     Depends only on the model, the batch size and ``gram``.
     """
+    gram_linear = {n for n, m in modules.items() if gram and type(m) is nn.Linear and prefers_gram(batch, m.in_features, m.out_features)}
     return {
-        name: True if type(m) is nn.Linear else conv_prefers_moments if type(m) in (nn.Conv1d, nn.Conv2d) else False
+        name: True if name in gram_linear else rule_for(m).moments_pay
         for name, m in modules.items()
-        if (gram and type(m) is nn.Linear and prefers_gram(batch, m.in_features, m.out_features))
-        or getattr(rule_for(m), "moments", None) is not None
+        if name in gram_linear or getattr(rule_for(m), "moments", None) is not None
     }  # fmt: skip
 
 

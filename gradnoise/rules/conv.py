@@ -272,4 +272,5 @@ def _conv_grads(module: nn.Module, a: Tensor, d: Tensor) -> Grads:
     return out
 
 
-register(Rule(_conv_accepts, _conv_norms, _conv_grads, moments=conv_moments), nn.Conv1d, nn.Conv2d)
+register(Rule(_conv_accepts, _conv_norms, _conv_grads, moments=conv_moments, moments_pay=conv_prefers_moments),
+         nn.Conv1d, nn.Conv2d)  # fmt: skip

@@ -141,6 +141,35 @@ def dense_moments(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: fl
     return out, means
 
 
+def products_pay(T: int, in_features: int, out_features: int) -> bool:
+    """Whether a Linear layer on sequences of ``T`` should take its norms and mean gradient
+    from the per-example products (:func:`dense_moments`) rather than the Gram form plus the
+    weight gradient: from about half the Gram form's break-even ``T(I + O) = I·O`` on, one
+    batched product of the weight gradient's size is faster than two Gram products and the
+    weight gradient together (the Gram products grow as ``T²``)."""
+    return 2 * T * (in_features + out_features) >= in_features * out_features
+
+
+def linear_moments(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0) -> tuple[Norms, Grads]:
+    """Norms as :func:`dense_norms`, and the **mean gradient** ``ḡ = Σ_i g_i`` of ``d`` (the
+    gradient of the mean loss), so that the backward pass can skip the weight gradient: on
+    sequences whose products pay (:func:`products_pay`, or with ``Σ_i g_i²``, which needs
+    them), from the per-example products; otherwise the norms as the rule's and ``ḡ`` as
+    the weight gradient itself, one product — never more work than the rule and the
+    backward pass's weight gradient."""
+    bias = module.bias is not None
+    I, O = a.shape[-1], d.shape[-1]
+    T = a[0].numel() // I
+    if a.dim() > 2 and (elementwise or products_pay(T, I, O)):
+        return dense_moments(a, d, bias, elementwise, scale)
+    norms = dense_norms(a, d, bias, elementwise, scale)
+    flat_d = d.reshape(-1, O)
+    means: Grads = {"weight": flat_d.T @ a.reshape(-1, I)}
+    if bias:
+        means["bias"] = flat_d.sum(0)
+    return norms, means
+
+
 def _linear_weighted(module: nn.Linear, a: Tensor, d: Tensor, weights: Grads, elementwise: bool,
                      scale: float = 1.0) -> Norms | None:  # fmt: skip
     """2-D inputs in the metric ``P``: ``|g_i|²_P = Σ_jk P_jk δ_ij² a_ik² = ⟨δ_i², P a_i²⟩``,
@@ -197,4 +226,5 @@ def dense_grads(a: Tensor, d: Tensor, bias: bool) -> Grads:
     return out
 
 
-register(Rule(always, _linear_norms, _linear_grads, weighted=_linear_weighted), nn.Linear)
+register(Rule(always, _linear_norms, _linear_grads, weighted=_linear_weighted, moments=linear_moments, moments_pay=True),
+         nn.Linear)  # fmt: skip

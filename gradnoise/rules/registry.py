@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import Size, Tensor, nn
 
 __all__ = ["Grads", "Norms", "RULES", "RULES_BY_NAME", "Rule", "layer_type", "register", "register_by_name", "rule_for"]
 
@@ -38,7 +38,10 @@ class Rule:
     a child's parameters without calling it (``MultiheadAttention.out_proj``). ``moments``
     (optional): the norms of ``norms`` and the module's mean gradient ``Σ_i g_i`` (of ``d``,
     unscaled) at about the cost of the parameters' own gradients, which the backward pass
-    then skips. ``weighted`` (optional): the norms in a diagonal metric ``P`` (``|g_i|²_P =
+    then skips; ``moments_pay``: whether they cost no more than ``norms`` and those gradients
+    when ``Σ_i g_i²`` is not asked for (``True``, or a predicate of the module and its call's
+    input and output shapes; with ``Σ_i g_i²``, or an input that needs no gradient, they do).
+    ``weighted`` (optional): the norms in a diagonal metric ``P`` (``|g_i|²_P =
     Σ P ⊙ g_i²`` and ``Σ_i P ⊙ g_i²``, :mod:`gradnoise.preconditioner`), or ``None`` for a
     configuration it does not cover; :func:`~gradnoise.rules.weighted_norms` otherwise
     weights materialised per-example gradients, in chunks of examples.
@@ -50,6 +53,7 @@ class Rule:
     whole_call: bool = False
     owns_children: bool = False
     moments: Callable[[nn.Module, Tensor, Tensor, bool, float], tuple[Norms, Grads]] | None = None
+    moments_pay: bool | Callable[[nn.Module, Size, Size], bool] = False
     weighted: Callable[[nn.Module, Tensor, Tensor, Grads, bool, float], Norms | None] | None = None
 
 
