@@ -56,6 +56,38 @@ def test_an_encoder_layer_equals_the_loop(mask, captured, norm_first, variance, 
         assert got.per_param[name].grad_norm_sq == pytest.approx(norm, rel=1e-9, abs=1e-12), name
 
 
+class _AttendFirst(nn.Module):
+    """Self-attention on the data itself: nothing below it needs a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(4, 2, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("make, attention", [(lambda: Encoder("none", True), "layer.self_attn"), (_AttendFirst, "attn")],
+                         ids=["inside", "on-the-data"])  # fmt: skip
+@pytest.mark.parametrize("variance", [False, True])
+def test_a_captured_attention_takes_the_moments_path(make, attention, variance):
+    """A captured attention call's projections give its norms and its mean gradient (the
+    backward pass skips its weights' gradients), also where nothing below it needs a
+    gradient (its input projection is then requested so that both hooks run): equal to
+    the float64 loop."""
+    from gradnoise.engine.plan import plan_for
+
+    torch.manual_seed(0)
+    model = make().double()
+    x = torch.randn(6, 5, 3 if attention != "attn" else 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,))
+    got = gn.gradient_stats(model, nn.CrossEntropyLoss(), x, y, method="fast", variance=variance)
+    assert all(attention in route.owned.values() for route in plan_for(model).routes.values())
+    for name, (trace, norm) in loop_stats(model, nn.CrossEntropyLoss(), x, y).items():
+        assert got.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10, abs=1e-14), name
+        assert got.per_param[name].grad_norm_sq == pytest.approx(norm, rel=1e-9, abs=1e-12), name
+
+
 @pytest.mark.parametrize("mask", ["none", "causal", "bool", "padding"])
 def test_the_monitor_measures_attention_at_its_projections(mask):
     """In the user's own forward pass the capture runs only where a checked forward pass

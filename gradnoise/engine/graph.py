@@ -20,8 +20,9 @@ def hook_edges(calls: list[ModuleCall], wanted_leaves: list[Tensor], differentia
     own (then its output gradient is not held until the backward pass ends, as requested
     ones are), nor one with a parameter of its own differentiated; one with nothing below
     (``last``: no input needs a gradient) is requested, and its hook releases what is
-    captured. A captured RNN call (``gates``) is requested at its first layer's gates, whose
-    gradient passes through every layer's gate hooks, unless its input leads to a request.
+    captured. A captured call (``inner``: an RNN's, an attention layer's) is requested at its
+    innermost hooked tensors (an RNN's first-layer gates, the input projection), whose
+    gradient passes through all its hooks, unless its input leads to a request.
     Releases the calls' outputs (only edges are kept).
     """
     targets = None  # AccumulateGrad nodes of the wanted leaves and requested nodes, if needed
@@ -30,7 +31,7 @@ def hook_edges(calls: list[ModuleCall], wanted_leaves: list[Tensor], differentia
         output, c.output = c.output, None
         if c.module in differentiated:  # its node runs for its own parameters
             continue
-        if c.gates is not None:  # a captured RNN: its first layer's gates, unless its input leads on
+        if c.inner is not None:  # a captured call: its innermost tensors, unless its input leads on
             x = c.args[0]
             if isinstance(x, Tensor) and x.requires_grad:
                 if targets is None:
@@ -38,9 +39,9 @@ def hook_edges(calls: list[ModuleCall], wanted_leaves: list[Tensor], differentia
                 node = get_gradient_edge(x).node
                 if node in targets or reaches(node, targets):
                     continue
-            edges.extend(c.gates[0])
+            edges.extend(c.inner[0])
             if targets is not None:
-                targets.update(e.node for e in c.gates[0])
+                targets.update(e.node for e in c.inner[0])
             continue
         c.last = not any(isinstance(t, Tensor) and t.requires_grad for t in c.args)
         edge = output  # the edge kept at the forward pass

@@ -21,7 +21,14 @@ from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
 from gradnoise.engine.lstm_recurrence import WeightGrads
 from gradnoise.engine.rnn import layer_moments, layer_norms
 from gradnoise.engine.rnn_capture import RNNCapture
-from gradnoise.rules import dense_norms, linear_gram_norms, prefers_gram, rule_for, weighted_norms
+from gradnoise.rules import (
+    dense_linear_moments,
+    dense_norms,
+    linear_gram_norms,
+    prefers_gram,
+    rule_for,
+    weighted_norms,
+)
 from gradnoise.rules.tied import TiedParts
 
 __all__ = ["LOW_PRECISION", "ModuleCall", "ModuleHooks", "Recorder", "batch_dim", "flatten", "in_float32", "kept_outputs",
@@ -32,7 +39,7 @@ class ModuleCall:
     """One recorded module call (a plain class with slots: one is made per layer per call)."""
 
     __slots__ = ("module", "args", "kwargs", "shapes", "grads", "versions", "output", "last", "seq", "unbatched",
-                 "projections", "gates")  # fmt: skip
+                 "projections", "inner")  # fmt: skip
 
     def __init__(self, module: str, args: tuple, kwargs: dict, shapes: list, versions: list) -> None:
         self.module, self.args, self.kwargs, self.versions = module, args, kwargs, versions
@@ -50,9 +57,11 @@ class ModuleCall:
         # the parts the engine's own forward ran in view: an attention call's projections
         # (engine.attention_capture), an RNN call's layers (engine.rnn_capture)
         self.projections: list | None = None
-        # a captured RNN call's first-layer gates (gradient edges, which carry the gradient
-        # to the hooks of every layer) and the switch of its LSTM weights' gradients
-        self.gates: tuple[list, WeightGrads] | None = None
+        # a captured call's innermost hooked tensors as gradient edges, whose gradient passes
+        # every hook of the call (an RNN's first-layer gates, an attention call's input
+        # projection), and the switch of its LSTM weights' gradients (None: autograd's own
+        # nodes skip unrequested gradients)
+        self.inner: tuple[list, WeightGrads | None] | None = None
 
 
 def flatten(obj: Any) -> list[Tensor | None]:
@@ -177,8 +186,8 @@ class Recorder(ModuleHooks):
                     c.args, c.kwargs = None, {}
                 if not actions.get(name, set()) & {"gram", "moments"}:
                     c.output = None
-                if c.gates is not None and "moments" in actions.get(name, ()):
-                    c.gates[1].needed = False  # the mean comes from the products (layer_moments)
+                if c.inner is not None and c.inner[1] is not None and "moments" in actions.get(name, ()):
+                    c.inner[1].needed = False  # the mean comes from the products (layer_moments)
 
     def _forward_hook(self, name: str):
         on_grad, seq, variance = self._on_grad, self._seq, self.variance
@@ -274,15 +283,24 @@ class Recorder(ModuleHooks):
         for prefix, a, y, to_batch in found:
             if y.requires_grad:
                 y.register_hook(functools.partial(self._on_projection, call, prefix, a, to_batch))
+        if found[0][2].requires_grad:  # the input projection: its gradient passes both hooks
+            call.inner = ([get_gradient_edge(found[0][2])], None)
 
     def _on_projection(self, call: ModuleCall, prefix: str, a: Tensor, to_batch, g: Tensor) -> None:
-        """An attention projection's output gradient: its norms, as a Linear layer's."""
-        if self.actions.get(call.module) != {"norms"} or self.weights is not None:
+        """An attention projection's output gradient: its norms, as a Linear layer's, and on
+        the moments path its mean gradient."""
+        actions = self.actions.get(call.module)
+        if actions not in ({"norms"}, {"moments"}) or self.weights is not None:
             return  # the rule's own path (per-example gradients, or a metric)
         a, d = in_float32(a, to_batch(g.detach()))
         module = self.modules[call.module]
         bias = (module.in_proj_bias if prefix == "in_proj_" else module.out_proj.bias) is not None
-        norms = dense_norms(a, d, bias, self.variance, self.batch if self.variance else 1.0)
+        scale = self.batch if self.variance else 1.0
+        if actions == {"moments"}:
+            norms, means = dense_linear_moments(a, d, bias, self.variance, scale)
+            self.means.setdefault(call.module, {}).update({prefix + k: v for k, v in means.items()})
+        else:
+            norms = dense_norms(a, d, bias, self.variance, scale)
         self.norms.setdefault(call.module, {}).update({prefix + k: v for k, v in norms.items()})
 
     def _gates(self, call: ModuleCall, module: nn.RNNBase) -> None:
@@ -293,7 +311,7 @@ class Recorder(ModuleHooks):
             return
         self.rnn_capture.calls.pop()
         call.projections = [part.suffix for part in parts]
-        call.gates = ([get_gradient_edge(p.gx) for p in parts if p.suffix in ("_l0", "_l0_reverse")], wanted)
+        call.inner = ([get_gradient_edge(p.gx) for p in parts if p.suffix in ("_l0", "_l0_reverse")], wanted)
         for part in parts:
             recurrent = [None] * len(part.gh) if isinstance(module, nn.GRU) else None
             for t, gh in enumerate(part.gh if recurrent is not None else ()):

@@ -286,7 +286,9 @@ def moments_ready(module: nn.Module, call: ModuleCall) -> bool:
         # a captured LSTM: its gates' gradient gives the products (engine.rnn.layer_moments); a
         # GRU's or RNN's recurrent parts are gradients of the weights' own nodes, which the
         # backward pass would then skip at the first step
-        return isinstance(module, nn.LSTM) and call.gates is not None
+        return isinstance(module, nn.LSTM) and call.inner is not None
+    if isinstance(module, nn.MultiheadAttention):  # captured: its projections' hooks give them
+        return call.inner is not None
     return getattr(rule_for(module), "moments", None) is not None and gram_ready(call)
 
 

@@ -9,6 +9,7 @@ from gradnoise.rules import attention, conv, conv1d_hf, embedding, linear, norm 
 from gradnoise.rules._common import weighted_norms
 from gradnoise.rules.conv import conv_moments, conv_prefers_moments
 from gradnoise.rules.linear import (
+           dense_linear_moments,
            dense_moments,
            dense_norms,
            linear_gram_norms,
@@ -17,5 +18,5 @@ from gradnoise.rules.linear import (
 )
 from gradnoise.rules.registry import RULES, Rule, register, rule_for
 
-__all__ = ["RULES", "Rule", "conv_moments", "conv_prefers_moments", "dense_moments", "dense_norms", "linear_gram_norms", "prefers_gram", "register", "rule_for",
+__all__ = ["RULES", "Rule", "conv_moments", "conv_prefers_moments", "dense_linear_moments", "dense_moments", "dense_norms", "linear_gram_norms", "prefers_gram", "register", "rule_for",
            "shared_output_norms", "weighted_norms"]  # fmt: skip

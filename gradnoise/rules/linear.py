@@ -22,7 +22,7 @@ from gradnoise.rules._common import (
 )
 from gradnoise.rules.registry import Grads, Norms, Rule, always, register
 
-__all__ = ["dense_grads", "dense_moments", "dense_norms", "linear_gram_norms", "prefers_gram", "shared_output_norms"]
+__all__ = ["dense_grads", "dense_linear_moments", "dense_moments", "dense_norms", "linear_gram_norms", "prefers_gram", "shared_output_norms"]
 
 
 def _grouped_grads(a: Tensor, d: Tensor) -> Tensor:
@@ -157,7 +157,11 @@ def linear_moments(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, s
     them), from the per-example products; otherwise the norms as the rule's and ``ḡ`` as
     the weight gradient itself, one product — never more work than the rule and the
     backward pass's weight gradient."""
-    bias = module.bias is not None
+    return dense_linear_moments(a, d, module.bias is not None, elementwise, scale)
+
+
+def dense_linear_moments(a: Tensor, d: Tensor, bias: bool, elementwise: bool, scale: float = 1.0) -> tuple[Norms, Grads]:
+    """:func:`linear_moments` of ``y = a Wᵀ (+ b)`` without a module (attention projections)."""
     I, O = a.shape[-1], d.shape[-1]
     T = a[0].numel() // I
     if a.dim() > 2 and (elementwise or products_pay(T, I, O)):
