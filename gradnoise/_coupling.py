@@ -47,10 +47,13 @@ def other_example(xs: Any, batch: int) -> Any | None:
 
 def differs(a: Tensor, b: Tensor) -> bool:
     """Whether ``b`` differs from ``a``: token ids exactly, floats beyond a relative ``1e-4``
-    of ``a``'s largest value (nondeterministic kernels reorder sums)."""
+    of ``a``'s largest finite value (nondeterministic kernels reorder sums; an entry infinite
+    in both, as masked logits are, is unchanged)."""
     if not a.is_floating_point():
         return not torch.equal(a, b)
-    return bool((a - b).abs().max() > 1e-4 * a.abs().max())
+    finite = a[a.isfinite()]
+    scale = finite.abs().max() if finite.numel() else a.new_zeros(())
+    return bool(((a - b).abs().nan_to_num(nan=0.0) > 1e-4 * scale).any())
 
 
 def _moved_elsewhere(a: Tensor, b: Tensor, batch: int) -> bool:
@@ -81,10 +84,10 @@ def _differ_elsewhere(outputs: Any, moved: Any, batch: int) -> bool:
     return any(_moved_elsewhere(a.detach(), b.detach(), batch) for a, b in zip(ta, tb, strict=True))
 
 
-def mixed_error(what: str = "model") -> ValueError:
+def mixed_error() -> ValueError:
     """The refusal of a forward pass that mixes examples, with what to do instead."""
     return ValueError(
-        f"the {what}'s forward pass mixes the examples of the batch: with only example 0 of the inputs changed, "
+        "the model's forward pass mixes the examples of the batch: with only example 0 of the inputs changed, "
         "the outputs of other examples changed too (centring or normalising over the batch, in-batch attention "
         "or negatives, a permuted batch), so per-example gradients do not describe this model's step. Measure "
         "a model whose examples are independent (as with BatchNorm, put such layers in eval mode for the "

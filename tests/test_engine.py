@@ -407,6 +407,20 @@ def test_outputs_with_the_batch_second_are_not_taken_for_mixed():
     assert mixes_examples(out, moved, 6)
 
 
+def test_masked_outputs_do_not_hide_mixing():
+    """Logits masked to -inf (infinite in both passes) are unchanged entries, not a reason
+    to skip the check: the finite entries still show a mixture."""
+    from gradnoise._coupling import mixes_examples
+
+    out = torch.randn(4, 5)
+    out[:, -1] = float("-inf")
+    moved = out.clone()
+    moved[0, :-1] += 1.0
+    assert not mixes_examples(out, moved, 4)
+    moved[1:, :-1] += 0.5
+    assert mixes_examples(out, moved, 4)
+
+
 def test_token_loss_is_a_known_mean_and_not_checked_on_each_call(monkeypatch):
     """gradnoise.tasks.TokenLoss (cross-entropy over every position) is a mean of per-example
     losses: the engine takes it as known, as nn.CrossEntropyLoss, without evaluating it again

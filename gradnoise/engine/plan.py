@@ -113,7 +113,7 @@ class Plan:
         self.routes: dict = {}  # by call signature (route_for)
         self.unbatched: dict = {}  # by input signature: module → per call, what is off the batch
         self.broadcast: dict = {}  # by input signature: layers expanded over the batch (engine.broadcast)
-        self.coupled: dict = {}  # by input signature: layers whose input mixes examples (engine.broadcast)
+        self.coupled: dict = {}  # by input signature: layers whose rows are not each one example's (engine.broadcast)
         self.mixed: dict = {}  # by input signature: whether the outputs mix examples (gradnoise._coupling)
 
     def _current_ids(self) -> list[int]:  # ids: == on tensors would compare values

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from gradnoise.rules.linear import _linear_weighted, dense_grads, dense_norms, linear_moments
+from gradnoise.rules.linear import _linear_weighted, dense_grads, dense_linear_moments, dense_norms
 from gradnoise.rules.registry import Grads, Norms, Rule, always, register_by_name
 
 
@@ -43,7 +43,7 @@ def _weighted(module: nn.Module, a: Tensor, d: Tensor, weights: Grads, elementwi
 
 
 def _moments(module: nn.Module, a: Tensor, d: Tensor, elementwise: bool, scale: float = 1.0) -> tuple[Norms, Grads]:
-    norms, means = linear_moments(_AsLinear(module), a, d, elementwise, scale)
+    norms, means = dense_linear_moments(a, d, module.bias is not None, elementwise, scale)
     sq, total = norms["weight"]
     norms["weight"] = (sq, None if total is None else total.t())
     means["weight"] = means["weight"].t().contiguous()
