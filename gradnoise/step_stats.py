@@ -62,6 +62,12 @@ def _check(hooks: StepHooks, accumulation_steps: int) -> None:
             f"layers {sorted(hooks.off_batch)[:3]} run on a tensor that does not depend on the batch (such as a "
             "position embedding on arange(T)): their per-example gradients need mode='separate'"
         )
+    if hooks.outside:
+        raise HooksCannotMeasure(
+            f"parameters {sorted(hooks.outside)[:3]} are also used outside their layers' calls (such as an output "
+            "embedding tied by hand, h @ wte.weight.T): the hooks see only part of their gradient; their per-example "
+            "gradients need mode='separate'"
+        )
     if hooks.unsupported:
         raise HooksCannotMeasure(
             f"RNN calls of {sorted(hooks.unsupported)[:3]} that the hooks cannot run again as torch ran them (a packed "

@@ -421,6 +421,43 @@ def test_masked_outputs_do_not_hide_mixing():
     assert mixes_examples(out, moved, 4)
 
 
+class _TiedByHand(nn.Module):
+    """An output embedding tied by hand (``h @ wte.weight.T``), and a weight used again in
+    the parent's forward: both get gradient outside their layers' calls. Reading a weight's
+    dtype is no such use."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.fc = nn.Embedding(11, 6), nn.Linear(6, 6)
+
+    def forward(self, idx):
+        h = torch.tanh(self.fc(self.wte(idx).to(self.fc.weight.dtype)))
+        h = h + nn.functional.linear(h, self.fc.weight)
+        return h @ self.wte.weight.T
+
+
+def test_a_weight_used_outside_its_layer_is_measured_whole():
+    """The rules see only the gradient through a layer's own call: wte.weight's tr Σ was 0.18
+    for 0.60, reported as fast. The trace names such parameters: they take vmap (equal to
+    the float64 loop), the others keep their rules, and the Monitor leaves its hooks."""
+    torch.manual_seed(0)
+    model, loss = _TiedByHand().double(), gn.tasks.TokenLoss()
+    x, y = torch.randint(0, 11, (6, 5)), torch.randint(0, 11, (6, 5))
+    ref = loop_stats(model, loss, x, y)
+    for method in ("auto", "fast"):
+        got = gn.gradient_stats(model, loss, x, y, method=method)
+        assert {n: s.method for n, s in got.per_param.items()} == {
+            "wte.weight": "vmap", "fc.weight": "vmap", "fc.bias": "fast"}  # fmt: skip
+        for name, (trace, norm) in ref.items():
+            assert got.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
+            assert got.per_param[name].grad_norm_sq == pytest.approx(norm, rel=1e-9, abs=1e-12), name
+    mon = gn.Monitor(model, loss, strict=True)
+    loss(model(x), y).backward()
+    rec = mon.step(x, y)
+    assert mon.mode == "separate" and rec["trace_cov"] == pytest.approx(sum(t for t, _ in ref.values()), rel=1e-10)
+    mon.close()
+
+
 def test_token_loss_is_a_known_mean_and_not_checked_on_each_call(monkeypatch):
     """gradnoise.tasks.TokenLoss (cross-entropy over every position) is a mean of per-example
     losses: the engine takes it as known, as nn.CrossEntropyLoss, without evaluating it again

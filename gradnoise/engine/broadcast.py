@@ -24,6 +24,7 @@ tried together first, then one at a time, so that one that fails does not cost t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ from gradnoise._coupling import differs, mixes_examples, other_example
 from gradnoise._functional import rng_rewinder
 from gradnoise.engine.batch_trace import BatchTrace
 from gradnoise.engine.hooks import ModuleCall, Recorder, batch_dim
+from gradnoise.engine.param_uses import ParamUses
 from gradnoise.engine.plan import Plan, on_batch, traced_calls
 from gradnoise.rules import rule_for
 
@@ -77,20 +79,23 @@ def trace_signature(plan: Plan, signature: tuple, recorded: dict[str, nn.Module]
     (:class:`~gradnoise.engine.batch_trace.BatchTrace`, without gradients), try expanding the
     layers applied off the batch (:func:`candidates`), and record on the plan, for this
     input signature, the calls' flags, the layers whose expansion left the outputs
-    unchanged (``plan.broadcast``) and the layers whose inputs mix examples
-    (``plan.coupled``, :func:`coupled_layers`). Torch's RNG is the same before each forward
+    unchanged (``plan.broadcast``), the layers whose inputs mix examples
+    (``plan.coupled``, :func:`coupled_layers`), whether the outputs do (``plan.mixed``) and
+    the parameters used outside their layers' calls (``plan.outside``,
+    :class:`~gradnoise.engine.param_uses.ParamUses`). Torch's RNG is the same before each forward
     pass and after the last, so that dropout draws the same masks as the caller's."""
     rewind = rng_rewinder()
 
-    def traced(expand: frozenset[str], inputs: Any = xs) -> tuple[Any, Recorder]:
+    def traced(expand: frozenset[str], inputs: Any = xs, uses: ParamUses | None = None) -> tuple[Any, Recorder]:
         rewind()
         recorder = Recorder(recorded, batch, False, {})
         recorder.expand, recorder.trace = expand, BatchTrace(inputs)
-        with torch.no_grad(), recorder.installed(), recorder.trace:
+        with torch.no_grad(), recorder.installed(), recorder.trace, uses.watching() if uses else contextlib.nullcontext():
             out = forward(inputs)
         return out, recorder
 
-    plain, recorder = traced(frozenset())
+    uses = ParamUses(plan.modules()[""], plan.owners)
+    plain, recorder = traced(frozenset(), uses=uses)
     found = candidates(plan, plan.modules(), recorder.calls)
     # all at once (the common case: one forward pass), else one at a time on top of those kept
     tries = [found] if len(found) < 2 else [found, *({m} for m in sorted(found))]
@@ -126,6 +131,7 @@ def trace_signature(plan: Plan, signature: tuple, recorded: dict[str, nn.Module]
     plan.broadcast[signature] = expand
     plan.coupled[signature] = coupled
     plan.mixed[signature] = mixed
+    plan.outside[signature] = frozenset(uses.outside)
 
 
 def coupled_layers(calls: dict[str, list[ModuleCall]], moved: dict[str, list[ModuleCall]], modules: dict[str, nn.Module],

@@ -178,7 +178,8 @@ def fast_moments(
             recorder.capture = recorder.rnn_capture = None
             recorder.active = False
             traced_calls(plan, signature, recorder.calls, False)
-            route = route_for(plan, modules, recorder.calls, B, gram_ok, pairs_ok=weights is None)
+            route = route_for(plan, modules, recorder.calls, B, gram_ok, pairs_ok=weights is None,
+                              outside=plan.outside.get(signature, frozenset()))  # fmt: skip
             recorder.set_actions(route.actions, route.pairs)
             if weights is not None:
                 recorder.weights = module_weights(plan, modules, route, weights)

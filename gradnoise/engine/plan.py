@@ -81,7 +81,8 @@ class Plan:
     """
 
     __slots__ = ("_refs", "_registries", "_ids", "_params", "_flags", "named", "owners", "recorded",
-                 "batchnorms", "attention", "rnn", "direct", "routes", "unbatched", "broadcast", "coupled", "mixed")  # fmt: skip
+                 "batchnorms", "attention", "rnn", "direct", "routes", "unbatched", "broadcast", "coupled", "mixed",
+                 "outside")  # fmt: skip
 
     def __init__(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
@@ -115,6 +116,7 @@ class Plan:
         self.broadcast: dict = {}  # by input signature: layers expanded over the batch (engine.broadcast)
         self.coupled: dict = {}  # by input signature: layers whose rows are not each one example's (engine.broadcast)
         self.mixed: dict = {}  # by input signature: whether the outputs mix examples (gradnoise._coupling)
+        self.outside: dict = {}  # by input signature: parameters used outside their layers' calls (engine.param_uses)
 
     def _current_ids(self) -> list[int]:  # ids: == on tensors would compare values
         return [id(v) for d in self._registries for v in d.values()]
@@ -153,6 +155,7 @@ def traced_calls(plan: Plan, sig: tuple, calls: dict[str, list[ModuleCall]], tra
             plan.broadcast.clear()
             plan.coupled.clear()
             plan.mixed.clear()
+            plan.outside.clear()
         plan.unbatched[sig] = {m: [c.unbatched for c in cs] for m, cs in calls.items()}
         return
     known = plan.unbatched[sig]
@@ -165,6 +168,7 @@ def traced_calls(plan: Plan, sig: tuple, calls: dict[str, list[ModuleCall]], tra
             plan.broadcast.pop(sig, None)
             plan.coupled.pop(sig, None)
             plan.mixed.pop(sig, None)
+            plan.outside.pop(sig, None)
             break
 
 
@@ -196,12 +200,12 @@ class Route:
 
 
 def route_for(plan: Plan, modules: dict[str, nn.Module], calls: dict[str, list[ModuleCall]], B: int,
-              gram_ok: bool, pairs_ok: bool = False) -> Route:  # fmt: skip
+              gram_ok: bool, pairs_ok: bool = False, outside: frozenset[str] = frozenset()) -> Route:  # fmt: skip
     """The :class:`Route` of this forward pass, cached on the plan by what it depends on: the
     batch size, and per recorded call its input and output shapes and whether its output was
     kept and may carry the gradient (which the recorder decides from Σ_i g_i² and whether
     the input needs a gradient): routing costs a few percent of a small model's step."""
-    sig = (B, gram_ok, pairs_ok, tuple(
+    sig = (B, gram_ok, pairs_ok, outside, tuple(
         (name, tuple((c.args[0].shape if c.args and isinstance(c.args[0], Tensor) else None, c.shapes[0],
                       gram_ready(c), c.unbatched, c.projections is not None) for c in cs))
         for name, cs in calls.items()
@@ -209,7 +213,7 @@ def route_for(plan: Plan, modules: dict[str, nn.Module], calls: dict[str, list[M
     route = plan.routes.get(sig)
     if route is None:
         owners = plan.owners
-        paths, units = decide(owners, modules, calls, B)
+        paths, units = decide(owners, modules, calls, B, outside)
         gram = gram_modules(owners, modules, calls, paths, B) if gram_ok else {}
         owned = moments_params(owners, modules, calls, paths, set(gram.values()))
         pairs = tied_pairs(owners, modules, calls, paths) if pairs_ok else {}
@@ -220,8 +224,9 @@ def route_for(plan: Plan, modules: dict[str, nn.Module], calls: dict[str, list[M
     return route
 
 
-def decide(owners, modules, calls, B: int):
-    """Each parameter's path ("fast", "fast-tied" or a unit module for vmap), after forward."""
+def decide(owners, modules, calls, B: int, outside: frozenset[str] = frozenset()):
+    """Each parameter's path ("fast", "fast-tied" or a unit module for vmap), after forward;
+    ``outside``: parameters also used outside their layers' calls, which no rule sees whole."""
 
     @functools.cache
     def batched(mname: str) -> bool:  # a rule needs the batch dimension on input and output
@@ -239,7 +244,7 @@ def decide(owners, modules, calls, B: int):
     paths: dict[str, str] = {}
     units: dict[str, list[str]] = {}
     for name, os in owners.items():
-        ruled = all(m in calls and (rule_for(modules[m]) or captured(m)) and batched(m) for m, _ in os)
+        ruled = name not in outside and all(m in calls and (rule_for(modules[m]) or captured(m)) and batched(m) for m, _ in os)
         n_calls = sum(len(calls.get(m, [])) for m, _ in os)
         if ruled and n_calls == 1:
             paths[name] = "fast"

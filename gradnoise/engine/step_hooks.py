@@ -151,6 +151,7 @@ class StepHooks(ModuleHooks):
         self.pending: list[tuple] = []  # (name, module, input, output gradient, tied parts), for flush()
         self.off_batch: set[str] = set()  # layers of this step's forward passes not on the batch
         self.mixed = False  # whether a forward pass of this step mixes examples (gradnoise._coupling)
+        self.outside: set[str] = set()  # parameters used outside their layers' calls (engine.param_uses)
         self.unsupported: set[str] = set()  # RNN calls that cannot be run again as torch ran them
         self.rnn_calls: list[tuple[str, _RNNCall]] = []  # this step's, to find those no gradient reached
         # parameter → the 16-bit dtype of its layer's output gradient (autocast): its .grad
@@ -217,6 +218,7 @@ class StepHooks(ModuleHooks):
         self.off_batch |= {
             m for m in self.modules if m not in self._expand and any(f is None or 0 in f for f in flags.get(m, ()))
         } | (plan.coupled.get(signature, frozenset()) & set(self.modules))  # fmt: skip
+        self.outside |= plan.outside.get(signature, frozenset())
         if plan.mixed.get(signature):  # nothing to measure: the step is refused (step_stats)
             self.mixed = True
             self.off_batch |= set(self.modules)
