@@ -458,6 +458,33 @@ def test_a_weight_used_outside_its_layer_is_measured_whole():
     mon.close()
 
 
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.inp, self.head, self.reentrant = nn.Linear(4, 4), nn.Linear(6, 3), reentrant
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return self.head(checkpoint(self.body, self.inp(x), use_reentrant=self.reentrant))
+
+
+def test_activation_checkpointing_is_measured_or_refused_with_what_to_do():
+    """Non-reentrant checkpointing is measured (equal to the float64 loop); the reentrant
+    variant, which torch cannot differentiate with autograd.grad, gets an error saying how
+    to switch (not torch's internal one)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    model, loss = _Checkpointed(reentrant=False).double(), nn.CrossEntropyLoss()
+    got = gn.gradient_stats(model, loss, x, y, method="fast")
+    for name, (trace, _) in loop_stats(model, loss, x, y).items():
+        assert got.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
+    model.reentrant = True
+    with pytest.raises(ValueError, match="use_reentrant=False"):
+        gn.gradient_stats(model, loss, x, y)
+
+
 def test_token_loss_is_a_known_mean_and_not_checked_on_each_call(monkeypatch):
     """gradnoise.tasks.TokenLoss (cross-entropy over every position) is a mean of per-example
     losses: the engine takes it as known, as nn.CrossEntropyLoss, without evaluating it again
