@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from gradnoise._functional import input_signature, rng_rewinder
 
-__all__ = ["check_examples_independent", "mixed_error", "mixes_examples", "other_example"]
+__all__ = ["check_examples_independent", "differ_elsewhere", "differs", "mixed_error", "mixes_examples", "other_example"]
 
 
 def other_example(xs: Any, batch: int) -> Any | None:
@@ -71,12 +71,13 @@ def mixes_examples(outputs: Any, moved: Any, batch: int, again: Callable[[], Any
     the forward pass on the same inputs once more, to tell mixing from a forward pass that
     does not repeat (one drawing from a generator of its own): then nothing can be told,
     and the answer is no."""
-    if not _differ_elsewhere(outputs, moved, batch):
+    if not differ_elsewhere(outputs, moved, batch):
         return False
-    return again is None or not _differ_elsewhere(outputs, again(), batch)
+    return again is None or not differ_elsewhere(outputs, again(), batch)
 
 
-def _differ_elsewhere(outputs: Any, moved: Any, batch: int) -> bool:
+def differ_elsewhere(outputs: Any, moved: Any, batch: int) -> bool:
+    """Whether two forward passes' outputs differ outside example 0 (:func:`_moved_elsewhere`)."""
     ta = [t for t in tree_flatten(outputs)[0] if isinstance(t, Tensor)]
     tb = [t for t in tree_flatten(moved)[0] if isinstance(t, Tensor)]
     if len(ta) != len(tb):

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from gradnoise._coupling import differs, mixes_examples, other_example
+from gradnoise._coupling import differ_elsewhere, differs, mixes_examples, other_example
 from gradnoise._functional import rng_rewinder
 from gradnoise.engine.batch_trace import BatchTrace
 from gradnoise.engine.hooks import ModuleCall, Recorder, batch_dim
@@ -121,8 +121,8 @@ def trace_signature(plan: Plan, signature: tuple, recorded: dict[str, nn.Module]
             mixed = mixes_examples(plain, out, batch)
             if coupled or mixed:  # or a forward pass that does not repeat (a generator of its own)?
                 again, repeated = traced(expand)
-                if mixes_examples(plain, again, batch) or coupled_layers(recorder.calls, repeated.calls,
-                                                                          plan.modules(), batch):  # fmt: skip
+                if differ_elsewhere(plain, again, batch) or coupled_layers(recorder.calls, repeated.calls,
+                                                                            plan.modules(), batch):  # fmt: skip
                     coupled, mixed = frozenset(), False
         except Exception:  # the forward pass cannot take the changed example: not checked
             pass
