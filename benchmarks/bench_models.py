@@ -123,6 +123,8 @@ def calls(name, model, loss_fn, x, y, with_anchors: bool, autocast: bool = False
     }
     if any(isinstance(m, nn.Conv2d) for m in model.modules()):
         out["convolutions' weight gradients alone (the least the monitor adds)"] = conv_weight_grads(model, x)
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        out["recurrences' backward alone, torch's fused kernel (the least the monitor adds)"] = rnn_backward(model, x)
     if with_anchors and isinstance(loss_fn, nn.CrossEntropyLoss):
         found = anchors(model, loss_fn, x, y)
         out.update({k: v for k, v in found.items() if "Variance" not in k})
@@ -148,6 +150,31 @@ def conv_weight_grads(model, x):
                                                 m.groups, (False, False, True))  # fmt: skip
 
     return weight_grads
+
+
+def rnn_backward(model, x):
+    """Every recurrent layer's backward pass alone, to its input (torch's fused kernel, on a
+    graph kept for the purpose), on this batch's inputs: the gates' gradients that
+    per-example norms need are formed inside that kernel and never shown, so a monitor must
+    run at least this much again after the step's own backward pass."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, a, o: calls.append((m, a))) for m in model.modules()
+             if isinstance(m, nn.RNNBase)]  # fmt: skip
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    graphs = []
+    for module, args in calls:
+        inp = args[0].detach().requires_grad_()
+        out = module(inp, *args[1:])[0]
+        graphs.append((inp, out, torch.ones_like(out)))
+
+    def backward():
+        for inp, out, d in graphs:
+            torch.autograd.grad(out, inp, d, retain_graph=True)
+
+    return backward
 
 
 def monitor_rows(model, loss_fn, x, y, autocast: bool = False) -> dict:
