@@ -49,9 +49,14 @@ class StepStats:
     extra: tuple[float, ...] = ()  # global_step_stats: its ``extra`` values summed over ranks
 
 
-def _check(hooks: StepHooks, accumulation_steps: int) -> None:
+def _check(hooks: StepHooks, accumulation_steps: int, distributed: bool = False) -> None:
     """What the hooks' norms need of the step: no failed hook, every layer on the batch and
-    called once per micro-batch, micro-batches of equal size (rules applied here)."""
+    called once per micro-batch, micro-batches of equal size (rules applied here).
+    ``distributed``: under DDP/FSDP, where ``mode='separate'`` would see one rank's batch
+    only, the errors say what measures such a model instead."""
+    separate = ("need mode='separate', which under DDP/FSDP would measure only this rank's batch: measure this model "
+                "with gn.gradient_stats in one process, or (DDP) with Monitor(mode='two-batch')"
+                if distributed else "need mode='separate'")  # fmt: skip
     if hooks.mixed:
         raise mixed_error()
     if hooks.failed:
@@ -60,19 +65,19 @@ def _check(hooks: StepHooks, accumulation_steps: int) -> None:
     if hooks.off_batch:
         raise HooksCannotMeasure(
             f"layers {sorted(hooks.off_batch)[:3]} run on a tensor that does not depend on the batch (such as a "
-            "position embedding on arange(T)): their per-example gradients need mode='separate'"
+            f"position embedding on arange(T)): their per-example gradients {separate}"
         )
     if hooks.outside:
         raise HooksCannotMeasure(
             f"parameters {sorted(hooks.outside)[:3]} are also used outside their layers' calls (such as an output "
             "embedding tied by hand, h @ wte.weight.T): the hooks see only part of their gradient; their per-example "
-            "gradients need mode='separate'"
+            f"gradients {separate}"
         )
     if hooks.unsupported:
         raise HooksCannotMeasure(
             f"RNN calls of {sorted(hooks.unsupported)[:3]} that the hooks cannot run again as torch ran them (a packed "
             "sequence, dropout between layers in training, an input or output modified in place): their "
-            "per-example gradients need mode='separate'"
+            f"per-example gradients {separate}"
         )
     sizes = [t.shape[0] for t in next(iter(hooks.sq.values()), [])]
     if len(set(sizes)) > 1:  # .grad/factor is then not the mean over the examples
@@ -83,7 +88,7 @@ def _check(hooks: StepHooks, accumulation_steps: int) -> None:
         )
     several = [m for m, c in hooks.calls.items() if c > accumulation_steps]
     if several:
-        raise HooksCannotMeasure(f"modules called more than once per forward {several[:3]}: use Monitor(mode='separate')")
+        raise HooksCannotMeasure(f"modules called more than once per forward {several[:3]}: their per-example gradients {separate}")
 
 
 # Under autocast, a layer that ran in 16 bits gets a .grad that is the 16-bit rounding of a
@@ -240,7 +245,7 @@ def global_step_stats(hooks: StepHooks, params: dict[str, Tensor], numels: dict[
     values = torch.zeros(2 * P + F + 4 + E, dtype=torch.float64)
     failure = None
     try:
-        _check(hooks, accumulation_steps)
+        _check(hooks, accumulation_steps, distributed=True)
         sums, shards = [], []
         for _, g, s in _rows(hooks, params, B):
             sums.append(s.sum(dtype=torch.float64))

@@ -4,6 +4,7 @@ the gloo backend, with and without the Monitor, and writes what the test compare
 ``OUT/rank<RANK>.json``."""
 
 import json
+import logging
 import os
 import sys
 import time
@@ -28,10 +29,24 @@ class LSTMHead(nn.Module):
         return self.head(self.body(x)[0].mean(1))
 
 
+class ReusedHead(nn.Module):
+    """An MLP whose head's weight is used again outside the head's call, in the root's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.head(h) + 0.5 * nn.functional.linear(h, self.head.weight)
+
+
 def model_factory(model="mlp"):
     torch.manual_seed(0)
     if model == "lstm":
         return LSTMHead().double()
+    if model == "reused":
+        return ReusedHead().double()
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.LayerNorm(16), nn.Linear(16, 3)).double()
 
 
@@ -46,8 +61,8 @@ def wrap(model, kind):
         return nn.parallel.DistributedDataParallel(model)
     from torch.distributed.fsdp import fully_shard
 
-    for m in model:
-        if isinstance(m, nn.Linear):
+    for m in model.children():
+        if isinstance(m, nn.Linear) and not isinstance(model, ReusedHead):  # its head stays in the root's group
             fully_shard(m)
     fully_shard(model)
     return model
@@ -125,6 +140,21 @@ def main():
             mon.step(xl, yl)
         except ValueError as exc:
             result["unequal"] = str(exc)
+    elif mode == "fsdp-outside":  # a weight used outside its layer's call: hooks cannot measure it
+        model = wrap(model_factory("reused"), "fsdp")
+        twin = wrap(model_factory("reused"), "fsdp")
+        mon = gn.Monitor(model, nn.CrossEntropyLoss())
+        warnings = []
+        handler = logging.Handler()
+        handler.emit = lambda record: warnings.append(record.getMessage())
+        logging.getLogger("gradnoise").addHandler(handler)
+        x, y = data(0)
+        xl, yl = x[rank * LOCAL : (rank + 1) * LOCAL], y[rank * LOCAL : (rank + 1) * LOCAL]
+        for m in (model, twin):
+            nn.CrossEntropyLoss()(m(xl), yl).backward()
+        result = {"record": mon.step(xl, yl), "warnings": warnings, "mode": mon.mode,
+                  "bitwise": all(torch.equal(a.grad.to_local(), b.grad.to_local())
+                                 for a, b in zip(model.parameters(), twin.parameters(), strict=True))}  # fmt: skip
     elif mode == "rank-missing":  # rank 1 never calls step(): rank 0 times out
         model = wrap(model_factory(), "ddp")
         mon = gn.Monitor(model, nn.CrossEntropyLoss(), strict=True, timeout=3)

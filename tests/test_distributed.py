@@ -109,3 +109,15 @@ def test_what_cannot_be_the_global_batch_is_refused(tmp_path):
         assert "not covered: ['body.weight_ih_l0'" in r["fsdp-rnn"] and "which FSDP shards" in r["fsdp-rnn"]
         assert "mode='separate' would measure only this rank's local batch" in r["separate"]
         assert "batches differ in size" in r["unequal"]
+
+
+def test_a_weight_used_outside_its_layer_under_fsdp_is_not_measured_wrong(tmp_path):
+    """FSDP2 with a root-group weight used again outside its layer's call (``F.linear(h,
+    head.weight)`` in the root's forward): the hooks would see part of its gradient, so the
+    step is not recorded, the warning says why and what measures such a model, and the
+    gradients are those of an unmonitored twin."""
+    for r in run_ranks("fsdp-outside", tmp_path):
+        assert r["record"] is None and r["mode"] == "hooks" and r["bitwise"]
+        (message,) = r["warnings"]
+        assert "['head.weight'] are also used outside their layers' calls" in message
+        assert "would measure only this rank's batch" in message and "gn.gradient_stats in one process" in message
