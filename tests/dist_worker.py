@@ -140,9 +140,16 @@ def main():
             mon.step(xl, yl)
         except ValueError as exc:
             result["unequal"] = str(exc)
-    elif mode == "fsdp-outside":  # a weight used outside its layer's call: hooks cannot measure it
-        model = wrap(model_factory("reused"), "fsdp")
-        twin = wrap(model_factory("reused"), "fsdp")
+    elif mode.startswith("fsdp-outside"):  # a weight used outside its layer's call: hooks cannot measure it
+        from torch.distributed.fsdp import fully_shard
+
+        def sharded():  # -nested: the head its own FSDP unit, left unsharded after its forward for the reuse
+            model = model_factory("reused")
+            if mode.endswith("nested"):
+                fully_shard(model.head, reshard_after_forward=False)
+            return fully_shard(model)
+
+        model, twin = sharded(), sharded()
         mon = gn.Monitor(model, nn.CrossEntropyLoss())
         warnings = []
         handler = logging.Handler()

@@ -111,12 +111,14 @@ def test_what_cannot_be_the_global_batch_is_refused(tmp_path):
         assert "batches differ in size" in r["unequal"]
 
 
-def test_a_weight_used_outside_its_layer_under_fsdp_is_not_measured_wrong(tmp_path):
-    """FSDP2 with a root-group weight used again outside its layer's call (``F.linear(h,
-    head.weight)`` in the root's forward): the hooks would see part of its gradient, so the
+@pytest.mark.parametrize("mode", ["fsdp-outside", "fsdp-outside-nested"])
+def test_a_weight_used_outside_its_layer_under_fsdp_is_not_measured_wrong(mode, tmp_path):
+    """FSDP2 with a weight used again outside its layer's call (``F.linear(h, head.weight)``
+    in the root's forward; the head in the root's group, or its own unit, whose gathered
+    weight only exists from its call on): the hooks would see part of its gradient, so the
     step is not recorded, the warning says why and what measures such a model, and the
     gradients are those of an unmonitored twin."""
-    for r in run_ranks("fsdp-outside", tmp_path):
+    for r in run_ranks(mode, tmp_path):
         assert r["record"] is None and r["mode"] == "hooks" and r["bitwise"]
         (message,) = r["warnings"]
         assert "['head.weight'] are also used outside their layers' calls" in message

@@ -14,6 +14,7 @@ the engine then measures those by ``vmap`` of a module that contains every use.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import Counter
 from collections.abc import Iterator
 
@@ -36,6 +37,10 @@ class ParamUses(TorchFunctionMode):
     def __init__(self, model: nn.Module, owners: dict[str, list[tuple[str, str]]]) -> None:
         super().__init__()
         self.model, self.owners = model, {n: {m for m, _ in os} for n, os in owners.items()}
+        self._owned: dict[str, list[tuple[str, str]]] = {}  # owner → [(local name, name)]
+        for n, os in owners.items():
+            for m, local in os:
+                self._owned.setdefault(m, []).append((local, n))
         self.running: Counter[str] = Counter()
         self.outside: set[str] = set()
         self._by_id: dict[int, str] = {}
@@ -47,7 +52,7 @@ class ParamUses(TorchFunctionMode):
         modules = dict(self.model.named_modules())
         handles = [self.model.register_forward_pre_hook(lambda m, args: self._learn_ids())]
         for name in {m for ms in self.owners.values() for m in ms}:
-            enter = lambda m, args, name=name: self.running.update([name])  # noqa: E731
+            enter = lambda m, args, name=name: self._enter(name, m)  # noqa: E731
             leave = lambda m, args, out, name=name: self.running.subtract([name])  # noqa: E731
             handles.append(modules[name].register_forward_pre_hook(enter))
             handles.append(modules[name].register_forward_hook(leave, always_call=True))
@@ -57,6 +62,13 @@ class ParamUses(TorchFunctionMode):
         finally:
             for h in handles:
                 h.remove()
+
+    def _enter(self, name: str, module: nn.Module) -> None:
+        # FSDP2 gathers a unit's weights in its own pre-hook, which runs before this one:
+        # the tensors its operations (and any later use outside) take exist from here on
+        self.running.update([name])
+        for local, n in self._owned[name]:  # a plain tensor where functional_call swapped one in
+            self._by_id.setdefault(id(functools.reduce(getattr, local.split("."), module)), n)
 
     def _learn_ids(self) -> None:
         # the trainable parameters by the names the plan knows (a tied one: its first name)
