@@ -327,6 +327,34 @@ def sdpa_math():
     return sdpa_kernel([SDPBackend.MATH])
 
 
+@contextlib.contextmanager
+def explaining_checkpoint() -> Iterator[None]:
+    """torch's errors for reentrant activation checkpointing (``autograd.grad`` refuses it;
+    ``torch.func`` cannot transform its ``autograd.Function``, which has no
+    ``setup_context``) turned into one that says what to do."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "use_reentrant" in str(exc) or ("setup_context" in str(exc) and _raised_in_checkpoint(exc)):
+            raise ValueError(
+                "the model uses reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True, "
+                "the default of older Hugging Face gradient_checkpointing_enable()), which torch can differentiate "
+                "neither with autograd.grad nor under vmap: pass use_reentrant=False (Hugging Face: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or "
+                "turn checkpointing off for the measurement; the Monitor's hooks measure it as it is"
+            ) from exc
+        raise
+
+
+def _raised_in_checkpoint(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.replace("\\", "/").endswith("torch/utils/checkpoint.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def unsqueeze_all(batch: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(t.unsqueeze(0) for t in batch)
 

@@ -26,6 +26,7 @@ from gradnoise._functional import (
     check_no_train_batchnorm,
     check_target_shape,
     check_vmappable,
+    explaining_checkpoint,
     frozen_state,
     preserved_state,
     sdpa_math,
@@ -142,7 +143,7 @@ def vmap_grads_and_losses(
         randomness="different",
         chunk_size=chunk_size,
     )
-    with sdpa_math():  # batchable attention (the fused kernel has no vmap rule)
+    with sdpa_math(), explaining_checkpoint():  # batchable attention (the fused kernel has no vmap rule)
         return fn(params, *xs, *ys)
 
 

@@ -472,8 +472,8 @@ class _Checkpointed(nn.Module):
 
 def test_activation_checkpointing_is_measured_or_refused_with_what_to_do():
     """Non-reentrant checkpointing is measured (equal to the float64 loop); the reentrant
-    variant, which torch cannot differentiate with autograd.grad, gets an error saying how
-    to switch (not torch's internal one)."""
+    variant, which torch cannot differentiate with autograd.grad nor under vmap, gets an
+    error saying how to switch (not torch's internal one) on every path."""
     torch.manual_seed(0)
     x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
     model, loss = _Checkpointed(reentrant=False).double(), nn.CrossEntropyLoss()
@@ -481,8 +481,10 @@ def test_activation_checkpointing_is_measured_or_refused_with_what_to_do():
     for name, (trace, _) in loop_stats(model, loss, x, y).items():
         assert got.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
     model.reentrant = True
-    with pytest.raises(ValueError, match="use_reentrant=False"):
-        gn.gradient_stats(model, loss, x, y)
+    for measure in (lambda: gn.gradient_stats(model, loss, x, y), lambda: gn.gradient_stats(model, loss, x, y, method="vmap"),
+                    lambda: gn.per_sample_grads(model, loss, x, y)):  # fmt: skip
+        with pytest.raises(ValueError, match="use_reentrant=False"):
+            measure()
 
 
 def test_token_loss_is_a_known_mean_and_not_checked_on_each_call(monkeypatch):

@@ -33,6 +33,7 @@ from gradnoise._functional import (
     check_loss_value,
     check_no_train_batchnorm,
     check_target_shape,
+    explaining_checkpoint,
     frozen_state,
     input_signature,
     is_known_mean_loss,
@@ -214,18 +215,8 @@ def _backward(loss: Tensor, leaves: dict[str, Tensor], plan: Plan, recorder: Rec
     skip_calls = sorted((recorder.calls[m][0] for m in {*gram.values(), *owned.values()}), key=lambda c: c.seq)
     wanted_leaves = [leaves[n] for n in wanted]
     edges = hook_edges(skip_calls, wanted_leaves, {m for n in wanted for m, _ in owners[n]})
-    try:
+    with explaining_checkpoint():  # reentrant checkpointing: torch's error says nothing of what to do
         grads = torch.autograd.grad(loss, wanted_leaves + edges, allow_unused=True)
-    except RuntimeError as exc:
-        if "use_reentrant" in str(exc):  # torch.utils.checkpoint's reentrant variant refuses autograd.grad
-            raise ValueError(
-                "the model uses reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True, "
-                "the default of older Hugging Face gradient_checkpointing_enable()), which torch cannot differentiate "
-                "with autograd.grad: pass use_reentrant=False (Hugging Face: model.gradient_checkpointing_enable("
-                "gradient_checkpointing_kwargs={'use_reentrant': False})), or turn checkpointing off for the "
-                "measurement; the Monitor's hooks measure it as it is"
-            ) from exc
-        raise
     del edges
     mean = {n: torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(wanted, grads[: len(wanted)], strict=True)}
     for n, m in owned.items():

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gradnoise._functional import sdpa_math
+from gradnoise._functional import explaining_checkpoint, sdpa_math
 from gradnoise.engine.hooks import ModuleCall, batch_dim, flatten
 from gradnoise.engine.rnn import rnn_grads, unrollable
 from gradnoise.per_sample import needs_loop
@@ -80,7 +80,7 @@ def module_grads(
                             [dl.select(dd, i) for dl, dd in deltas]) for i in range(batch)]  # fmt: skip
         return {k: torch.stack([r[k] for r in rows]) for k in wanted}
     fn = vmap(grad(inner), in_dims=(None, in_dims, [d for _, d in deltas]))
-    with sdpa_math():  # batchable attention (the fused kernel has no vmap rule)
+    with sdpa_math(), explaining_checkpoint():  # batchable attention (the fused kernel has no vmap rule)
         return fn(wanted_p, in_tensors, [dl for dl, _ in deltas])
 
 
