@@ -147,7 +147,7 @@ def conv_weight_grads(model, x):
     def weight_grads():
         for m, a, d in calls:
             torch.ops.aten.convolution_backward(d, a, m.weight, None, m.stride, m.padding, m.dilation, False, (0, 0),
-                                                m.groups, (False, False, True))  # fmt: skip
+                                                m.groups, (False, True, False))  # fmt: skip
 
     return weight_grads
 
