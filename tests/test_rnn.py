@@ -196,24 +196,23 @@ def test_the_lstm_recurrence_node_has_torchs_values_and_gradients(bias):
 @pytest.mark.parametrize("variance", [False, True])
 @pytest.mark.parametrize("layout", ["batch-first", "stack"])
 def test_a_captured_lstm_whose_products_do_not_pay_takes_the_shared_gram_form(layout, variance, monkeypatch):
-    """Short sequences of a wide LSTM (``2T(I + H + 4H) < 4H(I + H)``): its norms from the
-    Gram form its two weights share, its mean from the weight gradients of the recurrence's
-    backward (not skipped), equal to vmap's; at a longer sequence the same layer takes the
-    products (engine.rnn.lstm_products_pay)."""
-    from gradnoise.engine import lstm_recurrence
+    """Short sequences of a wide LSTM (``2T(I + H + 4H) < 4H(I + H)``): without the
+    variance, its norms from the Gram form its two weights share and each mean as its weight
+    gradient (no per-example products); with it, the products, which Σ_i g_i² needs. Either
+    way equal to vmap's, the recurrence's backward skipping the weights' gradients."""
+    from gradnoise.engine import lstm_recurrence, rnn
     from gradnoise.engine.rnn import lstm_products_pay
 
-    lstm = nn.LSTM(12, 12, batch_first=True)
-    assert not lstm_products_pay(lstm, torch.zeros(6, 3, 12)) and lstm_products_pay(lstm, torch.zeros(6, 40, 12))
-    assert not lstm_products_pay(nn.LSTM(12, 12), torch.zeros(3, 40, 12))  # sequence-first: T = 3
-    skipped = []
-    backward = lstm_recurrence._LSTMLayer.backward
+    assert not lstm_products_pay(3, 12, 12, 48) and lstm_products_pay(40, 12, 12, 48)
+    skipped, products = [], []
+    backward, dense_moments = lstm_recurrence._LSTMLayer.backward, rnn.dense_moments
 
     def spy(ctx, *grads):
         skipped.append(not ctx.wanted.needed)
         return backward(ctx, *grads)
 
     monkeypatch.setattr(lstm_recurrence._LSTMLayer, "backward", staticmethod(spy))
+    monkeypatch.setattr(rnn, "dense_moments", lambda *args: (products.append(1), dense_moments(*args))[1])
     torch.manual_seed(0)
     if layout == "stack":
         model, x = SeqHead(nn.LSTM(12, 12, num_layers=2, bidirectional=True), 24, batch_first=False), torch.randn(6, 3, 12)
@@ -222,7 +221,8 @@ def test_a_captured_lstm_whose_products_do_not_pay_takes_the_shared_gram_form(la
     model, x = model.double(), x.double()
     y, loss = torch.randint(0, 3, (6,), generator=torch.Generator().manual_seed(1)), nn.CrossEntropyLoss()
     fast = gn.gradient_stats(model, loss, x, y, method="fast", variance=variance)
-    assert skipped and not any(skipped)
+    assert skipped and all(skipped)
+    assert bool(products) == variance
     assert {fast.per_param[n].method for n in fast.per_param if n.startswith("body.")} == {"fast"}
     _equal_to_vmap(fast, gn.gradient_stats(model, loss, x, y, method="vmap", variance=variance), variance)
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from gradnoise._functional import trainable_params
 from gradnoise.engine.hooks import ModuleCall, batch_dim
-from gradnoise.engine.rnn import lstm_products_pay, unrollable
+from gradnoise.engine.rnn import unrollable
 from gradnoise.rules import prefers_gram, rule_for
 from gradnoise.rules.tied import tied_pair
 
@@ -288,10 +288,10 @@ def moments_ready(module: nn.Module, call: ModuleCall) -> bool:
     carry the gradient (:func:`gram_ready`) — the recorder keeps it only where skipping
     the parameters' gradients saves work (see ``Recorder.keep_output``)."""
     if isinstance(module, nn.RNNBase):
-        # a captured LSTM: its gates' gradient gives the products (engine.rnn.layer_moments)
-        # where they pay; a GRU's or RNN's recurrent parts are gradients of the weights' own
-        # nodes, which the backward pass would then skip at the first step
-        return isinstance(module, nn.LSTM) and call.inner is not None and lstm_products_pay(module, call.args[0])
+        # a captured LSTM: its gates' gradient gives the products (engine.rnn.layer_moments); a
+        # GRU's or RNN's recurrent parts are gradients of the weights' own nodes, which the
+        # backward pass would then skip at the first step
+        return isinstance(module, nn.LSTM) and call.inner is not None
     if isinstance(module, nn.MultiheadAttention):  # captured: its projections' hooks give them
         return call.inner is not None
     return getattr(rule_for(module), "moments", None) is not None and gram_ready(call)

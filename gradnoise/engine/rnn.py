@@ -129,26 +129,35 @@ def layer_norms(part: Unrolled, dx: Tensor, dh: Tensor, biases: bool, elementwis
     return out
 
 
-def lstm_products_pay(module: nn.LSTM, x: Tensor) -> bool:
-    """Whether a captured LSTM call on input ``x`` should take its weights' mean from the
-    per-example products (:func:`layer_moments`) rather than its norms from the Gram form
-    that its input and recurrent weights share (:func:`layer_norms`) plus the weight
-    gradients of its backward pass. As for a Linear layer
+def lstm_products_pay(T: int, inputs: int, hidden: int, gates: int) -> bool:
+    """Whether an LSTM layer on sequences of ``T`` should take its weights' norms and mean
+    from the per-example products rather than from the Gram form that its input and
+    recurrent weights share plus their weight gradients, as a Linear layer does
     (:func:`~gradnoise.rules.linear.products_pay`): from about half the break-even
-    ``T(I + H + 4H) = 4H(I + H)`` on, with layer 0's sizes. Below it one ``D Dᵀ`` for both
-    weights and two well-shaped weight-gradient products beat two batched products of
-    ``T``-long rows (at T 16 and 64, 1.95× against 2.62× and 1.70× against 1.81× a step)."""
-    T = x.shape[1 if module.batch_first and x.dim() == 3 else 0]
-    I, Hh, G = module.input_size, module.proj_size or module.hidden_size, 4 * module.hidden_size
-    return 2 * T * (I + Hh + G) >= G * (I + Hh)
+    ``T(I + H + 4H) = 4H(I + H)`` on. Below it one ``D Dᵀ`` for both weights and two
+    well-shaped weight-gradient products beat two batched products of ``T``-long rows."""
+    return 2 * T * (inputs + hidden + gates) >= gates * (inputs + hidden)
 
 
 def layer_moments(part: Unrolled, dx: Tensor, dh: Tensor, biases: bool, elementwise: bool,
                   scale: float) -> tuple[Norms, dict[str, Tensor]]:  # fmt: skip
-    """:func:`layer_norms` and the mean gradient of each parameter, from the per-example
-    products (:func:`~gradnoise.rules.dense_moments`), so that the backward pass need not
-    form the weights' gradients."""
+    """:func:`layer_norms` and the mean gradient of each parameter, so that the backward
+    pass need not form the weights' gradients: from the per-example products
+    (:func:`~gradnoise.rules.dense_moments`) where they pay (:func:`lstm_products_pay`, or
+    with ``Σ_i g_i²``, which needs them); otherwise the norms from the shared Gram form and
+    each mean as its weight gradient, one product (never more work than the norms and the
+    backward pass's weight gradients)."""
     norms, means = {}, {}
+    B, T, G = dx.shape
+    if dh is dx and not elementwise and not lstm_products_pay(T, part.input.shape[-1], part.prev.shape[-1], G):
+        norms = layer_norms(part, dx, dh, biases, False, scale)
+        rows = dx.reshape(B * T, G).T
+        for kind, a in (("ih", part.input), ("hh", part.prev)):
+            means[f"weight_{kind}{part.suffix}"] = rows @ a.reshape(B * T, -1)
+        if biases:
+            gb = rows.sum(1)
+            means[f"bias_ih{part.suffix}"], means[f"bias_hh{part.suffix}"] = gb, gb.clone()
+        return norms, means
     for kind, a, d in (("ih", part.input, dx), ("hh", part.prev, dh)):
         n, m = dense_moments(a, d, biases, elementwise, scale)
         for k in n:
