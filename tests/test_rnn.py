@@ -196,14 +196,15 @@ def test_the_lstm_recurrence_node_has_torchs_values_and_gradients(bias):
 @pytest.mark.parametrize("variance", [False, True])
 @pytest.mark.parametrize("layout", ["batch-first", "stack"])
 def test_a_captured_lstm_whose_products_do_not_pay_takes_the_shared_gram_form(layout, variance, monkeypatch):
-    """Short sequences of a wide LSTM (``2T(I + H + 4H) < 4H(I + H)``): without the
+    """Short sequences of a wide LSTM (``2T(I + H + 4H) < 4H(I + H)``, a Linear layer's
+    rule on the stacked ``[x_t, h_t-1]``): without the
     variance, its norms from the Gram form its two weights share and each mean as its weight
     gradient (no per-example products); with it, the products, which Σ_i g_i² needs. Either
     way equal to vmap's, the recurrence's backward skipping the weights' gradients."""
     from gradnoise.engine import lstm_recurrence, rnn
-    from gradnoise.engine.rnn import lstm_products_pay
+    from gradnoise.rules.linear import products_pay
 
-    assert not lstm_products_pay(3, 12, 12, 48) and lstm_products_pay(40, 12, 12, 48)
+    assert not products_pay(3, 12 + 12, 48) and products_pay(40, 12 + 12, 48)  # [x_t, h_t-1] → 4H gates
     skipped, products = [], []
     backward, dense_moments = lstm_recurrence._LSTMLayer.backward, rnn.dense_moments
 

@@ -22,9 +22,10 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from gradnoise.engine.lstm_recurrence import WeightGrads, lstm_gate_gradients, lstm_layer
 from gradnoise.rules import dense_moments, dense_norms, shared_output_norms
 from gradnoise.rules._common import grads_norms
+from gradnoise.rules.linear import dense_mean, products_pay
 from gradnoise.rules.registry import Norms
 
-__all__ = ["Unrolled", "kind_of", "layer_moments", "layer_norms", "lstm_products_pay", "norms_of_grads", "per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms",
+__all__ = ["Unrolled", "kind_of", "layer_moments", "layer_norms", "norms_of_grads", "per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms",
            "unroll", "unrollable"]
 
 
@@ -129,34 +130,23 @@ def layer_norms(part: Unrolled, dx: Tensor, dh: Tensor, biases: bool, elementwis
     return out
 
 
-def lstm_products_pay(T: int, inputs: int, hidden: int, gates: int) -> bool:
-    """Whether an LSTM layer on sequences of ``T`` should take its weights' norms and mean
-    from the per-example products rather than from the Gram form that its input and
-    recurrent weights share plus their weight gradients, as a Linear layer does
-    (:func:`~gradnoise.rules.linear.products_pay`): from about half the break-even
-    ``T(I + H + 4H) = 4H(I + H)`` on. Below it one ``D Dᵀ`` for both weights and two
-    well-shaped weight-gradient products beat two batched products of ``T``-long rows."""
-    return 2 * T * (inputs + hidden + gates) >= gates * (inputs + hidden)
-
-
 def layer_moments(part: Unrolled, dx: Tensor, dh: Tensor, biases: bool, elementwise: bool,
                   scale: float) -> tuple[Norms, dict[str, Tensor]]:  # fmt: skip
     """:func:`layer_norms` and the mean gradient of each parameter, so that the backward
     pass need not form the weights' gradients: from the per-example products
-    (:func:`~gradnoise.rules.dense_moments`) where they pay (:func:`lstm_products_pay`, or
-    with ``Σ_i g_i²``, which needs them); otherwise the norms from the shared Gram form and
-    each mean as its weight gradient, one product (never more work than the norms and the
-    backward pass's weight gradients)."""
+    (:func:`~gradnoise.rules.dense_moments`) where they pay, or with ``Σ_i g_i²``, which
+    needs them; otherwise the norms from the Gram form the two weights share and each mean
+    as its weight gradient, one product (never more work than the norms and the backward
+    pass's weight gradients). An LSTM's two weights act on its gates as one Linear layer
+    on the stacked ``[x_t, h_t-1]``, so the products pay as that layer's would
+    (:func:`~gradnoise.rules.linear.products_pay`)."""
     norms, means = {}, {}
-    B, T, G = dx.shape
-    if dh is dx and not elementwise and not lstm_products_pay(T, part.input.shape[-1], part.prev.shape[-1], G):
+    T = dx.shape[1]
+    if dh is dx and not elementwise and not products_pay(T, part.input.shape[-1] + part.prev.shape[-1], dx.shape[-1]):
         norms = layer_norms(part, dx, dh, biases, False, scale)
-        rows = dx.reshape(B * T, G).T
         for kind, a in (("ih", part.input), ("hh", part.prev)):
-            means[f"weight_{kind}{part.suffix}"] = rows @ a.reshape(B * T, -1)
-        if biases:
-            gb = rows.sum(1)
-            means[f"bias_ih{part.suffix}"], means[f"bias_hh{part.suffix}"] = gb, gb.clone()
+            for k, v in dense_mean(a, dx, biases).items():
+                means[f"{k}_{kind}{part.suffix}"] = v
         return norms, means
     for kind, a, d in (("ih", part.input, dx), ("hh", part.prev, dh)):
         n, m = dense_moments(a, d, biases, elementwise, scale)

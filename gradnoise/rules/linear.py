@@ -22,7 +22,7 @@ from gradnoise.rules._common import (
 )
 from gradnoise.rules.registry import Grads, Norms, Rule, always, register
 
-__all__ = ["dense_grads", "dense_linear_moments", "dense_moments", "dense_norms", "linear_gram_norms", "prefers_gram", "shared_output_norms"]
+__all__ = ["dense_grads", "dense_linear_moments", "dense_mean", "dense_moments", "dense_norms", "linear_gram_norms", "prefers_gram", "shared_output_norms"]
 
 
 def _grouped_grads(a: Tensor, d: Tensor) -> Tensor:
@@ -166,12 +166,17 @@ def dense_linear_moments(a: Tensor, d: Tensor, bias: bool, elementwise: bool, sc
     T = a[0].numel() // I
     if a.dim() > 2 and (elementwise or products_pay(T, I, O)):
         return dense_moments(a, d, bias, elementwise, scale)
-    norms = dense_norms(a, d, bias, elementwise, scale)
-    flat_d = d.reshape(-1, O)
-    means: Grads = {"weight": flat_d.T @ a.reshape(-1, I)}
+    return dense_norms(a, d, bias, elementwise, scale), dense_mean(a, d, bias)
+
+
+def dense_mean(a: Tensor, d: Tensor, bias: bool) -> Grads:
+    """The gradient of ``y = a Wᵀ (+ b)`` for the output gradient ``d`` (summed over the
+    batch and any sequence), as the backward pass forms it: one product."""
+    flat_d = d.reshape(-1, d.shape[-1])
+    means: Grads = {"weight": flat_d.T @ a.reshape(-1, a.shape[-1])}
     if bias:
         means["bias"] = flat_d.sum(0)
-    return norms, means
+    return means
 
 
 def _linear_weighted(module: nn.Linear, a: Tensor, d: Tensor, weights: Grads, elementwise: bool,
