@@ -13,6 +13,7 @@ one: what distribution itself adds (one all-reduce of 2P + 4 numbers per measure
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import socket
@@ -78,6 +79,7 @@ def rank_main(rank: int, port: str, args, queue) -> None:
     out = {kind: ratios(kind, args, seed_base=100 * rank) for kind in ("ddp", "fsdp")}
     if rank == 0:
         queue.put(out)
+    gc.collect()  # the DDP and FSDP models go before the group, so destroying it stops gloo's threads
     dist.barrier()
     dist.destroy_process_group()
 
