@@ -182,7 +182,8 @@ def loop_grads_and_losses(
             out = functional_call(model, {**leaves, **state}, x)
             loss = loss_fn(out, y[0] if len(y) == 1 else y)
             check_loss_value(loss)
-            gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            # none of these parameters reaches the loss (all unused): their gradients are zero
+            gs = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True) if loss.requires_grad else [None] * len(leaves)
             for (n, p), g in zip(leaves.items(), gs, strict=True):
                 rows[n].append(torch.zeros_like(p) if g is None else g)
             losses.append(loss.detach())
