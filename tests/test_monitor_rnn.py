@@ -159,22 +159,51 @@ def _padded(g, batch=8, T=6):
     return x, torch.randint(0, 3, (batch,), generator=g)
 
 
+@pytest.mark.parametrize("path", ["rnn-unrolled", "rnn-looped"])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("bidirectional, batch_first, h0", [(False, True, False), (True, False, False), (True, True, True)])
-def test_packed_sequences_are_measured_one_sequence_at_a_time(kind, bidirectional, batch_first, h0):
-    """An RNN on a packed batch (two layers, sequences of their own lengths, unsorted): each
-    example runs alone through torch's kernel for its own length, as packing runs it; the
-    noise statistics equal a float64 loop of autograd.grad, and the variance vmap's."""
+def test_packed_sequences_are_measured_each_to_its_own_length(kind, bidirectional, batch_first, h0, path, monkeypatch):
+    """An RNN on a packed batch (two layers, sequences of their own lengths, unsorted), on
+    either path: unrolled on the padded batch, each example to its own end (the reverse
+    direction starting there), or each example alone through torch's kernel; the noise
+    statistics equal a float64 loop of autograd.grad."""
+    from gradnoise.engine import rnn
     from tests.reference import loop_stats
 
     torch.manual_seed(0)
     model, loss = Packed(kind, bidirectional, batch_first, h0).double(), nn.CrossEntropyLoss()
     x, y = _padded(torch.Generator().manual_seed(5))
+    monkeypatch.setattr(rnn, "_FASTER", {})
+    gn.gradient_stats(model, loss, x, y)
+    (key,) = rnn._FASTER
+    rnn._FASTER[key] = path  # this path from now on for this shape
     stats = gn.gradient_stats(model, loss, x, y)
-    assert stats.per_param["body.weight_hh_l1"].method == "rnn-looped"
+    assert stats.per_param["body.weight_hh_l1"].method == path
     for name, (trace, g2) in loop_stats(model, loss, x, y).items():
         assert stats.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
         assert stats.per_param[name].grad_norm_sq == pytest.approx(g2, rel=1e-9, abs=1e-12), name
+
+
+def test_a_packed_lstm_whose_final_cell_state_is_used_takes_the_loop():
+    """A packed LSTM's c_n is each example's cell state at its own end, which the unrolled
+    recurrence does not keep: with a loss on it the call takes the loop, exact against the
+    float64 loop of autograd.grad."""
+    from tests.reference import loop_stats
+
+    class Cells(Packed):
+        def forward(self, x):
+            lengths = (x.abs().sum(-1) != 0).sum(1)
+            seq = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            _, (h_n, c_n) = self.body(seq)
+            return self.last(h_n[-1]) + self.last(c_n[-1])
+
+    torch.manual_seed(0)
+    model, loss = Cells("LSTM").double(), nn.CrossEntropyLoss()
+    x, y = _padded(torch.Generator().manual_seed(8))
+    stats = gn.gradient_stats(model, loss, x, y)
+    assert stats.per_param["body.weight_hh_l1"].method == "rnn-looped"
+    for name, (trace, _) in loop_stats(model, loss, x, y).items():
+        assert stats.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
 
 
 def test_the_monitor_measures_packed_sequences_in_its_separate_pass(caplog):

@@ -19,7 +19,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from gradnoise.engine.attention_capture import AttentionCapture
 from gradnoise.engine.batch_trace import BatchTrace, unbatched_entries
 from gradnoise.engine.lstm_recurrence import WeightGrads
-from gradnoise.engine.rnn import layer_moments, layer_norms
+from gradnoise.engine.rnn import layer_moments, layer_norms, recurrent_gradient
 from gradnoise.engine.rnn_capture import RNNCapture
 from gradnoise.rules import (
     dense_linear_moments,
@@ -327,7 +327,7 @@ class Recorder(ModuleHooks):
         dx = g.detach()
         dh = dx  # the gates' recurrent part enters as its input part does, except in a GRU
         if recurrent is not None:
-            dh = torch.stack([torch.zeros_like(gh) if d is None else d for gh, d in zip(part.gh, recurrent, strict=True)], 1)
+            dh = recurrent_gradient(part, recurrent)
         (a, dx), (prev, dh) = in_float32(part.input, dx), in_float32(part.prev, dh)
         part, bias, scale = part._replace(input=a, prev=prev), self.modules[call.module].bias, self.batch if self.variance else 1.0
         if actions == {"moments"}:

@@ -12,6 +12,7 @@ Gate order and formulas are torch's (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` documen
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -25,8 +26,8 @@ from gradnoise.rules._common import grads_norms
 from gradnoise.rules.linear import dense_mean, products_pay
 from gradnoise.rules.registry import Norms
 
-__all__ = ["Unrolled", "kind_of", "layer_moments", "layer_norms", "norms_of_grads", "per_example_rnn_norms", "rnn_grads", "rnn_grads_looped", "rnn_norms",
-           "unroll", "unrollable"]
+__all__ = ["Unrolled", "kind_of", "layer_moments", "layer_norms", "norms_of_grads", "per_example_rnn_norms", "recurrent_gradient", "rnn_grads",
+           "rnn_grads_looped", "rnn_norms", "unroll", "unrollable"]
 
 
 def unrollable(module: nn.Module) -> bool:
@@ -58,26 +59,61 @@ def _cell(kind: str, gx: Tensor, gh: Tensor, state):
 class Unrolled(NamedTuple):
     """One layer and direction of an unrolled call: its parameters' suffix (``_l0``,
     ``_l1_reverse``), its input ``[B, T, in]`` (detached), the input part of its gates
-    ``[B, T, G]``, the previous hidden states ``[B, T, H]`` (detached) and the recurrent
-    parts of its gates (one ``[B, G]`` per step; none for an LSTM, whose recurrent part has
-    the input part's gradient), both in the autograd graph."""
+    ``[B, T, G]``, the previous hidden states ``[B, T, H]`` (detached), all in time order,
+    and the recurrent parts of its gates (one ``[B, G]`` per step, in the graph; none for an
+    LSTM, whose recurrent part has the input part's gradient) in the order the direction
+    ran: ``to_time`` takes them, stacked ``[B, T, G]``, to time order (``None``: already
+    in it; :func:`recurrent_gradient`)."""
 
     suffix: str
     input: Tensor
     gx: Tensor
     prev: Tensor
     gh: list[Tensor]
+    to_time: Callable[[Tensor], Tensor] | None = None
+
+
+def recurrent_gradient(part: Unrolled, grads: list[Tensor | None]) -> Tensor:
+    """The gradients of ``part.gh`` (``None``: none reached it) stacked ``[B, T, G]`` in time order."""
+    stacked = torch.stack([torch.zeros_like(gh) if g is None else g for gh, g in zip(part.gh, grads, strict=True)], 1)
+    return stacked if part.to_time is None else part.to_time(stacked)
+
+
+def _directions(x: Tensor, lengths: Tensor | None):
+    """How a reverse direction sees a batch-first sequence ``x [B, T, …]``, and where each
+    direction's final state is: time reversed and the last step, or with ``lengths`` (a
+    packed batch's, ``x`` padded after them) each example's own steps reversed in place and
+    its own last step. Returns ``reverse`` (its own inverse) and ``final``, which takes a
+    direction's outputs ``[B, T, H]`` in the order it ran to its final states ``[B, H]``."""
+    if lengths is None:
+        return (lambda t: t.flip(1)), (lambda y: y[:, -1])
+    T, rows = x.shape[1], torch.arange(x.shape[0], device=x.device)
+    ends = lengths.to(x.device)[:, None]
+    steps = torch.arange(T, device=x.device)[None]
+    order = torch.where(steps < ends, ends - 1 - steps, steps)  # [B, T]; padding stays where it is
+
+    def reverse(t: Tensor) -> Tensor:
+        return t.gather(1, order.view(*order.shape, *[1] * (t.dim() - 2)).expand_as(t))
+
+    return reverse, (lambda y: y[rows, ends[:, 0] - 1])
 
 
 def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, layers: int, bidirectional: bool,
-           weight_grads: WeightGrads | None = None):  # fmt: skip
+           weight_grads: WeightGrads | None = None, lengths: Tensor | None = None):  # fmt: skip
     """torch's recurrence (``torch._VF.<kind>`` on a batch-first input ``x [B, T, in]``, initial
     state ``hx`` as torch takes it, ``weights`` flat in torch's order), one step at a time
     with the gate pre-activations kept. Returns the output ``[B, T, D·H]``, the final states
     as torch returns them (``(h_n, c_n)`` for an LSTM) and the :class:`Unrolled` parts.
-    ``weight_grads``: see :func:`~gradnoise.engine.lstm_recurrence.lstm_layer`."""
+    ``weight_grads``: see :func:`~gradnoise.engine.lstm_recurrence.lstm_layer`.
+
+    ``lengths`` (``[B]``): a packed batch's, ``x`` padded after each example's end. Each
+    example's outputs up to its end are as packing computes them (the steps after it do
+    not reach them), its reverse direction starts at its end, and its final hidden states
+    are those at its end. Its output there is not: packing's is zero, and a loss must
+    not read it. An LSTM's ``c_n`` is then ``None`` (it is not at the end of an output)."""
     D, per = 2 if bidirectional else 1, 4 if has_biases else 2
     h0, c0 = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
+    reverse, final = _directions(x, lengths)
     layer_in, finals, parts = x, [], []
     for layer in range(layers):
         outs = []
@@ -89,29 +125,31 @@ def unroll(kind: str, x: Tensor, hx, weights: list[Tensor], has_biases: bool, la
             if not gx.requires_grad:  # nothing below needs a gradient: a leaf, for its hook
                 gx.requires_grad_(True)
             suffix = f"_l{layer}" + ("_reverse" if d else "")
+            order = reverse if d else (lambda t: t)
             if kind == "lstm":  # one autograd node for the whole recurrence
-                y, h_n, c_n = lstm_layer(gx.flip(1) if d else gx, w_hh, b_hh, h0[k], c0[k], weight_grads)
+                y, h_n, c_n = lstm_layer(order(gx), w_hh, b_hh, h0[k], c0[k], weight_grads)
                 prev = torch.cat([h0[k][:, None], y[:, :-1]], 1)
-                outs.append(y.flip(1) if d else y)
-                finals.append((h_n, c_n))
-                parts.append(Unrolled(suffix, layer_in.detach(), gx, (prev.flip(1) if d else prev).detach(), []))
+                outs.append(order(y))
+                finals.append((h_n, c_n) if lengths is None else (final(y), None))
+                parts.append(Unrolled(suffix, layer_in.detach(), gx, order(prev).detach(), []))
                 continue
-            steps = gx.unbind(1)  # one stack in the backward pass, not a full-size copy per step
-            state = h0[k]
-            T = x.shape[1]
-            hs, prev, ghs = [None] * T, [None] * T, [None] * T
-            for t in range(T - 1, -1, -1) if d else range(T):
-                prev[t] = state
-                ghs[t] = F.linear(prev[t], w_hh, b_hh)
-                if not ghs[t].requires_grad:  # a constant initial state
-                    ghs[t].requires_grad_(True)
-                hs[t], state = _cell(kind, steps[t], ghs[t], state)
-            outs.append(torch.stack(hs, 1))
-            finals.append(state)
-            parts.append(Unrolled(suffix, layer_in.detach(), gx, torch.stack(prev, 1).detach(), ghs))
+            state, hs, prev, ghs = h0[k], [], [], []
+            for step in order(gx).unbind(1):  # one stack in the backward pass, not a copy per step
+                prev.append(state)
+                ghs.append(F.linear(state, w_hh, b_hh))
+                if not ghs[-1].requires_grad:  # a constant initial state
+                    ghs[-1].requires_grad_(True)
+                h, state = _cell(kind, step, ghs[-1], state)
+                hs.append(h)
+            y = torch.stack(hs, 1)
+            outs.append(order(y))
+            finals.append(final(y))
+            parts.append(Unrolled(suffix, layer_in.detach(), gx, order(torch.stack(prev, 1)).detach(), ghs,
+                                  reverse if d else None))  # fmt: skip
         layer_in = torch.cat(outs, 2) if D == 2 else outs[0]
     if kind == "lstm":
-        return layer_in, (torch.stack([s[0] for s in finals]), torch.stack([s[1] for s in finals])), parts
+        cells = None if lengths is not None else torch.stack([s[1] for s in finals])
+        return layer_in, (torch.stack([s[0] for s in finals]), cells), parts
     return layer_in, torch.stack(finals), parts
 
 
@@ -155,13 +193,42 @@ def layer_moments(part: Unrolled, dx: Tensor, dh: Tensor, biases: bool, elementw
     return norms, means
 
 
+def _batch_first(module: nn.Module, x, output_grads: list[Tensor | None]) -> tuple[Tensor, Tensor | None, list]:
+    """A call's input batch-first (detached), the lengths of a packed one (else ``None``), and
+    its output gradients as a batch-first call's: the output's, then the final states'. A
+    packed call's are unpacked (in the batch's own order, as its ``h0`` and ``h_n``); its
+    flat outputs are the packed output's four fields, then the states."""
+    if isinstance(x, PackedSequence):
+        states = 2 if isinstance(module, nn.LSTM) else 1
+        d_out = output_grads[0] if output_grads else None
+        if d_out is not None:
+            d_out, _ = pad_packed_sequence(x._replace(data=d_out), batch_first=True)
+        padded, lengths = pad_packed_sequence(x._replace(data=x.data.detach()), batch_first=True)
+        return padded, lengths, [d_out, *output_grads[-states:]]
+    grads = list(output_grads)
+    if not module.batch_first:
+        x = x.transpose(0, 1)
+        if grads and grads[0] is not None:
+            grads[0] = grads[0].transpose(0, 1)
+    return x.detach(), None, grads
+
+
+def _unrolls(module: nn.Module, args: tuple, output_grads: list[Tensor | None]) -> bool:
+    """Whether the unrolled recurrence runs this call as torch ran it: for a packed LSTM only
+    where no gradient reaches ``c_n``, which is not at the end of an output (:func:`unroll`)."""
+    if not isinstance(args[0], PackedSequence) or not isinstance(module, nn.LSTM):
+        return True
+    return not output_grads or output_grads[-1] is None  # the flat outputs end with c_n
+
+
 def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None], output: Tensor | None = None) -> list[tuple]:
     """The call unrolled with the shared weights (detached): per layer and direction, its
     :class:`Unrolled` part and the gradients ``δ`` and ``δ^h`` (``[B, T, G]``) of its gates'
-    input and recurrent parts. Output gradients and ``output`` as in :func:`rnn_grads`."""
-    x = args[0].detach()
-    if not module.batch_first:
-        x = x.transpose(0, 1)
+    input and recurrent parts. Output gradients and ``output`` as in :func:`rnn_grads`; a
+    packed sequence padded, each example to its own length (:func:`unroll`'s ``lengths``)."""
+    if not _unrolls(module, args, output_grads):
+        raise ValueError("a packed LSTM call whose c_n has a gradient is not unrolled: its cell states run one example at a time")
+    x, lengths, grads = _batch_first(module, args[0], output_grads)
     B, L, D, H = x.shape[0], module.num_layers, 2 if module.bidirectional else 1, module.hidden_size
     h0 = args[1] if len(args) > 1 else None
     zeros = x.new_zeros(L * D, B, H)
@@ -170,17 +237,14 @@ def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
     else:
         hx = h0.detach() if h0 is not None else zeros
     weights = [w.detach() for w in module._flat_weights]
-    if isinstance(module, nn.LSTM) and L == 1 and output is not None:
-        known, grads = output.detach(), list(output_grads)
-        if not module.batch_first:
-            known = known.transpose(0, 1)
-            grads[0] = None if not grads or grads[0] is None else grads[0].transpose(0, 1)
+    if isinstance(module, nn.LSTM) and L == 1 and output is not None and lengths is None:
+        known = output.detach() if module.batch_first else output.detach().transpose(0, 1)
         return _lstm_from_output(x, hx, weights, module.bias, D, known, grads)
     with torch.enable_grad():
-        out, finals, parts = unroll(kind_of(module), x, hx, weights, module.bias, L, module.bidirectional)
-        out = out if module.batch_first else out.transpose(0, 1)
-        total = (out * output_grads[0]).sum() if output_grads and output_grads[0] is not None else out.sum() * 0
-        for state, g in zip(finals if isinstance(finals, tuple) else (finals,), output_grads[1:], strict=False):
+        out, finals, parts = unroll(kind_of(module), x, hx, weights, module.bias, L, module.bidirectional, lengths=lengths)
+        # a packed output's gradient is zero past each example's end, where the unrolled output is not packing's
+        total = (out * grads[0]).sum() if grads and grads[0] is not None else out.sum() * 0
+        for state, g in zip(finals if isinstance(finals, tuple) else (finals,), grads[1:], strict=False):
             if g is not None:
                 total = total + (state * g).sum()
         wrt = [t for part in parts for t in (part.gx, *part.gh)]
@@ -191,7 +255,7 @@ def _unrolled(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
         dh = [next(deltas) for _ in part.gh]
         dx = torch.zeros_like(part.gx) if dx is None else dx
         if part.gh:
-            dh = torch.stack([torch.zeros_like(g) if d is None else d for g, d in zip(part.gh, dh, strict=True)], 1)
+            dh = recurrent_gradient(part, dh)
         else:  # an LSTM's recurrent part enters its gates as the input part does
             dh = dx
         found.append((part, dx, dh))
@@ -315,18 +379,22 @@ def per_example_rnn_norms(module: nn.Module, args: tuple, output_grads: list[Ten
     example at a time), whichever measured faster the first time this configuration and
     shape were seen (long sequences of few examples favour the loop). Returns the path taken
     (``"rnn-unrolled"`` or ``"rnn-looped"``), the norms and the summed gradients (``sums``,
-    ``output``: see :func:`rnn_norms`)."""
+    ``output``: see :func:`rnn_norms`). A packed batch is unrolled padded, each example to
+    its own length; a packed LSTM whose ``c_n`` has a gradient takes the loop."""
     looped = lambda: norms_of_grads(rnn_grads_looped(module, args, output_grads, batch), elementwise, scale)  # noqa: E731
-    if isinstance(args[0], PackedSequence):  # each example for its own length: the loop only
+    if not _unrolls(module, args, output_grads):
         return "rnn-looped", *looped()
+    x = args[0]
+    # a packed batch by its examples and longest sequence, so that its lengths need no measurement each
+    shape = (batch, len(x.batch_sizes), x.data.shape[-1]) if isinstance(x, PackedSequence) else tuple(x.shape)
     key = (type(module), module.num_layers, module.hidden_size, module.input_size, module.bidirectional,
-           module.batch_first, tuple(args[0].shape), len(args), args[0].device.type, elementwise)  # fmt: skip
+           module.batch_first, shape, isinstance(x, PackedSequence), len(args), x.data.device.type, elementwise)  # fmt: skip
     unrolled = lambda: rnn_norms(module, args, output_grads, batch, elementwise, scale, sums, output)  # noqa: E731
     candidates = {"rnn-unrolled": unrolled, "rnn-looped": looped}
     if key in _FASTER:
         return _FASTER[key], *candidates[_FASTER[key]]()
     timed = []
-    sync = torch.cuda.synchronize if args[0].is_cuda else lambda: None  # CUDA runs asynchronously
+    sync = torch.cuda.synchronize if x.data.is_cuda else lambda: None  # CUDA runs asynchronously
     for path, fn in candidates.items():
         sync()
         start = time.perf_counter()
