@@ -56,15 +56,19 @@ def anchors(model, loss_fn, x, y):
 
         bmodel, bloss = extend(model_copy(model)), extend(nn.CrossEntropyLoss())  # extend() adds hooks
 
-        def bp(ext):
+        def bp(ext, field):
             def run():
                 bmodel.zero_grad(set_to_none=True)
                 with backpack(ext()):
                     bloss(bmodel(x), y).backward()
+                # BackPACK only warns for a layer it has no extension for (an RNN): not a measurement of the model
+                missing = [n for n, p in bmodel.named_parameters() if p.requires_grad and getattr(p, field, None) is None]
+                if missing:
+                    raise RuntimeError(f"BackPACK's {ext.__name__} does not cover {missing[0]}")
             return run
 
-        out["BackPACK BatchL2Grad"] = bp(BatchL2Grad)
-        out["BackPACK Variance"] = bp(Variance)
+        out["BackPACK BatchL2Grad"] = bp(BatchL2Grad, "batch_l2")
+        out["BackPACK Variance"] = bp(Variance, "variance")
     except Exception as exc:  # not installed or the model is unsupported
         print(f"# BackPACK skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
     try:

@@ -71,6 +71,20 @@ class LSTMModel(nn.Module):
         return self.head(self.lstm(self.embed(idx))[0])
 
 
+class PackedGRU(nn.Module):
+    """A classifier of sequences of their own lengths (token 0 pads): embedding, a GRU on the
+    packed batch, a head on the final state."""
+
+    def __init__(self, vocab=512, d=128, classes=10):
+        super().__init__()
+        self.embed, self.gru, self.head = nn.Embedding(vocab, d), nn.GRU(d, d, batch_first=True), nn.Linear(d, classes)
+
+    def forward(self, idx):
+        lengths = (idx != 0).sum(1).cpu()
+        seq = nn.utils.rnn.pack_padded_sequence(self.embed(idx), lengths, batch_first=True, enforce_sorted=False)
+        return self.head(self.gru(seq)[1][-1])
+
+
 def resnet():
     def block(cin, cout, stride):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
@@ -108,6 +122,12 @@ def make(name: str, size: str = "cpu", device: str = "cpu"):
     elif name == "lstm":
         B, T, d = sz["lstm"]
         model, loss_fn, x, y = LSTMModel(d=d), TokenLoss(), *(torch.randint(0, 512, (B, T), generator=g) for _ in range(2))
+    elif name == "gru-packed":
+        B, T, d = sz["lstm"]
+        model, loss_fn = PackedGRU(d=d), nn.CrossEntropyLoss()
+        x = torch.randint(1, 512, (B, T), generator=g)
+        x[torch.arange(T) >= torch.randint(T // 4, T + 1, (B, 1), generator=g)] = 0  # lengths from T/4 to T
+        y = torch.randint(0, 10, (B,), generator=g)
     else:
         raise ValueError(f"unknown model {name!r}")
     return model.to(device), loss_fn, x.to(device), y.to(device)
@@ -166,8 +186,10 @@ def rnn_backward(model, x):
         h.remove()
     graphs = []
     for module, args in calls:
-        inp = args[0].detach().requires_grad_()
-        out = module(inp, *args[1:])[0]
+        packed = isinstance(args[0], nn.utils.rnn.PackedSequence)
+        inp = (args[0].data if packed else args[0]).detach().requires_grad_()
+        out = module(args[0]._replace(data=inp) if packed else inp, *args[1:])[0]
+        out = out.data if packed else out
         graphs.append((inp, out, torch.ones_like(out)))
 
     def backward():
@@ -222,7 +244,7 @@ def memory_child(name: str, with_anchors: bool, size: str, device: torch.device)
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="nanogpt,encoder,gpt2,nanogpt-50k,resnet,lstm")
+    p.add_argument("--models", default="nanogpt,encoder,gpt2,nanogpt-50k,resnet,lstm,gru-packed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=3.0, help="seconds per row")
     p.add_argument("--anchors", action="store_true")
