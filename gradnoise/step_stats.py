@@ -75,8 +75,8 @@ def _check(hooks: StepHooks, accumulation_steps: int, distributed: bool = False)
         )
     if hooks.unsupported:
         raise HooksCannotMeasure(
-            f"RNN calls of {sorted(hooks.unsupported)[:3]} that the hooks cannot run again as torch ran them (a packed "
-            "sequence, dropout between layers in training, an input or output modified in place): their "
+            f"RNN calls of {sorted(hooks.unsupported)[:3]} that the hooks cannot run again as torch ran them (dropout "
+            "between layers in training, an input or output modified in place): their "
             f"per-example gradients {separate}"
         )
     sizes = [t.shape[0] for t in next(iter(hooks.sq.values()), [])]

@@ -152,6 +152,21 @@ class Packed(nn.Module):
         return self.head(padded.sum(1)) + self.last(h_n[-1])
 
 
+class Cells(nn.Module):
+    """A packed LSTM whose loss reads its final cell states too (heads on h_n and c_n)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.LSTM(4, 5, num_layers=2, batch_first=True)
+        self.last, self.cells = nn.Linear(5, 3), nn.Linear(5, 3)
+
+    def forward(self, x):
+        lengths = (x.abs().sum(-1) != 0).sum(1)
+        seq = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h_n, c_n) = self.body(seq)
+        return self.last(h_n[-1]) + self.cells(c_n[-1])
+
+
 def _padded(g, batch=8, T=6):
     x = torch.randn(batch, T, 4, generator=g, dtype=torch.float64)
     lengths = torch.randint(1, T + 1, (batch,), generator=g)
@@ -190,15 +205,8 @@ def test_a_packed_lstm_whose_final_cell_state_is_used_takes_the_loop():
     float64 loop of autograd.grad."""
     from tests.reference import loop_stats
 
-    class Cells(Packed):
-        def forward(self, x):
-            lengths = (x.abs().sum(-1) != 0).sum(1)
-            seq = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-            _, (h_n, c_n) = self.body(seq)
-            return self.last(h_n[-1]) + self.last(c_n[-1])
-
     torch.manual_seed(0)
-    model, loss = Cells("LSTM").double(), nn.CrossEntropyLoss()
+    model, loss = Cells().double(), nn.CrossEntropyLoss()
     x, y = _padded(torch.Generator().manual_seed(8))
     stats = gn.gradient_stats(model, loss, x, y)
     assert stats.per_param["body.weight_hh_l1"].method == "rnn-looped"
@@ -206,21 +214,41 @@ def test_a_packed_lstm_whose_final_cell_state_is_used_takes_the_loop():
         assert stats.per_param[name].trace_cov == pytest.approx(trace, rel=1e-10), name
 
 
-def test_the_monitor_measures_packed_sequences_in_its_separate_pass(caplog):
-    """The hooks do not run a packed call again: the Monitor leaves them for the separate
-    pass, whose records equal gradient_stats, and training is unchanged."""
+@pytest.mark.parametrize("kind, bidirectional, h0, accumulation", [("GRU", False, False, 1), ("LSTM", True, True, 2),
+                                                                   ("RNN", True, False, 1), ("Cells", False, False, 1)])
+def test_the_monitor_measures_packed_sequences_in_hooks_mode(kind, bidirectional, h0, accumulation):
+    """The hooks run a packed call again, each example to its own length (an LSTM whose c_n
+    the loss reads, one example at a time): each record equals gradient_stats by vmap
+    (which runs one example at a time through torch's kernel), without a separate pass, and
+    training is unchanged."""
     torch.manual_seed(0)
-    model, loss = Packed("GRU").double(), nn.CrossEntropyLoss()
+    model = Cells() if kind == "Cells" else Packed(kind, bidirectional, True, h0)
+    model, loss = model.double(), nn.CrossEntropyLoss()
     plain = copy.deepcopy(model)
     g = torch.Generator().manual_seed(6)
     batches = [_padded(g) for _ in range(3)]
-    with caplog.at_level(logging.INFO, logger="gradnoise.monitor"):
-        trained, recs, mode = _train(model, loss, batches, monitored=True)
-    assert mode == "separate" and "a packed sequence" in caplog.text
+    trained, recs, mode = _train(model, loss, batches, monitored=True, k=accumulation)
+    assert mode == "hooks"
     for rec, ref in recs:
         assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-9)
-    untouched, _, _ = _train(plain, loss, batches, monitored=False)
+        assert rec["grad_norm_sq"] == pytest.approx(ref.grad_norm_sq, rel=1e-9)
+    untouched, _, _ = _train(plain, loss, batches, monitored=False, k=accumulation)
     assert all(torch.equal(a, b) for a, b in zip(trained, untouched, strict=True))
+
+
+def test_an_unused_parameter_beside_a_packed_rnn_has_zero_gradients():
+    """vmap cannot batch a packed RNN, so the parameters no rule covers go to a loop over
+    examples; where none of them reaches the loss (an unused layer) their gradients are
+    zero, as vmap gives, and the rest is unchanged."""
+    torch.manual_seed(0)
+    model, loss = Packed("GRU").double(), nn.CrossEntropyLoss()
+    model.unused = nn.Linear(4, 4).double()
+    x, y = _padded(torch.Generator().manual_seed(9))
+    stats = gn.gradient_stats(model, loss, x, y)
+    ref = gn.gradient_stats(model, loss, x, y, method="vmap")
+    assert stats.per_param["unused.weight"].method == "vmap"
+    assert stats.per_param["unused.weight"].grad_norm_sq == 0 and stats.per_param["unused.weight"].trace_cov == 0
+    assert stats.trace_cov == pytest.approx(ref.trace_cov, rel=1e-10)
 
 
 def test_a_packed_sequence_the_loop_cannot_take_goes_to_vmap():

@@ -291,7 +291,10 @@ def rnn_grads(module: nn.Module, args: tuple, output_grads: list[Tensor | None],
     """Per-example gradients ``[B, *shape]`` of every parameter of ``module`` for the call
     ``module(*args)``, given the gradients of its outputs (``output``, then ``h_n`` and for an
     LSTM ``c_n``; ``None`` where none arrived), each of example ``i``'s own loss. ``output``:
-    the call's output, if kept (a one-layer LSTM's gates are then computed from it at once)."""
+    the call's output, if kept (a one-layer LSTM's gates are then computed from it at once).
+    A packed LSTM call that the unrolled recurrence does not run takes the loop."""
+    if not _unrolls(module, args, output_grads):
+        return rnn_grads_looped(module, args, output_grads, batch)
     grads = {}
     for part, dx, dh in _unrolled(module, args, output_grads, output):
         sfx = part.suffix

@@ -10,7 +10,7 @@ torch's formulas and weights), and records each layer's gate parts: hooks on the
 gates' gradients in the engine's one backward pass, and the norms follow as a Linear
 layer's on a sequence. Dropout between layers in training runs torch's own kernel (and the
 recompute path), as do projected LSTMs (``proj_size``, measured by module vmap) and packed
-sequences (measured one sequence at a time, :func:`~gradnoise.engine.rnn.rnn_grads_looped`).
+sequences (recomputed, each example to its own length, :func:`~gradnoise.engine.rnn.unroll`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten
 
 from gradnoise._functional import input_signature, is_measuring, preserved_state, rng_rewinder
@@ -59,10 +60,26 @@ class _RNNCall(NamedTuple):
 
 
 def _rnn_supported(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """A call the RNN recurrence recomputes as torch ran it: a batched tensor input, and no
-    dropout between layers in training (whose masks the recomputation would not draw)."""
-    return (not kwargs and bool(args) and isinstance(args[0], Tensor) and args[0].dim() == 3
-            and not (module.training and module.dropout > 0 and module.num_layers > 1))  # fmt: skip
+    """A call the RNN recurrence recomputes as torch ran it: a batched tensor input or a
+    packed sequence, and no dropout between layers in training (whose masks the
+    recomputation would not draw)."""
+    batched = bool(args) and (isinstance(args[0], PackedSequence) or isinstance(args[0], Tensor) and args[0].dim() == 3)
+    return not kwargs and batched and not (module.training and module.dropout > 0 and module.num_layers > 1)
+
+
+def _kept(t, how: Callable[[Tensor], Tensor]):
+    """An RNN call's argument with ``how`` applied to its tensors: a packed sequence's data,
+    an LSTM's two states, or the tensor itself (``None`` stays)."""
+    if isinstance(t, PackedSequence):
+        return t._replace(data=how(t.data))
+    if isinstance(t, tuple):
+        return tuple(map(how, t))
+    return None if t is None else how(t)  # hx=None: zero initial states
+
+
+def _data(t) -> Tensor:
+    """The tensor of an RNN call's input: a packed sequence's data, or the input itself."""
+    return t.data if isinstance(t, PackedSequence) else t
 
 
 class StepHooks(ModuleHooks):
@@ -87,10 +104,11 @@ class StepHooks(ModuleHooks):
     ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` run torch's fused kernel in the user's forward,
     whose gates no hook sees: their calls' inputs and output gradients are kept, and after
     the backward pass the recurrence is run again from them (one forward and backward of
-    that layer alone, :func:`~gradnoise.engine.rnn.per_example_rnn_norms`). A call that
-    cannot be run again as torch ran it (a packed sequence, dropout between layers in
-    training, an input modified in place since, an output modified in place, whose gradient
-    then reaches no hook) is named in :attr:`unsupported`.
+    that layer alone, :func:`~gradnoise.engine.rnn.per_example_rnn_norms`; a packed
+    sequence padded, each example to its own length). A call that cannot be run again as
+    torch ran it (dropout between layers in training, an input modified in place since, an
+    output modified in place, whose gradient then reaches no hook) is named in
+    :attr:`unsupported`.
 
     A weight tied between an ``nn.Embedding`` and an ``nn.Linear`` head (``pairs``) gets the
     two layers' norms and their cross term (:mod:`gradnoise.rules.tied`); without
@@ -260,8 +278,8 @@ class StepHooks(ModuleHooks):
             self.unsupported.add(name)
             return
         outs = flatten(output)
-        kept = tuple(tuple(h.detach() for h in t) if isinstance(t, tuple) else t.detach() for t in args)
-        call = _RNNCall(kept, [None] * len(outs), outs[0].detach(), [kept[0]._version, outs[0]._version])
+        kept = tuple(_kept(t, Tensor.detach) for t in args)
+        call = _RNNCall(kept, [None] * len(outs), outs[0].detach(), [_data(kept[0])._version, outs[0]._version])
         self.rnn_calls.append((name, call))
 
         def on_grad(j: int, g: Tensor) -> None:
@@ -356,15 +374,16 @@ class StepHooks(ModuleHooks):
     def _apply_rnn(self, name: str, module: nn.Module, call: _RNNCall) -> None:
         """An RNN call's norms, from its recurrence run again (16-bit tensors in float32) on the kept inputs
         with the kept output gradients; in the metric ``P`` from its per-example gradients."""
-        if call.args[0]._version != call.versions[0]:  # the input modified in place since the call
+        if _data(call.args[0])._version != call.versions[0]:  # the input modified in place since the call
             self.unsupported.add(name)
             return
         output = call.output if call.output._version == call.versions[1] else None  # else not as torch computed it
         low = next((g.dtype for g in call.grads if g is not None and g.dtype in LOW_PRECISION), None)
         f32 = lambda t: t.float() if t is not None and t.dtype in LOW_PRECISION else t  # noqa: E731
-        args = tuple(tuple(map(f32, t)) if isinstance(t, tuple) else f32(t) for t in call.args)
+        args = tuple(_kept(t, f32) for t in call.args)
         grads = [f32(g) for g in call.grads]
-        B = args[0].shape[self.batch_dims[name]]
+        x = args[0]
+        B = int(x.batch_sizes[0]) if isinstance(x, PackedSequence) else x.shape[self.batch_dims[name]]
         scale = B / self.loss_scale
         weights = None if self.elementwise else self.step_weights()
         with preserved_state(module, [module]):  # its forward may run again: not a call of the user's
