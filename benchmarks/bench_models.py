@@ -1,6 +1,6 @@
 """The noise statistics on the models researchers train, against a plain training step.
 
-    python -m benchmarks.bench_models [--models nanogpt,encoder,gpt2,nanogpt-50k,resnet,lstm]
+    python -m benchmarks.bench_models [--models nanogpt,encoder,gpt2,nanogpt-50k,resnet,lstm,gru-packed]
         [--threads 2] [--budget 3] [--anchors] [--no-memory] [--autocast]
         [--device cuda] [--size gpu]
 
@@ -8,7 +8,8 @@ Models (held out from the engine's design; CPU sizes): a nanoGPT-style decoder (
 d 256, T 128, B 16, ``wpe(arange(T))``, tied embeddings), the same with
 ``nn.TransformerEncoderLayer``, GPT-2 from a ``transformers`` config (2 layers; where
 installed), nanoGPT with a 50k vocabulary (1 layer), a small ResNet (BatchNorm in eval,
-3×32×32, B 64), and Embedding → LSTM → Linear. Rows: ``gradient_stats(variance=False)``
+3×32×32, B 64), Embedding → LSTM → Linear, and a GRU classifier on packed sequences of
+their own lengths (16 to 64). Rows: ``gradient_stats(variance=False)``
 (auto), the same with the per-element variance, ``method="vmap"``, and with ``--anchors``
 BackPACK (BatchL2Grad) and Opacus where they run (models with an ``nn.CrossEntropyLoss``
 on one label per example: not the language models, whose loss is per token); their floor
@@ -18,7 +19,7 @@ floor is the same step on an identical model without it. Each: the median times 
 and the floor, run in turn in the same process, the median over those pairs of their ratio,
 and the peak-memory ratio measured in a fresh child process. ``--device cuda`` runs it all on the GPU (memory: the allocator's peak);
 ``--size gpu`` takes sizes that occupy a GPU instead of the CPU sizes above (nanoGPT d 768,
-12 heads, T 256, B 32; the ResNet at B 256; the LSTM at d 512, B 64), so that the ratios
+12 heads, T 256, B 32; the ResNet at B 256; the LSTM and the packed GRU at d 512, B 64), so that the ratios
 are not those of kernel-launch latency.
 """
 
