@@ -126,6 +126,32 @@ def test_an_rnn_output_modified_in_place_is_measured_in_a_separate_pass(caplog):
     mon.close()
 
 
+def test_an_rnn_called_with_hx_none_is_measured_in_hooks_mode():
+    """``rnn(x, None)`` (zero initial states, spelled out) used to raise in the user's forward
+    pass (the hooks kept the call's arguments by detaching each); now measured like any other
+    call, each record equal to gradient_stats by vmap, training unchanged."""
+
+    class Explicit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.GRU(4, 5, batch_first=True), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x, None)[0][:, -1])
+
+    torch.manual_seed(0)
+    model, loss = Explicit().double(), nn.CrossEntropyLoss()
+    plain = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(8, 6, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)) for _ in range(2)]
+    trained, recs, mode = _train(model, loss, batches, monitored=True)
+    assert mode == "hooks"
+    for rec, ref in recs:
+        assert rec["trace_cov"] == pytest.approx(ref.trace_cov, rel=1e-9)
+    untouched, _, _ = _train(plain, loss, batches, monitored=False)
+    assert all(torch.equal(a, b) for a, b in zip(trained, untouched, strict=True))
+
+
 class Packed(nn.Module):
     """An RNN on a packed batch of sequences of their own lengths (zero rows are padding, so
     that an example alone has the length it has in the batch), unsorted, with or without an
