@@ -388,10 +388,12 @@ def per_example_rnn_norms(module: nn.Module, args: tuple, output_grads: list[Ten
     if not _unrolls(module, args, output_grads):
         return "rnn-looped", *looped()
     x = args[0]
-    # a packed batch by its examples and longest sequence, so that its lengths need no measurement each
-    shape = (batch, len(x.batch_sizes), x.data.shape[-1]) if isinstance(x, PackedSequence) else tuple(x.shape)
+    packed = isinstance(x, PackedSequence)
+    T = len(x.batch_sizes) if packed else x.shape[1 if module.batch_first and x.dim() == 3 else 0]
+    # by the batch and the sequence length to the next power of two: batches padded to their own
+    # longest sequence (packed ones always are) would otherwise each time both paths, the slow one too
     key = (type(module), module.num_layers, module.hidden_size, module.input_size, module.bidirectional,
-           module.batch_first, shape, isinstance(x, PackedSequence), len(args), x.data.device.type, elementwise)  # fmt: skip
+           module.batch_first, batch, 1 << (T - 1).bit_length(), packed, len(args), x.data.device.type, elementwise)  # fmt: skip
     unrolled = lambda: rnn_norms(module, args, output_grads, batch, elementwise, scale, sums, output)  # noqa: E731
     candidates = {"rnn-unrolled": unrolled, "rnn-looped": looped}
     if key in _FASTER:
